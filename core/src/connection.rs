@@ -1,0 +1,343 @@
+//! One client connection: its byte stream in, its replies out, in request order.
+//!
+//! ```text
+//!            frame decoded: a reply slot is opened        last slot answered and flushed
+//!   ┌──────┐ ─────────────────────────────────┐          ┌────────┐ ─────────────────────▶ gone
+//!   │ Open │  in-flight == limit: stop decoding│          │Closing │
+//!   └──────┘  (reading pauses, nothing refused)│          └────────┘
+//!      │ ▲                                     │              ▲
+//!      │ └─ a reply frees a slot: decode again ┘              │
+//!      └──────── decode error, read timeout, refused at accept ┘ (the error is the last reply)
+//! ```
+//!
+//! v1 frames carry no correlation id, so every request gets a *slot* in a queue at the moment
+//! it is decoded, and replies leave strictly from the front of that queue: a fast local answer
+//! (PONG) waits behind a slow Router reply that was asked for first. Answered slots at the
+//! front move to the output queue, which the shell writes with vectored writes.
+//!
+//! Memory is bounded per connection: the decoder holds at most one partial frame plus what one
+//! read brought; at most `max_inflight` slots wait for the upstream before decoding pauses;
+//! and answered-but-unsent bytes (with a per-slot overhead, so a flood of tiny PONGs counts
+//! too) are capped: past the cap the gateway closes the connection.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::frame::{DecodeError, Frame, FrameDecoder};
+use crate::time::Instant;
+
+/// Connection ids come from a counter in the gateway and are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// What one held reply slot costs beyond its bytes, so that many tiny replies count.
+const SLOT_OVERHEAD: usize = 64;
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_frame_bytes: usize,
+    pub max_inflight: usize,
+    pub read_timeout: Duration,
+    pub max_unsent_bytes: usize,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Waiting,
+    Answered(Bytes),
+}
+
+/// The connection state machine.
+#[derive(Debug)]
+pub struct ClientConnection {
+    limits: ConnectionLimits,
+    decoder: FrameDecoder,
+    /// Reply slots in request order; `slots[0]` has sequence number `first_seq`.
+    slots: VecDeque<Slot>,
+    first_seq: u64,
+    /// Slots waiting for the upstream (counts against `limits.max_inflight`).
+    waiting: usize,
+    /// Answered replies not yet written, oldest first.
+    out: VecDeque<Bytes>,
+    /// Bytes of `out` plus answered slots still held behind a waiting one, with overhead.
+    held_bytes: usize,
+    /// When the incomplete frame now buffered started arriving.
+    partial_since: Option<Instant>,
+    closing: bool,
+}
+
+impl ClientConnection {
+    pub fn new(limits: ConnectionLimits) -> ClientConnection {
+        ClientConnection {
+            limits,
+            decoder: FrameDecoder::new(limits.max_frame_bytes),
+            slots: VecDeque::new(),
+            first_seq: 0,
+            waiting: 0,
+            out: VecDeque::new(),
+            held_bytes: 0,
+            partial_since: None,
+            closing: false,
+        }
+    }
+
+    /// Takes bytes read from the socket. Bytes that arrive while closing are discarded.
+    pub fn handle_bytes(&mut self, bytes: &[u8], now: Instant) {
+        if !self.closing {
+            self.decoder.push(bytes);
+        }
+        self.update_partial(now);
+    }
+
+    /// The next frame to act on, or `None` when more bytes are needed, the in-flight limit is
+    /// reached, or the connection is closing.
+    pub fn next_frame(&mut self, now: Instant) -> Option<Result<Frame, DecodeError>> {
+        if self.closing || self.waiting >= self.limits.max_inflight {
+            return None;
+        }
+        let next = self.decoder.next_frame().transpose();
+        self.update_partial(now);
+        next
+    }
+
+    /// Whether the shell should read from the socket now.
+    pub fn wants_read(&self) -> bool {
+        !self.closing && self.waiting < self.limits.max_inflight
+    }
+
+    /// Opens the reply slot for the request just decoded; `waiting` says whether its answer
+    /// comes later (from the upstream) or is given right away with [`Self::answer`].
+    pub fn open_slot(&mut self, waiting: bool) -> u64 {
+        let seq = self.first_seq + self.slots.len() as u64;
+        self.slots.push_back(Slot::Waiting);
+        if waiting {
+            self.waiting += 1;
+            if !self.wants_read() {
+                // Paused by the in-flight limit: what is buffered now waits on us.
+                self.partial_since = None;
+            }
+        }
+        seq
+    }
+
+    /// Fills slot `seq` with its reply frame; answers at the front move to the output queue.
+    /// `was_waiting` must match how the slot was opened. Returns false for an unknown slot.
+    pub fn answer(&mut self, seq: u64, reply: Bytes, was_waiting: bool) -> bool {
+        let Some(index) = seq.checked_sub(self.first_seq) else {
+            return false;
+        };
+        let Some(slot @ Slot::Waiting) = self.slots.get_mut(index as usize) else {
+            return false;
+        };
+        self.held_bytes += reply.len() + SLOT_OVERHEAD;
+        *slot = Slot::Answered(reply);
+        if was_waiting {
+            self.waiting -= 1;
+        }
+        while let Some(Slot::Answered(_)) = self.slots.front() {
+            if let Some(Slot::Answered(bytes)) = self.slots.pop_front() {
+                self.out.push_back(bytes);
+            }
+            self.first_seq += 1;
+        }
+        true
+    }
+
+    /// Stops decoding: the reply just queued is the connection's last.
+    pub fn begin_close(&mut self) {
+        self.closing = true;
+        self.partial_since = None;
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Closing and everything answered and written: the socket may be closed now.
+    pub fn is_finished(&self) -> bool {
+        self.closing && self.slots.is_empty() && self.out.is_empty()
+    }
+
+    /// Reply bytes held for this client exceed the cap: it is not reading.
+    pub fn over_output_cap(&self) -> bool {
+        self.held_bytes > self.limits.max_unsent_bytes
+    }
+
+    /// The queued reply bytes, in order, for a vectored write.
+    pub fn output(&self) -> impl Iterator<Item = &[u8]> {
+        self.out.iter().map(|b| b.as_ref())
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Drops the first `n` bytes of the output queue after the shell wrote them.
+    pub fn consume_output(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.out.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.held_bytes -= front.len() + SLOT_OVERHEAD;
+                self.out.pop_front();
+            } else {
+                let _ = front.split_to(n);
+                self.held_bytes -= n;
+                n = 0;
+            }
+        }
+    }
+
+    /// The instant at which the partial frame now held times out.
+    pub fn read_deadline(&self) -> Option<Instant> {
+        self.partial_since.map(|t| t + self.limits.read_timeout)
+    }
+
+    /// Requests of this connection still waiting for the upstream.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// Slots opened but not yet written out (answered or not).
+    pub fn unanswered_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes the decoder holds (for the bounded-memory invariant).
+    pub fn buffered_input(&self) -> usize {
+        self.decoder.buffered_len()
+    }
+
+    /// The read timeout runs only while an incomplete frame is held *and* we are reading: a
+    /// connection paused by backpressure holds bytes because of us, not because of the client.
+    fn update_partial(&mut self, now: Instant) {
+        let holding = self.wants_read() && self.decoder.holds_partial_frame();
+        match (holding, self.partial_since) {
+            (true, None) => self.partial_since = Some(now),
+            (false, Some(_)) => self.partial_since = None,
+            _ => {}
+        }
+    }
+
+    /// Re-evaluates the read timer after the in-flight count changed.
+    pub fn refresh(&mut self, now: Instant) {
+        self.update_partial(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{encode_frame, kind};
+
+    fn limits() -> ConnectionLimits {
+        ConnectionLimits {
+            max_frame_bytes: 1024,
+            max_inflight: 2,
+            read_timeout: Duration::from_secs(10),
+            max_unsent_bytes: 1_000,
+        }
+    }
+
+    fn out(c: &ClientConnection) -> Vec<u8> {
+        c.output().flat_map(|s| s.to_vec()).collect()
+    }
+
+    #[test]
+    fn replies_leave_in_request_order() {
+        let mut c = ClientConnection::new(limits());
+        let a = c.open_slot(true);
+        let b = c.open_slot(false);
+        assert!(c.answer(b, Bytes::from_static(b"B"), false));
+        assert!(!c.has_output(), "B must wait for A");
+        assert!(c.answer(a, Bytes::from_static(b"A"), true));
+        assert_eq!(out(&c), b"AB");
+        assert!(
+            !c.answer(a, Bytes::from_static(b"again"), true),
+            "a slot is answered once"
+        );
+        assert_eq!(c.waiting(), 0);
+    }
+
+    #[test]
+    fn in_flight_limit_pauses_decoding_until_a_reply() {
+        let mut c = ClientConnection::new(limits());
+        let t = Instant::ZERO;
+        for _ in 0..3 {
+            c.handle_bytes(&encode_frame(kind::TASK_SUBMIT, b"{}"), t);
+        }
+        let mut seqs = Vec::new();
+        while let Some(Ok(_)) = c.next_frame(t) {
+            seqs.push(c.open_slot(true));
+        }
+        assert_eq!(seqs.len(), 2);
+        assert!(!c.wants_read());
+        assert_eq!(c.read_deadline(), None, "paused by us: no read timeout");
+        c.answer(seqs[0], Bytes::from_static(b"x"), true);
+        assert!(c.wants_read());
+        assert!(matches!(c.next_frame(t), Some(Ok(_))));
+    }
+
+    #[test]
+    fn partial_frame_starts_the_read_timer_and_a_whole_one_stops_it() {
+        let mut c = ClientConnection::new(limits());
+        c.handle_bytes(&[0, 0, 0], Instant::from_nanos(5));
+        assert_eq!(
+            c.read_deadline(),
+            Some(Instant::from_nanos(5) + Duration::from_secs(10))
+        );
+        c.handle_bytes(&[6, 1], Instant::from_nanos(9));
+        assert_eq!(
+            c.read_deadline(),
+            Some(Instant::from_nanos(5) + Duration::from_secs(10)),
+            "more bytes of the same frame do not reset it"
+        );
+        c.handle_bytes(&[kind::PING], Instant::from_nanos(11));
+        assert!(matches!(c.next_frame(Instant::from_nanos(11)), Some(Ok(_))));
+        assert_eq!(c.read_deadline(), None);
+    }
+
+    #[test]
+    fn partial_writes_and_the_output_cap() {
+        let mut c = ClientConnection::new(limits());
+        let s = c.open_slot(false);
+        c.answer(s, Bytes::from_static(b"hello"), false);
+        c.consume_output(2);
+        assert_eq!(out(&c), b"llo");
+        c.consume_output(3);
+        assert!(!c.has_output());
+        for _ in 0..15 {
+            let s = c.open_slot(false);
+            c.answer(s, Bytes::from_static(b"PONG.."), false);
+        }
+        assert!(
+            c.over_output_cap(),
+            "15 tiny replies with overhead exceed 1000"
+        );
+    }
+
+    #[test]
+    fn closing_finishes_only_when_everything_is_written() {
+        let mut c = ClientConnection::new(limits());
+        let a = c.open_slot(true);
+        let e = c.open_slot(false);
+        c.answer(e, Bytes::from_static(b"err"), false);
+        c.begin_close();
+        assert!(!c.wants_read());
+        c.handle_bytes(b"ignored", Instant::ZERO);
+        assert_eq!(c.buffered_input(), 0);
+        assert!(
+            !c.is_finished(),
+            "the earlier request is still owed a reply"
+        );
+        c.answer(a, Bytes::from_static(b"ok"), true);
+        assert!(!c.is_finished());
+        c.consume_output(5);
+        assert!(c.is_finished());
+    }
+}

@@ -1,0 +1,393 @@
+//! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the ordinary tests that replay
+//! their committed corpus, so that stable `cargo test` exercises every corpus file.
+//!
+//! [`frame_decoder`] checks that the IPC decoder gives the same frames and the same error
+//! whatever the split. [`gateway_events`] reads the input as a script of shell events
+//! (connects, bytes, hang-ups, partial writes, time jumps, shutdown) against a gateway with a
+//! delayed stub upstream and small limits, and asserts the invariants of gateway.md section 1
+//! that apply without NATS: exactly one reply per request frame, in order, each task reply
+//! echoing its own request; nothing held once time has run out; limits never exceeded; no panic.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use crate::connection::{ConnId, ConnectionLimits};
+use crate::frame::{kind, DecodeError, FrameDecoder, HEADER_LEN};
+use crate::gateway::{Action, AllowedUids, Gateway, GatewayConfig, PeerCredentials};
+use crate::stub::StubUpstream;
+use crate::time::Instant;
+use crate::upstream::TaskKind;
+
+/// Feeds `data` to a decoder whole and in pieces whose sizes come from `data` itself.
+pub fn frame_decoder(data: &[u8]) {
+    let max = 64 + data.first().copied().unwrap_or(0) as usize * 16;
+    let whole = decode_all(data, &[data.len().max(1)], max);
+    let sizes: Vec<usize> = data
+        .iter()
+        .take(16)
+        .map(|b| (*b as usize % 7) + 1)
+        .collect();
+    let split = decode_all(data, &sizes, max);
+    assert_eq!(
+        whole, split,
+        "decoding depended on how the bytes were split"
+    );
+}
+
+type Decoded = (Vec<(u8, Vec<u8>)>, Option<DecodeError>);
+
+fn decode_all(data: &[u8], sizes: &[usize], max: usize) -> Decoded {
+    let mut d = FrameDecoder::new(max);
+    let mut frames = Vec::new();
+    let mut rest = data;
+    let mut i = 0;
+    loop {
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => {
+                    assert!(f.payload.len() + HEADER_LEN <= max.max(HEADER_LEN));
+                    frames.push((f.kind, f.payload.to_vec()));
+                }
+                Ok(None) => {
+                    assert!(
+                        d.buffered_len() < max,
+                        "decoder holds a whole frame it did not return"
+                    );
+                    break;
+                }
+                Err(e) => return (frames, Some(e)),
+            }
+        }
+        if rest.is_empty() {
+            return (frames, None);
+        }
+        let n = sizes[i % sizes.len()].min(rest.len());
+        i += 1;
+        d.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+}
+
+/// What the simulated client of one connection expects back.
+#[derive(Debug, Default)]
+struct Peer {
+    /// Bytes the "socket" holds that the gateway has not read yet (it paused reading).
+    unread: VecDeque<u8>,
+    /// Independent decode of what the client sent: one expected reply per frame.
+    sent: Option<FrameDecoder>,
+    expected: VecDeque<Expect>,
+    /// Reply bytes received so far, decoded as they complete.
+    received: Vec<u8>,
+    stream_failed: bool,
+    gone: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Expect {
+    Pong,
+    Capabilities,
+    /// A task: a stub echo of this payload, or an error frame.
+    Task(Vec<u8>),
+    /// The error frame that ends the stream, with this code.
+    Error(u16),
+}
+
+/// Drives a whole gateway from an arbitrary byte script; panics on a violated invariant.
+pub fn gateway_events(data: &[u8]) {
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    let delay_ms = u64::from(next().unwrap_or(0) % 50);
+    let config = GatewayConfig {
+        max_connections: 3,
+        max_inflight: 6,
+        connection: ConnectionLimits {
+            max_frame_bytes: 256,
+            max_inflight: 2,
+            read_timeout: Duration::from_millis(300),
+            max_unsent_bytes: 2048,
+        },
+        request_timeout: Duration::from_millis(40),
+        drain_timeout: Duration::from_millis(100),
+        allowed_uids: AllowedUids::Any,
+        seed: 7,
+        ..GatewayConfig::default()
+    };
+    let mut gw = Gateway::new(config, StubUpstream::new(Duration::from_millis(delay_ms)));
+    let mut now = Instant::ZERO;
+    let mut peers: BTreeMap<ConnId, Peer> = BTreeMap::new();
+    let mut order: Vec<ConnId> = Vec::new();
+    let mut shut_down = false;
+
+    while let Some(op) = next() {
+        let pick = |peers: &BTreeMap<ConnId, Peer>, order: &[ConnId], b: Option<u8>| {
+            let live: Vec<ConnId> = order
+                .iter()
+                .copied()
+                .filter(|c| peers.get(c).is_some_and(|p| !p.gone))
+                .collect();
+            (!live.is_empty()).then(|| live[b.unwrap_or(0) as usize % live.len()])
+        };
+        match op % 7 {
+            0 if !shut_down => {
+                let id = gw.handle_client_opened(
+                    PeerCredentials {
+                        uid: Some(1),
+                        pid: Some(2),
+                    },
+                    now,
+                );
+                let mut peer = Peer {
+                    sent: Some(FrameDecoder::new(256)),
+                    ..Peer::default()
+                };
+                if peer_refused(&gw, id) {
+                    peer.expected.push_back(Expect::Error(0));
+                    peer.sent = None;
+                }
+                peers.insert(id, peer);
+                order.push(id);
+            }
+            1 | 2 => {
+                // Some bytes, biased towards well-formed frames so that requests get through.
+                let Some(id) = pick(&peers, &order, next()) else {
+                    continue;
+                };
+                let chunk = if op % 7 == 1 {
+                    frame_from(&mut next)
+                } else {
+                    let n = next().unwrap_or(0) % 12;
+                    (0..n).map(|_| next().unwrap_or(0)).collect()
+                };
+                let peer = peers.get_mut(&id).expect("picked");
+                expect_replies(peer, &chunk);
+                peer.unread.extend(chunk);
+            }
+            3 => {
+                let Some(id) = pick(&peers, &order, next()) else {
+                    continue;
+                };
+                gw.handle_client_closed(id, now);
+                if let Some(p) = peers.get_mut(&id) {
+                    p.gone = true;
+                }
+            }
+            4 => {
+                now = now + Duration::from_millis(u64::from(next().unwrap_or(0)));
+                gw.handle_timeout(now);
+            }
+            5 if !shut_down => {
+                shut_down = true;
+                gw.begin_shutdown(now);
+            }
+            _ => {}
+        }
+        pump(&mut gw, &mut peers, now, next().unwrap_or(0) as usize * 8);
+        gw.assert_invariants();
+    }
+    // Traffic stops; let every deadline pass and every byte be written.
+    for _ in 0..10_000 {
+        pump(&mut gw, &mut peers, now, usize::MAX);
+        match gw.poll_timeout() {
+            Some(t) => {
+                now = now.max(t);
+                gw.handle_timeout(now);
+            }
+            None => break,
+        }
+    }
+    pump(&mut gw, &mut peers, now, usize::MAX);
+    gw.assert_invariants();
+    assert!(
+        gw.is_quiescent(),
+        "something is still held after all deadlines passed"
+    );
+    for (id, peer) in &peers {
+        if peer.gone || !peer.unread.is_empty() {
+            continue;
+        }
+        assert!(
+            peer.expected.is_empty() || peer.stream_failed,
+            "{id:?}: requests without replies: {:?}",
+            peer.expected
+        );
+    }
+}
+
+fn peer_refused<U: crate::upstream::Upstream>(gw: &Gateway<U>, id: ConnId) -> bool {
+    !gw.wants_read(id)
+}
+
+/// A well-formed frame (any type, a small payload that is sometimes a JSON object).
+fn frame_from(next: &mut impl FnMut() -> Option<u8>) -> Vec<u8> {
+    let k = match next().unwrap_or(0) % 6 {
+        0 => kind::PING,
+        1 => kind::CAPABILITIES,
+        2 => 0x99,
+        3 => kind::TASK_QUERY,
+        _ => kind::TASK_SUBMIT,
+    };
+    let payload: Vec<u8> = match next().unwrap_or(0) % 4 {
+        0 => Vec::new(),
+        1 => b"[1]".to_vec(),
+        _ => format!("{{\"n\":{}}}", next().unwrap_or(0)).into_bytes(),
+    };
+    crate::frame::encode_frame(k, &payload).to_vec()
+}
+
+/// Records the replies the client is owed for the bytes it is about to send.
+fn expect_replies(peer: &mut Peer, chunk: &[u8]) {
+    let Some(dec) = peer.sent.as_mut() else {
+        return;
+    };
+    dec.push(chunk);
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => peer.expected.push_back(match f.kind {
+                kind::PING => Expect::Pong,
+                kind::CAPABILITIES => Expect::Capabilities,
+                k if TaskKind::from_frame_kind(k).is_some() => {
+                    Expect::Task(if f.payload.is_empty() {
+                        b"{}".to_vec()
+                    } else {
+                        f.payload.to_vec()
+                    })
+                }
+                _ => Expect::Error(2),
+            }),
+            Ok(None) => break,
+            Err(_) => {
+                peer.expected.push_back(Expect::Error(0));
+                peer.sent = None;
+                break;
+            }
+        }
+    }
+}
+
+/// Plays the shell: feeds unread bytes while the gateway wants them, writes up to `budget`
+/// bytes of output per connection, and checks each complete reply against what was expected.
+fn pump(
+    gw: &mut Gateway<StubUpstream>,
+    peers: &mut BTreeMap<ConnId, Peer>,
+    now: Instant,
+    budget: usize,
+) {
+    for _ in 0..10_000 {
+        let mut progressed = false;
+        let ids: Vec<ConnId> = peers.keys().copied().collect();
+        for id in ids {
+            let peer = peers.get_mut(&id).expect("listed");
+            if peer.gone {
+                continue;
+            }
+            if gw.wants_read(id) && !peer.unread.is_empty() {
+                let take = peer.unread.len().min(97);
+                let chunk: Vec<u8> = peer.unread.drain(..take).collect();
+                gw.handle_client_bytes(id, &chunk, now);
+                progressed = true;
+            }
+            let out: Vec<u8> = gw
+                .client_output(id)
+                .flat_map(|s| s.to_vec())
+                .take(budget)
+                .collect();
+            if !out.is_empty() {
+                let n = out.len();
+                peers
+                    .get_mut(&id)
+                    .expect("listed")
+                    .received
+                    .extend_from_slice(&out);
+                gw.handle_client_written(id, n, now);
+                check_replies(peers.get_mut(&id).expect("listed"));
+                progressed = true;
+            }
+        }
+        while let Some(action) = gw.poll_action() {
+            if let Action::Close(id) = action {
+                if let Some(p) = peers.get_mut(&id) {
+                    p.gone = true;
+                    p.unread.clear();
+                    check_replies(p);
+                    let cut_off = !p.expected.is_empty() && !p.stream_failed;
+                    // A close with replies still owed is only allowed at the output cap,
+                    // where the client's own refusal to read is the cause.
+                    if cut_off {
+                        assert!(
+                            gw.stats().connections_closed_output_cap > 0,
+                            "{id:?} closed owing {:?}",
+                            p.expected
+                        );
+                    }
+                }
+            }
+            progressed = true;
+        }
+        if !progressed {
+            return;
+        }
+    }
+    panic!("the gateway did not settle");
+}
+
+fn is_read_timeout(f: &crate::frame::Frame) -> bool {
+    f.kind == kind::RESPONSE_ERROR
+        && serde_json::from_slice::<serde_json::Value>(&f.payload).is_ok_and(|v| {
+            v["error"]["code"] == 5
+                && v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("read timeout"))
+        })
+}
+
+fn check_replies(peer: &mut Peer) {
+    let mut d = FrameDecoder::new(usize::MAX);
+    d.push(&peer.received);
+    let mut consumed = 0;
+    while let Ok(Some(f)) = d.next_frame() {
+        consumed += HEADER_LEN + f.payload.len();
+        if is_read_timeout(&f) {
+            // A partial frame held too long ends the stream; everything sent before it was
+            // answered first.
+            assert!(
+                peer.expected.is_empty(),
+                "read timeout overtook replies {:?}",
+                peer.expected
+            );
+            peer.stream_failed = true;
+            peer.sent = None;
+            continue;
+        }
+        let Some(expect) = peer.expected.pop_front() else {
+            panic!(
+                "a reply nobody asked for: type {:#x} {:?}",
+                f.kind,
+                String::from_utf8_lossy(&f.payload)
+            );
+        };
+        match expect {
+            Expect::Pong => assert_eq!((f.kind, f.payload.len()), (kind::PONG, 0)),
+            Expect::Capabilities => assert_eq!(f.kind, kind::RESPONSE_OK),
+            Expect::Task(payload) => {
+                if f.kind == kind::RESPONSE_OK {
+                    let echo = crate::stub::StubUpstream::reply_for(&payload);
+                    assert_eq!(f.payload, echo, "a reply for another request");
+                } else {
+                    assert_eq!(f.kind, kind::RESPONSE_ERROR);
+                }
+            }
+            Expect::Error(code) => {
+                assert_eq!(f.kind, kind::RESPONSE_ERROR);
+                if code != 0 {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&f.payload).expect("error JSON");
+                    assert_eq!(v["error"]["code"], code);
+                }
+                if peer.sent.is_none() {
+                    peer.stream_failed = true;
+                }
+            }
+        }
+    }
+    peer.received.drain(..consumed);
+}

@@ -1,0 +1,857 @@
+//! The gateway: routes value messages between client connections, admission, the circuit
+//! breaker, the in-flight table and the upstream.
+//!
+//! Call order, for any shell (the mio daemon, the simulators, the fuzzer):
+//!
+//! 1. Feed what happened: [`Gateway::handle_client_opened`], [`Gateway::handle_client_bytes`],
+//!    [`Gateway::handle_client_written`], [`Gateway::handle_client_closed`],
+//!    [`Gateway::begin_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
+//!    [`Gateway::poll_timeout`] has passed (calling it early is harmless).
+//! 2. Drain [`Gateway::poll_action`] until `None`, and act: write a connection's
+//!    [`Gateway::client_output`] on `Transmit`, close on `Close`, read again on `ResumeRead`,
+//!    exit on `ShutdownComplete`.
+//! 3. Sleep until [`Gateway::poll_timeout`] or the next I/O event, whichever comes first.
+//!
+//! Every request frame gets exactly one reply, in order per connection; every request handed
+//! to the upstream leaves the in-flight table exactly once (reply, timeout, client gone, or
+//! drain end), and a reply for a request that already left is dropped and counted.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Outcome};
+use crate::capabilities::capabilities_json;
+use crate::connection::{ClientConnection, ConnId, ConnectionLimits};
+use crate::error::{error_frame, ErrorCode};
+use crate::frame::{encode_frame, kind, DecodeError, Frame, MAX_FRAME_BYTES};
+use crate::inflight::{InFlight, InFlightTable, RequestId};
+use crate::payload::validate_task_payload;
+use crate::rng::Rng;
+use crate::time::Instant;
+use crate::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+
+/// After the drain deadline, how long pending reply bytes may still be flushed before the
+/// gateway gives up on clients that do not read.
+const FLUSH_GRACE: Duration = Duration::from_secs(2);
+
+/// Which peer uids may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedUids {
+    Any,
+    Only(BTreeSet<u32>),
+}
+
+impl AllowedUids {
+    /// An unknown uid (credentials unavailable) is allowed only when any uid is.
+    pub fn allows(&self, uid: Option<u32>) -> bool {
+        match (self, uid) {
+            (AllowedUids::Any, _) => true,
+            (AllowedUids::Only(set), Some(uid)) => set.contains(&uid),
+            (AllowedUids::Only(_), None) => false,
+        }
+    }
+}
+
+/// Everything the gateway's behaviour depends on.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub connection: ConnectionLimits,
+    pub request_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub breaker: BreakerConfig,
+    pub allowed_uids: AllowedUids,
+    /// Seeds every random choice (request id prefix now; NATS jitter and inbox later).
+    pub seed: u64,
+    /// Reported in the capabilities reply.
+    pub version: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_connections: 64,
+            max_inflight: 1000,
+            connection: ConnectionLimits {
+                max_frame_bytes: MAX_FRAME_BYTES,
+                max_inflight: 10,
+                read_timeout: Duration::from_secs(10),
+                max_unsent_bytes: 8 * 1024 * 1024,
+            },
+            request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            breaker: BreakerConfig::default(),
+            allowed_uids: AllowedUids::Any,
+            seed: 0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// Peer credentials read by the shell at accept (`None` where the OS did not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerCredentials {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+/// What the shell must do.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The connection has reply bytes queued: write [`Gateway::client_output`] until it is
+    /// empty (waiting for writability as needed) and report with `handle_client_written`.
+    Transmit(ConnId),
+    /// Close the socket now. The gateway has forgotten the connection.
+    Close(ConnId),
+    /// Reading had paused for backpressure and may go on. Read now: bytes already waiting in
+    /// the socket will not raise a new readiness event.
+    ResumeRead(ConnId),
+    /// The drain is over: flush nothing more and exit.
+    ShutdownComplete,
+}
+
+/// Counters for metrics and tests. Monotonic unless said otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    pub connections_total: u64,
+    pub connections_rejected_limit: u64,
+    pub connections_rejected_uid: u64,
+    pub connections_closed_output_cap: u64,
+    pub connections_closed_read_timeout: u64,
+    /// Task requests by IPC type: submit, query, cancel.
+    pub task_requests: [u64; 3],
+    pub local_requests: u64,
+    /// Replies by outcome: index is the error code, 0 for RESPONSE_OK.
+    pub responses: BTreeMap<u16, u64>,
+    pub backpressure_rejections: u64,
+    pub router_timeouts: u64,
+    /// Upstream replies for requests that had already left (late, duplicate or unknown).
+    pub dropped_replies: u64,
+    pub breaker_transitions: BTreeMap<&'static str, u64>,
+}
+
+/// Per-connection bookkeeping around the connection state machine.
+#[derive(Debug)]
+struct Client {
+    conn: ClientConnection,
+    peer: PeerCredentials,
+    /// Counts against the connection limit (refused connections do not).
+    admitted: bool,
+    /// Requests of this connection in the in-flight table.
+    requests: BTreeSet<RequestId>,
+    /// A `Transmit` was announced and the output queue has not been emptied since.
+    transmitting: bool,
+    /// What the shell was last told about reading.
+    reading: bool,
+    /// The read deadline registered in `read_deadlines`.
+    read_deadline: Option<Instant>,
+}
+
+/// The gateway state machine. See the module doc for the call order.
+pub struct Gateway<U> {
+    config: GatewayConfig,
+    upstream: U,
+    clients: BTreeMap<ConnId, Client>,
+    admitted_connections: usize,
+    inflight: InFlightTable,
+    breaker: CircuitBreaker,
+    read_deadlines: BTreeSet<(Instant, ConnId)>,
+    actions: VecDeque<Action>,
+    next_conn: u64,
+    /// Prefix of request ids, from the seed, so ids differ between gateway instances.
+    instance: u32,
+    capabilities: Bytes,
+    drain: Option<Drain>,
+    /// Connections whose decoding may go on because a reply freed an in-flight slot. Worked
+    /// off at the end of the turn rather than at once: answering from inside the upstream's
+    /// reply path would recurse once per pipelined frame.
+    to_resume: BTreeSet<ConnId>,
+    stats: GatewayStats,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    deadline: Instant,
+    leftovers_failed: bool,
+    complete: bool,
+}
+
+impl<U: Upstream> Gateway<U> {
+    pub fn new(config: GatewayConfig, upstream: U) -> Gateway<U> {
+        let instance = Rng::new(config.seed).next_u64() as u32;
+        Gateway {
+            capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
+            breaker: CircuitBreaker::new(config.breaker),
+            config,
+            upstream,
+            clients: BTreeMap::new(),
+            admitted_connections: 0,
+            inflight: InFlightTable::new(),
+            read_deadlines: BTreeSet::new(),
+            actions: VecDeque::new(),
+            next_conn: 0,
+            instance,
+            drain: None,
+            to_resume: BTreeSet::new(),
+            stats: GatewayStats::default(),
+        }
+    }
+
+    // ----- inputs -------------------------------------------------------------------------
+
+    /// A client connected. Returns its id; a refused client gets its error frame through the
+    /// usual `Transmit` and is then closed.
+    pub fn handle_client_opened(&mut self, peer: PeerCredentials, now: Instant) -> ConnId {
+        self.next_conn += 1;
+        let id = ConnId(self.next_conn);
+        self.stats.connections_total += 1;
+        let mut client = Client {
+            conn: ClientConnection::new(self.config.connection),
+            peer,
+            admitted: false,
+            requests: BTreeSet::new(),
+            transmitting: false,
+            reading: true,
+            read_deadline: None,
+        };
+        let refusal = if !self.config.allowed_uids.allows(peer.uid) {
+            self.stats.connections_rejected_uid += 1;
+            Some((
+                ErrorCode::PermissionDenied,
+                format!(
+                    "Permission denied: uid {} is not allowed",
+                    fmt_opt(peer.uid)
+                ),
+            ))
+        } else if self.admitted_connections >= self.config.max_connections {
+            self.stats.connections_rejected_limit += 1;
+            Some((
+                ErrorCode::Overloaded,
+                format!(
+                    "Overloaded: connection limit of {} reached",
+                    self.config.max_connections
+                ),
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some((code, message)) => {
+                warn!(event = "connection_rejected", component = "ipc_bridge", conn_id = id.0,
+                      uid = fmt_opt(peer.uid), pid = fmt_opt(peer.pid), reason = code.name(), %message);
+                let slot = client.conn.open_slot(false);
+                client
+                    .conn
+                    .answer(slot, error_frame(code, &message, None), false);
+                client.conn.begin_close();
+                self.count_response(code.code());
+            }
+            None => {
+                client.admitted = true;
+                self.admitted_connections += 1;
+                info!(
+                    event = "connection_opened",
+                    component = "ipc_bridge",
+                    conn_id = id.0,
+                    uid = fmt_opt(peer.uid),
+                    pid = fmt_opt(peer.pid)
+                );
+            }
+        }
+        self.clients.insert(id, client);
+        self.settle(id, now);
+        self.finish_turn(now);
+        id
+    }
+
+    /// Bytes read from a client's socket.
+    pub fn handle_client_bytes(&mut self, id: ConnId, bytes: &[u8], now: Instant) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.conn.handle_bytes(bytes, now);
+            self.process_frames(id, now);
+        }
+        self.finish_turn(now);
+    }
+
+    /// The shell wrote `n` bytes of the connection's output.
+    pub fn handle_client_written(&mut self, id: ConnId, n: usize, now: Instant) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.conn.consume_output(n);
+            if !client.conn.has_output() {
+                client.transmitting = false;
+            }
+            self.settle(id, now);
+        }
+        self.finish_turn(now);
+    }
+
+    /// The client hung up or its socket failed. The shell has already dropped the socket; its
+    /// requests are cancelled and their replies, if any come, are dropped.
+    pub fn handle_client_closed(&mut self, id: ConnId, now: Instant) {
+        self.forget_client(id, "peer_closed", now);
+        self.finish_turn(now);
+    }
+
+    /// SIGTERM/SIGINT: new task requests get error 6; requests in flight are answered until
+    /// the drain timeout, then get error 6; the shell is told `ShutdownComplete` when all is
+    /// answered and written. The shell closes the listener itself.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        if self.drain.is_none() {
+            info!(
+                event = "shutdown_started",
+                component = "ipc_bridge",
+                inflight = self.inflight.len(),
+                connections = self.clients.len(),
+                drain_ms = self.config.drain_timeout.as_millis() as u64
+            );
+            self.drain = Some(Drain {
+                deadline: now + self.config.drain_timeout,
+                leftovers_failed: false,
+                complete: false,
+            });
+        }
+        self.finish_turn(now);
+    }
+
+    /// Lets time pass: stub replies fall due, requests time out, partial frames time out, the
+    /// breaker half-opens, the drain ends. Calling it early is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.upstream.handle_timeout(now);
+        self.drain_upstream(now);
+        while let Some((id, entry)) = self.inflight.pop_expired(now) {
+            self.upstream.cancel(id);
+            self.breaker.record(entry.permit, Outcome::Failure, now);
+            self.stats.router_timeouts += 1;
+            let rid = self.request_id_text(id);
+            let message = format!(
+                "Timeout: the Router did not reply within {} ms",
+                self.config.request_timeout.as_millis()
+            );
+            self.complete(
+                id,
+                entry,
+                error_frame(ErrorCode::Timeout, &message, Some(&rid)),
+                ErrorCode::Timeout.code(),
+                now,
+            );
+        }
+        while let Some(&(deadline, id)) = self.read_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.read_deadlines.remove(&(deadline, id));
+            if let Some(client) = self.clients.get_mut(&id) {
+                client.read_deadline = None;
+                let message = format!(
+                    "Timeout: read timeout, a partial frame was held for more than {} ms",
+                    self.config.connection.read_timeout.as_millis()
+                );
+                warn!(
+                    event = "read_timeout",
+                    component = "ipc_bridge",
+                    conn_id = id.0
+                );
+                self.stats.connections_closed_read_timeout += 1;
+                self.answer_local_and_close(id, ErrorCode::Timeout, &message, now);
+            }
+        }
+        self.breaker.handle_timeout(now);
+        if let Some(drain) = self.drain {
+            if now >= drain.deadline && !drain.leftovers_failed {
+                if let Some(d) = self.drain.as_mut() {
+                    d.leftovers_failed = true;
+                }
+                for id in self.inflight.ids() {
+                    if let Some(entry) = self.inflight.remove(id) {
+                        self.upstream.cancel(id);
+                        self.breaker.record(entry.permit, Outcome::Abandoned, now);
+                        let rid = self.request_id_text(id);
+                        let frame = error_frame(
+                            ErrorCode::ShuttingDown,
+                            "Shutting down: the drain timeout passed before the Router replied",
+                            Some(&rid),
+                        );
+                        self.complete(id, entry, frame, ErrorCode::ShuttingDown.code(), now);
+                    }
+                }
+            }
+        }
+        self.finish_turn(now);
+    }
+
+    // ----- outputs ------------------------------------------------------------------------
+
+    /// The next thing the shell must do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Gateway::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let drain = self
+            .drain
+            .and_then(|d| match (d.complete, d.leftovers_failed) {
+                (true, _) => None,
+                (false, false) => Some(d.deadline),
+                (false, true) => Some(d.deadline + FLUSH_GRACE),
+            });
+        [
+            self.inflight.next_deadline(),
+            self.read_deadlines.first().map(|&(t, _)| t),
+            self.breaker.poll_timeout(),
+            self.upstream.poll_timeout(),
+            drain,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The connection's queued reply bytes, in order, for a vectored write.
+    pub fn client_output(&self, id: ConnId) -> impl Iterator<Item = &[u8]> {
+        self.clients
+            .get(&id)
+            .into_iter()
+            .flat_map(|c| c.conn.output())
+    }
+
+    /// Whether the shell should read from this connection now.
+    pub fn wants_read(&self, id: ConnId) -> bool {
+        self.clients.get(&id).is_some_and(|c| c.conn.wants_read())
+    }
+
+    pub fn stats(&self) -> &GatewayStats {
+        &self.stats
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Open connections, refused ones still flushing their error included.
+    pub fn connection_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_some()
+    }
+
+    pub fn upstream(&self) -> &U {
+        &self.upstream
+    }
+
+    pub fn upstream_mut(&mut self) -> &mut U {
+        &mut self.upstream
+    }
+
+    /// Checks the bookkeeping invariants of gateway.md section 1 that hold at every instant;
+    /// panics with a description of the first violated one. Meant for simulators and fuzzers.
+    pub fn assert_invariants(&self) {
+        let owned: usize = self.clients.values().map(|c| c.requests.len()).sum();
+        assert_eq!(
+            owned,
+            self.inflight.len(),
+            "every in-flight request belongs to one live client"
+        );
+        for (id, client) in &self.clients {
+            assert_eq!(
+                client.requests.len(),
+                client.conn.waiting(),
+                "conn {id:?}: waiting slots = its requests"
+            );
+            assert!(
+                client.conn.waiting() <= self.config.connection.max_inflight,
+                "per-connection limit"
+            );
+            for rid in &client.requests {
+                assert_eq!(
+                    self.inflight.get(*rid).map(|e| e.conn),
+                    Some(*id),
+                    "request {rid:?} points back to its connection"
+                );
+            }
+            assert!(
+                client.conn.buffered_input() <= self.config.connection.max_frame_bytes + READ_SLACK,
+                "conn {id:?}: input buffer {} exceeds a frame plus one read",
+                client.conn.buffered_input()
+            );
+        }
+        assert!(
+            self.inflight.len() <= self.config.max_inflight,
+            "global in-flight limit"
+        );
+        assert!(
+            self.admitted_connections <= self.config.max_connections,
+            "connection limit"
+        );
+        assert_eq!(
+            self.admitted_connections,
+            self.clients.values().filter(|c| c.admitted).count(),
+            "admitted connection count"
+        );
+    }
+
+    /// Whether nothing is held any more: no requests, timers or buffered bytes (the no-leak
+    /// invariant, checked once traffic has stopped and deadlines have passed).
+    pub fn is_quiescent(&self) -> bool {
+        self.inflight.is_empty()
+            && self.upstream.pending() == 0
+            && self.read_deadlines.is_empty()
+            && self.clients.values().all(|c| {
+                c.requests.is_empty() && c.conn.unanswered_slots() == 0 && !c.conn.has_output()
+            })
+    }
+
+    // ----- routing ------------------------------------------------------------------------
+
+    fn process_frames(&mut self, id: ConnId, now: Instant) {
+        loop {
+            let Some(client) = self.clients.get_mut(&id) else {
+                return;
+            };
+            match client.conn.next_frame(now) {
+                None => break,
+                Some(Ok(frame)) => self.handle_frame(id, frame, now),
+                Some(Err(err)) => {
+                    let (code, message) = decode_error_reply(err);
+                    warn!(event = "error", component = "ipc_bridge", conn_id = id.0,
+                          code = code.code(), %message);
+                    self.answer_local_and_close(id, code, &message, now);
+                    break;
+                }
+            }
+        }
+        self.settle(id, now);
+    }
+
+    fn handle_frame(&mut self, id: ConnId, frame: Frame, now: Instant) {
+        let Some(task) = TaskKind::from_frame_kind(frame.kind) else {
+            self.stats.local_requests += 1;
+            let reply = match frame.kind {
+                kind::PING => encode_frame(kind::PONG, &[]),
+                kind::CAPABILITIES => encode_frame(kind::RESPONSE_OK, &self.capabilities),
+                other => {
+                    let message = format!("Unsupported message type 0x{other:02X}");
+                    self.count_response(ErrorCode::UnsupportedType.code());
+                    return self.answer_local(
+                        id,
+                        error_frame(ErrorCode::UnsupportedType, &message, None),
+                        now,
+                    );
+                }
+            };
+            self.count_response(0);
+            return self.answer_local(id, reply, now);
+        };
+        self.stats.task_requests[task as usize] += 1;
+        debug!(
+            event = "request_received",
+            component = "ipc_bridge",
+            conn_id = id.0,
+            method = task.method(),
+            payload_size = frame.payload.len()
+        );
+        let refuse = |code: ErrorCode, message: &str| (code, message.to_string());
+        let refusal = if self.drain.is_some() {
+            Some(refuse(
+                ErrorCode::ShuttingDown,
+                "Shutting down: the gateway is draining",
+            ))
+        } else {
+            None
+        };
+        let payload = match refusal {
+            Some(r) => Err(r),
+            None => {
+                validate_task_payload(frame.payload).map_err(|m| (ErrorCode::InvalidPayload, m))
+            }
+        };
+        let admitted = payload.and_then(|payload| {
+            if self.inflight.len() >= self.config.max_inflight {
+                self.stats.backpressure_rejections += 1;
+                info!(
+                    event = "backpressure_reject",
+                    component = "ipc_backpressure",
+                    conn_id = id.0,
+                    inflight = self.inflight.len(),
+                    limit = self.config.max_inflight
+                );
+                return Err(refuse(
+                    ErrorCode::Overloaded,
+                    &format!("Overloaded: {} requests in flight", self.inflight.len()),
+                ));
+            }
+            match self.breaker.try_acquire(now) {
+                Some(permit) => Ok((payload, permit)),
+                None => Err(refuse(
+                    ErrorCode::RouterUnavailable,
+                    "Router unavailable: circuit breaker open",
+                )),
+            }
+        });
+        let (payload, permit) = match admitted {
+            Ok(ok) => ok,
+            Err((code, message)) => {
+                self.count_response(code.code());
+                return self.answer_local(id, error_frame(code, &message, None), now);
+            }
+        };
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let slot = client.conn.open_slot(true);
+        let deadline = now + self.config.request_timeout;
+        let rid = self.inflight.insert(InFlight {
+            conn: id,
+            slot,
+            deadline,
+            started: now,
+            permit,
+            kind: frame.kind,
+        });
+        client.requests.insert(rid);
+        let request = UpstreamRequest {
+            id: rid,
+            request_id: self.request_id_text(rid),
+            kind: task,
+            payload,
+            deadline,
+        };
+        self.upstream.submit(request, now);
+        self.drain_upstream(now);
+    }
+
+    fn drain_upstream(&mut self, now: Instant) {
+        while let Some(event) = self.upstream.poll_event() {
+            let (id, reply, code, outcome) = match event {
+                UpstreamEvent::Reply { id, payload } => (
+                    id,
+                    encode_frame(kind::RESPONSE_OK, &payload),
+                    0,
+                    Outcome::Success,
+                ),
+                UpstreamEvent::Failed { id, code, message } => {
+                    let outcome = match code {
+                        ErrorCode::RouterUnavailable | ErrorCode::Timeout => Outcome::Failure,
+                        _ => Outcome::Abandoned,
+                    };
+                    let rid = self.request_id_text(id);
+                    (
+                        id,
+                        error_frame(code, &message, Some(&rid)),
+                        code.code(),
+                        outcome,
+                    )
+                }
+            };
+            match self.inflight.remove(id) {
+                None => {
+                    self.stats.dropped_replies += 1;
+                    debug!(
+                        event = "reply_dropped",
+                        component = "ipc_bridge",
+                        request_id = id.0
+                    );
+                }
+                Some(entry) => {
+                    self.breaker.record(entry.permit, outcome, now);
+                    self.complete(id, entry, reply, code, now);
+                }
+            }
+        }
+    }
+
+    /// Delivers the answer to a request that just left the in-flight table.
+    fn complete(&mut self, id: RequestId, entry: InFlight, reply: Bytes, code: u16, now: Instant) {
+        self.count_response(code);
+        let Some(client) = self.clients.get_mut(&entry.conn) else {
+            return;
+        };
+        client.requests.remove(&id);
+        let answered = client.conn.answer(entry.slot, reply, true);
+        assert!(
+            answered,
+            "request {id:?} had no open slot on {:?}",
+            entry.conn
+        );
+        client.conn.refresh(now);
+        debug!(
+            event = "response_sent",
+            component = "ipc_bridge",
+            conn_id = entry.conn.0,
+            request_id = id.0,
+            outcome = code,
+            duration_us = (now - entry.started).as_micros() as u64
+        );
+        // Decoding may have paused on this connection's in-flight limit: go on with what is
+        // buffered (at the end of the turn) before telling the shell to read more.
+        self.to_resume.insert(entry.conn);
+    }
+
+    fn answer_local(&mut self, id: ConnId, reply: Bytes, _now: Instant) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            let slot = client.conn.open_slot(false);
+            client.conn.answer(slot, reply, false);
+        }
+    }
+
+    fn answer_local_and_close(&mut self, id: ConnId, code: ErrorCode, message: &str, now: Instant) {
+        self.count_response(code.code());
+        self.answer_local(id, error_frame(code, message, None), now);
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.conn.begin_close();
+        }
+        self.settle(id, now);
+    }
+
+    /// Tells the shell what changed on one connection, and closes it when it is done or over
+    /// its output cap.
+    fn settle(&mut self, id: ConnId, now: Instant) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if client.conn.over_output_cap() {
+            self.stats.connections_closed_output_cap += 1;
+            warn!(
+                event = "output_cap_reached",
+                component = "ipc_backpressure",
+                conn_id = id.0,
+                cap = self.config.connection.max_unsent_bytes
+            );
+            self.forget_client(id, "output_cap", now);
+            self.actions.push_back(Action::Close(id));
+            return;
+        }
+        if client.conn.is_finished() {
+            self.forget_client(id, "closed_after_reply", now);
+            self.actions.push_back(Action::Close(id));
+            return;
+        }
+        if client.conn.has_output() && !client.transmitting {
+            client.transmitting = true;
+            self.actions.push_back(Action::Transmit(id));
+        }
+        let wants = client.conn.wants_read();
+        if wants && !client.reading {
+            self.actions.push_back(Action::ResumeRead(id));
+        }
+        client.reading = wants;
+        let deadline = client.conn.read_deadline();
+        if deadline != client.read_deadline {
+            if let Some(old) = client.read_deadline.take() {
+                self.read_deadlines.remove(&(old, id));
+            }
+            if let Some(new) = deadline {
+                self.read_deadlines.insert((new, id));
+            }
+            client.read_deadline = deadline;
+        }
+    }
+
+    /// Removes a connection and cancels everything it had in flight.
+    fn forget_client(&mut self, id: ConnId, reason: &'static str, now: Instant) {
+        let Some(client) = self.clients.remove(&id) else {
+            return;
+        };
+        if let Some(d) = client.read_deadline {
+            self.read_deadlines.remove(&(d, id));
+        }
+        if client.admitted {
+            self.admitted_connections -= 1;
+        }
+        let cancelled = client.requests.len();
+        for rid in client.requests {
+            if let Some(entry) = self.inflight.remove(rid) {
+                self.upstream.cancel(rid);
+                self.breaker.record(entry.permit, Outcome::Abandoned, now);
+            }
+        }
+        info!(
+            event = "connection_closed",
+            component = "ipc_bridge",
+            conn_id = id.0,
+            uid = fmt_opt(client.peer.uid),
+            pid = fmt_opt(client.peer.pid),
+            reason,
+            cancelled
+        );
+    }
+
+    /// End of every input: breaker transitions are logged and counted, and a drain that has
+    /// nothing left to wait for completes.
+    fn finish_turn(&mut self, now: Instant) {
+        while let Some(id) = self.to_resume.pop_first() {
+            self.process_frames(id, now);
+        }
+        while let Some(to) = self.breaker.poll_transition() {
+            *self.stats.breaker_transitions.entry(to.name()).or_default() += 1;
+            warn!(
+                event = "breaker_transition",
+                component = "circuit_breaker",
+                to = to.name()
+            );
+        }
+        if let Some(drain) = self.drain {
+            let flushed = self.inflight.is_empty()
+                && self
+                    .clients
+                    .values()
+                    .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output());
+            let given_up = drain.leftovers_failed && now >= drain.deadline + FLUSH_GRACE;
+            if !drain.complete && (flushed || given_up) {
+                if let Some(d) = self.drain.as_mut() {
+                    d.complete = true;
+                }
+                info!(
+                    event = "shutdown_complete",
+                    component = "ipc_bridge",
+                    flushed
+                );
+                self.actions.push_back(Action::ShutdownComplete);
+            }
+        }
+    }
+
+    fn count_response(&mut self, code: u16) {
+        *self.stats.responses.entry(code).or_default() += 1;
+    }
+
+    /// The request id as the Router and the client see it.
+    pub fn request_id_text(&self, id: RequestId) -> String {
+        format!("{:08x}-{}", self.instance, id.0)
+    }
+}
+
+/// How many bytes one read may add beyond a whole frame (the shell's read buffer size).
+pub const READ_SLACK: usize = 64 * 1024;
+
+fn decode_error_reply(err: DecodeError) -> (ErrorCode, String) {
+    match err {
+        DecodeError::TooShort { length } => (
+            ErrorCode::InvalidPayload,
+            format!("Invalid payload: frame length {length} is shorter than the 6-byte header"),
+        ),
+        DecodeError::TooLarge { length, max } => (
+            ErrorCode::FrameTooLarge,
+            format!("Frame too large: length {length} exceeds the maximum of {max} bytes"),
+        ),
+        DecodeError::UnsupportedVersion { version } => (
+            ErrorCode::UnsupportedVersion,
+            format!("Unsupported protocol version {version}: this gateway speaks version 1"),
+        ),
+    }
+}
+
+fn fmt_opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "unknown".to_string(), |v| v.to_string())
+}

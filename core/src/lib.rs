@@ -1,0 +1,32 @@
+//! Sans-IO core of `ipc-gateway`.
+//!
+//! The contract: bytes and events go in through `handle_*` methods with the current time as an
+//! argument; what to do comes out of `poll_action`, and when to call back out of
+//! `poll_timeout`. Nothing here opens a socket, reads a clock, spawns a thread or draws
+//! randomness other than from the configured seed, so the production daemon, the simulators
+//! and the fuzzers all drive exactly the same logic. [`gateway::Gateway`] is the entry point;
+//! its doc gives the call order.
+//!
+//! One state machine per module: [`frame`] (IPC codec), [`connection`] (one client),
+//! [`inflight`] (requests and deadlines), [`breaker`] (circuit breaker), [`stub`] (the embedded
+//! Router), routed together by [`gateway`].
+
+#![forbid(unsafe_code)]
+
+pub mod breaker;
+pub mod capabilities;
+pub mod connection;
+pub mod error;
+pub mod frame;
+pub mod fuzzing;
+pub mod gateway;
+pub mod inflight;
+pub mod payload;
+pub mod rng;
+pub mod stub;
+pub mod time;
+pub mod upstream;
+
+pub use connection::ConnId;
+pub use gateway::{Action, Gateway, GatewayConfig, PeerCredentials};
+pub use time::Instant;

@@ -1,0 +1,88 @@
+//! The seam between the gateway and whatever answers tasks.
+//!
+//! The gateway hands each admitted task to an [`Upstream`] and learns how it ended from
+//! [`Upstream::poll_event`]. Two implementations exist: the embedded stub Router
+//! ([`crate::stub::StubUpstream`]) and, with NATS enabled, the NATS session. Both are sans-IO
+//! in the same way as the gateway: they take time as an argument and report deadlines through
+//! `poll_timeout`, so the gateway's pump drives them without knowing which one it has.
+//!
+//! Deadlines belong to the gateway, not the upstream: the gateway times a request out, then
+//! calls [`Upstream::cancel`] so the upstream forgets its reply token. An upstream that reports
+//! an id the gateway no longer knows is normal (a late or duplicate reply) and is counted.
+
+use bytes::Bytes;
+
+use crate::error::ErrorCode;
+use crate::frame::kind;
+use crate::inflight::RequestId;
+use crate::payload::TaskPayload;
+use crate::time::Instant;
+
+/// Which task message a request came from; the Router request keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    Submit,
+    Query,
+    Cancel,
+}
+
+impl TaskKind {
+    /// The task kind of an IPC message type, if it is a task message.
+    pub fn from_frame_kind(k: u8) -> Option<TaskKind> {
+        match k {
+            kind::TASK_SUBMIT => Some(TaskKind::Submit),
+            kind::TASK_QUERY => Some(TaskKind::Query),
+            kind::TASK_CANCEL => Some(TaskKind::Cancel),
+            _ => None,
+        }
+    }
+
+    /// The name used in logs and in the Router request's metadata.
+    pub fn method(self) -> &'static str {
+        match self {
+            TaskKind::Submit => "task_submit",
+            TaskKind::Query => "task_query",
+            TaskKind::Cancel => "task_cancel",
+        }
+    }
+}
+
+/// One task handed to the upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    pub id: RequestId,
+    /// The id as the Router and the client see it.
+    pub request_id: String,
+    pub kind: TaskKind,
+    pub payload: TaskPayload,
+    pub deadline: Instant,
+}
+
+/// How a request ended, as reported by the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamEvent {
+    /// The Router answered; the bytes go back to the client verbatim.
+    Reply { id: RequestId, payload: Bytes },
+    /// The upstream could not get an answer; the client gets this error.
+    Failed {
+        id: RequestId,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// A source of answers to tasks, driven by the gateway's pump.
+pub trait Upstream {
+    /// Takes a request; its outcome arrives later through [`Upstream::poll_event`].
+    fn submit(&mut self, request: UpstreamRequest, now: Instant);
+    /// Forgets a request whose answer is no longer wanted (timeout, client gone, drain end).
+    fn cancel(&mut self, id: RequestId);
+    /// Lets time pass; calling it early is harmless.
+    fn handle_timeout(&mut self, now: Instant);
+    /// When [`Upstream::handle_timeout`] next has work to do.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// The next outcome, drained until `None`.
+    fn poll_event(&mut self) -> Option<UpstreamEvent>;
+    /// Requests the upstream still holds (for the no-leak invariant).
+    fn pending(&self) -> usize;
+}

@@ -1,0 +1,60 @@
+//! Replays the committed cargo-fuzz corpus (`fuzz/corpus/<target>/`) through the same entry
+//! points the fuzz targets call, so stable `cargo test` exercises every saved input, and runs
+//! the whole-core driver on random scripts.
+
+use std::path::PathBuf;
+
+use ipc_gateway_core::fuzzing;
+use proptest::prelude::*;
+
+fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "corpus {} is nearly empty", dir.display());
+    files
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read corpus file");
+            (p, b)
+        })
+        .collect()
+}
+
+/// Every saved decoder input decodes the same whatever the split, without panicking.
+#[test]
+fn frame_decoder_corpus_replays() {
+    for (path, bytes) in corpus("ipc_frame_decoder") {
+        eprintln!("{}", path.display());
+        fuzzing::frame_decoder(&bytes);
+    }
+}
+
+/// Every saved event script keeps the gateway's invariants.
+#[test]
+fn gateway_events_corpus_replays() {
+    for (path, bytes) in corpus("gateway_events") {
+        eprintln!("{}", path.display());
+        fuzzing::gateway_events(&bytes);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Random event scripts keep the invariants too (the fuzzer's job, in miniature, on stable).
+    #[test]
+    fn random_event_scripts_keep_the_invariants(script in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fuzzing::gateway_events(&script);
+    }
+
+    #[test]
+    fn random_bytes_decode_the_same_whatever_the_split(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fuzzing::frame_decoder(&data);
+    }
+}
