@@ -3,7 +3,7 @@
 //!
 //! [`frame_decoder`] checks that the IPC decoder gives the same frames and the same error
 //! whatever the split. [`gateway_events`] reads the input as a script of shell events
-//! (connects, bytes, hang-ups, partial writes, time jumps, shutdown) against a gateway with a
+//! (connects, bytes, half-closes, hang-ups, partial writes, time jumps, shutdown) against a gateway with a
 //! delayed stub upstream and small limits, and asserts the invariants of gateway.md section 1
 //! that apply without NATS: exactly one reply per request frame, in order, each task reply
 //! echoing its own request; nothing held once time has run out; limits never exceeded; no panic.
@@ -80,6 +80,9 @@ struct Peer {
     received: Vec<u8>,
     stream_failed: bool,
     gone: bool,
+    /// The client shut down its sending side; the gateway learns it once `unread` is empty.
+    eof: bool,
+    eof_sent: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -152,6 +155,9 @@ pub fn gateway_events(data: &[u8]) {
                 let Some(id) = pick(&peers, &order, next()) else {
                     continue;
                 };
+                if peers.get(&id).is_some_and(|p| p.eof) {
+                    continue; // nothing is sent after a half-close
+                }
                 let chunk = if op % 7 == 1 {
                     frame_from(&mut next)
                 } else {
@@ -174,6 +180,14 @@ pub fn gateway_events(data: &[u8]) {
             4 => {
                 now = now + Duration::from_millis(u64::from(next().unwrap_or(0)));
                 gw.handle_timeout(now);
+            }
+            6 => {
+                let Some(id) = pick(&peers, &order, next()) else {
+                    continue;
+                };
+                if let Some(p) = peers.get_mut(&id) {
+                    p.eof = true;
+                }
             }
             5 if !shut_down => {
                 shut_down = true;
@@ -284,6 +298,12 @@ fn pump(
                 let take = peer.unread.len().min(97);
                 let chunk: Vec<u8> = peer.unread.drain(..take).collect();
                 gw.handle_client_bytes(id, &chunk, now);
+                progressed = true;
+            }
+            let peer = peers.get_mut(&id).expect("listed");
+            if peer.eof && !peer.eof_sent && peer.unread.is_empty() && gw.wants_read(id) {
+                peer.eof_sent = true;
+                gw.handle_client_eof(id, now);
                 progressed = true;
             }
             let out: Vec<u8> = gw

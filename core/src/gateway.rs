@@ -4,7 +4,8 @@
 //! Call order, for any shell (the mio daemon, the simulators, the fuzzer):
 //!
 //! 1. Feed what happened: [`Gateway::handle_client_opened`], [`Gateway::handle_client_bytes`],
-//!    [`Gateway::handle_client_written`], [`Gateway::handle_client_closed`],
+//!    [`Gateway::handle_client_written`], [`Gateway::handle_client_eof`],
+//!    [`Gateway::handle_client_closed`],
 //!    [`Gateway::begin_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
 //!    [`Gateway::poll_timeout`] has passed (calling it early is harmless).
 //! 2. Drain [`Gateway::poll_action`] until `None`, and act: write a connection's
@@ -243,7 +244,7 @@ impl<U: Upstream> Gateway<U> {
         match refusal {
             Some((code, message)) => {
                 warn!(event = "connection_rejected", component = "ipc_bridge", conn_id = id.0,
-                      uid = fmt_opt(peer.uid), pid = fmt_opt(peer.pid), reason = code.name(), %message);
+                      uid = peer.uid, pid = peer.pid, reason = code.name(), %message);
                 let slot = client.conn.open_slot(false);
                 client
                     .conn
@@ -258,8 +259,8 @@ impl<U: Upstream> Gateway<U> {
                     event = "connection_opened",
                     component = "ipc_bridge",
                     conn_id = id.0,
-                    uid = fmt_opt(peer.uid),
-                    pid = fmt_opt(peer.pid)
+                    uid = peer.uid,
+                    pid = peer.pid
                 );
             }
         }
@@ -285,6 +286,16 @@ impl<U: Upstream> Gateway<U> {
             if !client.conn.has_output() {
                 client.transmitting = false;
             }
+            self.settle(id, now);
+        }
+        self.finish_turn(now);
+    }
+
+    /// The client shut down its sending side (read returned end of stream): what it asked is
+    /// still answered, then the connection closes. A partial frame it left is dropped.
+    pub fn handle_client_eof(&mut self, id: ConnId, now: Instant) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.conn.begin_close();
             self.settle(id, now);
         }
         self.finish_turn(now);
@@ -780,8 +791,8 @@ impl<U: Upstream> Gateway<U> {
             event = "connection_closed",
             component = "ipc_bridge",
             conn_id = id.0,
-            uid = fmt_opt(client.peer.uid),
-            pid = fmt_opt(client.peer.pid),
+            uid = client.peer.uid,
+            pid = client.peer.pid,
             reason,
             cancelled
         );

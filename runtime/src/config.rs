@@ -1,0 +1,383 @@
+//! Configuration: `CGW_*` environment variables and the matching flags (gateway.md section 7).
+//!
+//! clap gives both from one definition, and `--help` from the same text. Every value parser
+//! names its variable in its error, so an invalid setting stops the start with exit code 2 and
+//! a message saying which variable, which value, and what is accepted. Flags win over the
+//! environment.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ipc_gateway_core::breaker::BreakerConfig;
+use ipc_gateway_core::connection::ConnectionLimits;
+use ipc_gateway_core::frame::{HEADER_LEN, MAX_FRAME_BYTES};
+use ipc_gateway_core::gateway::{AllowedUids, GatewayConfig};
+
+/// The kernel's limit on a Unix socket path (`sun_path` is 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ipc-gateway",
+    version,
+    about = "Local gateway between IDE integrations and the Beamline Router",
+    long_about = "Local gateway between IDE integrations and the Beamline Router.\n\n\
+        Listens on a Unix socket for the framed IPC protocol (v1) and answers every task. \
+        With NATS disabled (the default) an embedded stub Router answers at once, so the \
+        gateway runs with nothing else installed.\n\n\
+        Every option can also be set by the environment variable shown with it; a flag wins \
+        over the variable. An invalid value stops the start with exit code 2.",
+    after_help = "Logs are JSON lines on stderr. SIGTERM or SIGINT drains: in-flight requests are \
+        answered, new ones get error 6; a second signal exits at once."
+)]
+pub struct Cli {
+    /// Unix socket path to listen on (at most 107 bytes)
+    #[arg(long, env = "CGW_IPC_SOCKET_PATH", default_value = "/tmp/beamline-gateway.sock",
+          value_parser = socket_path("CGW_IPC_SOCKET_PATH"))]
+    pub socket_path: PathBuf,
+
+    /// Permissions of the socket file, in octal (0660 lets a group in, with --allowed-uids)
+    #[arg(long, env = "CGW_IPC_SOCKET_MODE", default_value = "0600",
+          value_parser = octal_mode("CGW_IPC_SOCKET_MODE"))]
+    pub socket_mode: u32,
+
+    /// Most client connections at once; one more gets error 7 and is closed
+    #[arg(long, env = "CGW_IPC_MAX_CONNECTIONS", default_value = "64",
+          value_parser = whole("CGW_IPC_MAX_CONNECTIONS", 1, 100_000))]
+    pub max_connections: u64,
+
+    /// Most requests in flight in the whole gateway; one more gets error 7 at once
+    #[arg(long, env = "CGW_IPC_MAX_INFLIGHT", default_value = "1000",
+          value_parser = whole("CGW_IPC_MAX_INFLIGHT", 1, 1_000_000))]
+    pub max_inflight: u64,
+
+    /// Most requests in flight on one connection; reading that connection pauses beyond it
+    #[arg(long, env = "CGW_IPC_MAX_INFLIGHT_PER_CONN", default_value = "10",
+          value_parser = whole("CGW_IPC_MAX_INFLIGHT_PER_CONN", 1, 100_000))]
+    pub max_inflight_per_conn: u64,
+
+    /// Largest accepted frame in bytes, header included (at most 4194304)
+    #[arg(long, env = "CGW_IPC_MAX_FRAME_BYTES", default_value = "4194304",
+          value_parser = whole("CGW_IPC_MAX_FRAME_BYTES", HEADER_LEN as u64 + 2, MAX_FRAME_BYTES as u64))]
+    pub max_frame_bytes: u64,
+
+    /// How long a client may hold a partial frame before error 5 and close, in ms
+    #[arg(long, env = "CGW_IPC_READ_TIMEOUT_MS", default_value = "10000",
+          value_parser = whole("CGW_IPC_READ_TIMEOUT_MS", 1, 86_400_000))]
+    pub read_timeout_ms: u64,
+
+    /// Reply bytes held for a client that does not read, before it is closed
+    #[arg(long, env = "CGW_IPC_MAX_UNSENT_BYTES", default_value = "8388608",
+          value_parser = whole("CGW_IPC_MAX_UNSENT_BYTES", 1024, 1 << 32))]
+    pub max_unsent_bytes: u64,
+
+    /// Peer uids allowed to connect: comma-separated numbers, or * for all [default: own uid and root]
+    #[arg(long, env = "CGW_IPC_ALLOWED_UIDS", value_parser = allowed_uids("CGW_IPC_ALLOWED_UIDS"))]
+    pub allowed_uids: Option<AllowedUids>,
+
+    /// Request deadline: no reply by then gives error 5, in ms
+    #[arg(long, env = "CGW_IPC_TIMEOUT_MS", default_value = "30000",
+          value_parser = whole("CGW_IPC_TIMEOUT_MS", 1, 86_400_000))]
+    pub timeout_ms: u64,
+
+    /// Delay of the embedded stub Router's answers, in ms (to try timeouts and draining)
+    #[arg(long, env = "CGW_IPC_STUB_DELAY_MS", default_value = "0",
+          value_parser = whole("CGW_IPC_STUB_DELAY_MS", 0, 86_400_000))]
+    pub stub_delay_ms: u64,
+
+    /// Consecutive Router failures that open the circuit breaker
+    #[arg(long, env = "CGW_IPC_BREAKER_FAILURES", default_value = "5",
+          value_parser = whole("CGW_IPC_BREAKER_FAILURES", 1, 1_000_000))]
+    pub breaker_failures: u64,
+
+    /// First open time of the breaker, doubling on each re-open, in ms
+    #[arg(long, env = "CGW_IPC_BREAKER_OPEN_MS", default_value = "5000",
+          value_parser = whole("CGW_IPC_BREAKER_OPEN_MS", 1, 86_400_000))]
+    pub breaker_open_ms: u64,
+
+    /// Longest open time of the breaker, in ms
+    #[arg(long, env = "CGW_IPC_BREAKER_MAX_OPEN_MS", default_value = "60000",
+          value_parser = whole("CGW_IPC_BREAKER_MAX_OPEN_MS", 1, 86_400_000))]
+    pub breaker_max_open_ms: u64,
+
+    /// Probe requests allowed at a time while the breaker is half-open
+    #[arg(long, env = "CGW_IPC_BREAKER_PROBES", default_value = "3",
+          value_parser = whole("CGW_IPC_BREAKER_PROBES", 1, 1_000))]
+    pub breaker_probes: u64,
+
+    /// Probe successes that close the breaker again
+    #[arg(long, env = "CGW_IPC_BREAKER_CLOSE_SUCCESSES", default_value = "2",
+          value_parser = whole("CGW_IPC_BREAKER_CLOSE_SUCCESSES", 1, 1_000))]
+    pub breaker_close_successes: u64,
+
+    /// On SIGTERM, how long in-flight requests may take before they get error 6, in ms
+    #[arg(long, env = "CGW_IPC_DRAIN_MS", default_value = "30000",
+          value_parser = whole("CGW_IPC_DRAIN_MS", 0, 86_400_000))]
+    pub drain_ms: u64,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, env = "CGW_LOG_LEVEL", default_value = "info",
+          value_parser = clap::builder::PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"]))]
+    pub log_level: String,
+
+    /// Print the effective configuration as JSON and exit
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A validated configuration: the core's part and the shell's part.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub socket_path: PathBuf,
+    pub socket_mode: u32,
+    pub stub_delay: Duration,
+    pub log_level: String,
+    pub gateway: GatewayConfig,
+}
+
+/// Why the configuration was refused, naming the variables involved.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl Cli {
+    /// Checks what single values cannot, and builds the settings.
+    pub fn settings(&self, own_uid: u32, seed: u64) -> Result<Settings, ConfigError> {
+        if self.breaker_max_open_ms < self.breaker_open_ms {
+            return Err(ConfigError(format!(
+                "CGW_IPC_BREAKER_MAX_OPEN_MS ({}) must not be below CGW_IPC_BREAKER_OPEN_MS ({})",
+                self.breaker_max_open_ms, self.breaker_open_ms
+            )));
+        }
+        let allowed = self
+            .allowed_uids
+            .clone()
+            .unwrap_or_else(|| AllowedUids::Only(BTreeSet::from([own_uid, 0])));
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let clamp32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Settings {
+            socket_path: self.socket_path.clone(),
+            socket_mode: self.socket_mode,
+            stub_delay: Duration::from_millis(self.stub_delay_ms),
+            log_level: self.log_level.clone(),
+            gateway: GatewayConfig {
+                max_connections: clamp(self.max_connections),
+                max_inflight: clamp(self.max_inflight),
+                connection: ConnectionLimits {
+                    max_frame_bytes: clamp(self.max_frame_bytes),
+                    max_inflight: clamp(self.max_inflight_per_conn),
+                    read_timeout: Duration::from_millis(self.read_timeout_ms),
+                    max_unsent_bytes: clamp(self.max_unsent_bytes),
+                },
+                request_timeout: Duration::from_millis(self.timeout_ms),
+                drain_timeout: Duration::from_millis(self.drain_ms),
+                breaker: BreakerConfig {
+                    failures_to_open: clamp32(self.breaker_failures),
+                    open_duration: Duration::from_millis(self.breaker_open_ms),
+                    max_open_duration: Duration::from_millis(self.breaker_max_open_ms),
+                    max_probes: clamp32(self.breaker_probes),
+                    successes_to_close: clamp32(self.breaker_close_successes),
+                },
+                allowed_uids: allowed,
+                seed,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+        })
+    }
+}
+
+impl Settings {
+    /// The effective configuration as JSON, for `--check-config` and the `config_loaded` log.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = &self.gateway;
+        let uids = match &g.allowed_uids {
+            AllowedUids::Any => serde_json::json!("*"),
+            AllowedUids::Only(set) => serde_json::json!(set),
+        };
+        serde_json::json!({
+            "socket_path": self.socket_path.display().to_string(),
+            "socket_mode": format!("{:04o}", self.socket_mode),
+            "max_connections": g.max_connections,
+            "max_inflight": g.max_inflight,
+            "max_inflight_per_conn": g.connection.max_inflight,
+            "max_frame_bytes": g.connection.max_frame_bytes,
+            "read_timeout_ms": g.connection.read_timeout.as_millis() as u64,
+            "max_unsent_bytes": g.connection.max_unsent_bytes,
+            "allowed_uids": uids,
+            "upstream": "stub",
+            "timeout_ms": g.request_timeout.as_millis() as u64,
+            "stub_delay_ms": self.stub_delay.as_millis() as u64,
+            "breaker": {
+                "failures_to_open": g.breaker.failures_to_open,
+                "open_ms": g.breaker.open_duration.as_millis() as u64,
+                "max_open_ms": g.breaker.max_open_duration.as_millis() as u64,
+                "probes": g.breaker.max_probes,
+                "close_successes": g.breaker.successes_to_close,
+            },
+            "drain_ms": g.drain_timeout.as_millis() as u64,
+            "log_level": self.log_level,
+        })
+    }
+}
+
+/// `CGW_*` variables in the environment that no option reads (likely typos).
+pub fn unknown_variables(vars: impl Iterator<Item = String>) -> Vec<String> {
+    use clap::CommandFactory;
+    let known: BTreeSet<String> = Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    vars.filter(|v| v.starts_with("CGW_") && !known.contains(v))
+        .collect()
+}
+
+fn whole(
+    var: &'static str,
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{var} must be a whole number from {min} to {max}, not {s:?}"
+        )),
+    }
+}
+
+fn octal_mode(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        match u32::from_str_radix(s.trim(), 8) {
+        Ok(v) if v <= 0o777 && v & 0o600 == 0o600 => Ok(v),
+        Ok(v) if v <= 0o777 => Err(format!("{var} {s:?} would lock the gateway's own user out: the owner needs read and write (0600 at least)")),
+        _ => Err(format!("{var} must be an octal file mode such as 0600 or 0660, not {s:?}")),
+    }
+    }
+}
+
+fn socket_path(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<PathBuf, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        if s.is_empty() {
+            Err(format!("{var} must not be empty"))
+        } else if s.len() > MAX_SOCKET_PATH {
+            Err(format!(
+                "{var} is {} bytes long; a Unix socket path may have at most {MAX_SOCKET_PATH}",
+                s.len()
+            ))
+        } else if s.contains('\0') {
+            Err(format!("{var} must not contain a NUL byte"))
+        } else {
+            Ok(PathBuf::from(s))
+        }
+    }
+}
+
+fn allowed_uids(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<AllowedUids, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let s = s.trim();
+        if s == "*" {
+            return Ok(AllowedUids::Any);
+        }
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim) {
+            match part.parse::<u32>() {
+                Ok(uid) => {
+                    set.insert(uid);
+                }
+                Err(_) => return Err(format!("{var} must be * or a comma-separated list of numeric uids, and {part:?} is not a uid")),
+            }
+        }
+        Ok(AllowedUids::Only(set))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ipc-gateway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = parse(&[]).unwrap().settings(1000, 0).unwrap();
+        let j = s.to_json();
+        assert_eq!(j["socket_path"], "/tmp/beamline-gateway.sock");
+        assert_eq!(j["socket_mode"], "0600");
+        assert_eq!(
+            (
+                j["max_connections"].as_u64(),
+                j["max_inflight"].as_u64(),
+                j["max_inflight_per_conn"].as_u64()
+            ),
+            (Some(64), Some(1000), Some(10))
+        );
+        assert_eq!(j["max_frame_bytes"], 4_194_304);
+        assert_eq!(j["read_timeout_ms"], 10_000);
+        assert_eq!(j["timeout_ms"], 30_000);
+        assert_eq!(j["allowed_uids"], serde_json::json!([0, 1000]));
+        assert_eq!(j["breaker"]["failures_to_open"], 5);
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        for args in [
+            &["--max-connections", "0"][..],
+            &["--max-connections", "abc"],
+            &["--socket-mode", "999"],
+            &["--socket-mode", "0400"],
+            &["--allowed-uids", "root"],
+            &["--socket-path", &"x".repeat(108)],
+            &["--max-frame-bytes", "4194305"],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            let flag = args[0]
+                .trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase();
+            assert!(err.contains(&format!("CGW_IPC_{flag}")), "{args:?}: {err}");
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn cross_checks_name_both_variables() {
+        let e = parse(&["--breaker-open-ms", "10", "--breaker-max-open-ms", "5"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(
+            e.0.contains("CGW_IPC_BREAKER_MAX_OPEN_MS") && e.0.contains("CGW_IPC_BREAKER_OPEN_MS"),
+            "{}",
+            e.0
+        );
+    }
+
+    #[test]
+    fn allowed_uids_star_and_lists() {
+        assert_eq!(
+            parse(&["--allowed-uids", "*"]).unwrap().allowed_uids,
+            Some(AllowedUids::Any)
+        );
+        assert_eq!(
+            parse(&["--allowed-uids", "5, 7"]).unwrap().allowed_uids,
+            Some(AllowedUids::Only(BTreeSet::from([5, 7])))
+        );
+    }
+
+    #[test]
+    fn unknown_cgw_variables_are_reported() {
+        let vars = ["CGW_IPC_MAX_CONECTIONS", "CGW_IPC_TIMEOUT_MS", "PATH"].map(String::from);
+        assert_eq!(
+            unknown_variables(vars.into_iter()),
+            vec!["CGW_IPC_MAX_CONECTIONS".to_string()]
+        );
+    }
+}

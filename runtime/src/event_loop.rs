@@ -1,0 +1,388 @@
+//! The mio shell: one thread, one `Poll`, turning readiness into core events and core actions
+//! into syscalls. No logic lives here that a simulator would need to repeat: limits, deadlines,
+//! ordering and closing decisions are the core's.
+//!
+//! Each turn: wait for readiness or the core's next deadline → feed events (accept, read,
+//! write, signals) → `handle_timeout` → drain `poll_action` until empty → repeat.
+//!
+//! - Edge-triggered: on readiness a socket is read until `WouldBlock`; a connection gets at
+//!   most [`READS_PER_TURN`] reads per turn (pelikan's fairness rule), the rest waits for the
+//!   next turn, which then does not sleep.
+//! - Client sockets are registered for both read and write readiness once, so no
+//!   re-registration syscall is needed when output backs up; `write_blocked` remembers that a
+//!   write hit `WouldBlock` and the next writable event resumes it.
+//! - When the core pauses reading (backpressure) the shell simply stops reading; on
+//!   `ResumeRead` it reads at once, because bytes already queued raise no new edge.
+//! - Rust ignores SIGPIPE for us, so a write to a vanished client is an `EPIPE` error, never a
+//!   dead process.
+
+use std::collections::BTreeSet;
+use std::io::{self, IoSlice, Read, Write};
+use std::time::Duration;
+
+use ipc_gateway_core::gateway::READ_SLACK;
+use ipc_gateway_core::upstream::Upstream;
+use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
+use mio::net::UnixStream;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use tracing::{error, info, warn};
+
+use crate::listener::BoundSocket;
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+// Tokens 2..16 are kept for the NATS socket, the HTTP listener and a waker.
+const FIRST_CLIENT: usize = 16;
+
+/// Reads one connection may do in one turn before others get theirs.
+const READS_PER_TURN: usize = 16;
+/// Slices handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+/// Unread input discarded before closing, so the client sees our last frame and then EOF
+/// rather than a reset; bounded so a flooding client cannot keep us here.
+const DRAIN_BEFORE_CLOSE: usize = 1024 * 1024;
+
+/// How the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained after a signal.
+    Drained,
+    /// A second signal during the drain.
+    Interrupted,
+}
+
+struct Client {
+    stream: UnixStream,
+    id: ConnId,
+    write_blocked: bool,
+}
+
+/// A monotonic clock expressed as the core's `Instant`.
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::from_nanos(u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Clients by token, with token reuse. Tokens are slots; the core's `ConnId` is never reused.
+#[derive(Default)]
+struct Clients {
+    slots: Vec<Option<Client>>,
+    free: Vec<usize>,
+    by_conn: std::collections::BTreeMap<ConnId, usize>,
+}
+
+impl Clients {
+    /// The token the next [`Clients::insert`] will use, so the socket can be registered
+    /// under it before it is stored.
+    fn vacant(&self) -> Token {
+        Token(FIRST_CLIENT + self.free.last().copied().unwrap_or(self.slots.len()))
+    }
+
+    fn insert(&mut self, client: Client) -> Token {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        self.by_conn.insert(client.id, index);
+        self.slots[index] = Some(client);
+        Token(FIRST_CLIENT + index)
+    }
+
+    fn get_mut(&mut self, token: Token) -> Option<&mut Client> {
+        self.slots
+            .get_mut(token.0.checked_sub(FIRST_CLIENT)?)?
+            .as_mut()
+    }
+
+    fn token_of(&self, id: ConnId) -> Option<Token> {
+        self.by_conn.get(&id).map(|i| Token(FIRST_CLIENT + i))
+    }
+
+    fn remove(&mut self, token: Token) -> Option<Client> {
+        let index = token.0.checked_sub(FIRST_CLIENT)?;
+        let client = self.slots.get_mut(index)?.take()?;
+        self.by_conn.remove(&client.id);
+        self.free.push(index);
+        Some(client)
+    }
+}
+
+/// The daemon's event loop around a gateway.
+pub struct EventLoop<U> {
+    poll: Poll,
+    gateway: Gateway<U>,
+    socket: Option<BoundSocket>,
+    signals: Signals,
+    clients: Clients,
+    clock: Clock,
+    read_buf: Vec<u8>,
+    /// Connections whose read budget ran out with bytes possibly left.
+    read_again: BTreeSet<Token>,
+}
+
+impl<U: Upstream> EventLoop<U> {
+    pub fn new(gateway: Gateway<U>, mut socket: BoundSocket) -> io::Result<EventLoop<U>> {
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut socket.listener, LISTENER, Interest::READABLE)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Ok(EventLoop {
+            poll,
+            gateway,
+            socket: Some(socket),
+            signals,
+            clients: Clients::default(),
+            clock: Clock(std::time::Instant::now()),
+            read_buf: vec![0; READ_SLACK],
+            read_again: BTreeSet::new(),
+        })
+    }
+
+    /// Runs until the drain completes or a second signal arrives.
+    pub fn run(&mut self) -> io::Result<Exit> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if self.read_again.is_empty() {
+                self.gateway.poll_timeout().map(|t| {
+                    // Round up to the next millisecond: epoll's resolution, and waking a
+                    // little late is harmless while waking early spins.
+                    (t - self.clock.now()) + Duration::from_micros(999)
+                })
+            } else {
+                Some(Duration::ZERO)
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = self.clock.now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    SIGNALS => {
+                        if let Some(exit) = self.on_signals(now) {
+                            return Ok(exit);
+                        }
+                    }
+                    token => {
+                        if event.is_writable() || event.is_write_closed() {
+                            if let Some(c) = self.clients.get_mut(token) {
+                                c.write_blocked = false;
+                            }
+                            self.write(token, now);
+                        }
+                        if event.is_readable() || event.is_read_closed() {
+                            self.read(token, now);
+                        }
+                    }
+                }
+            }
+            for token in std::mem::take(&mut self.read_again) {
+                self.read(token, now);
+            }
+            let now = self.clock.now();
+            if self.gateway.poll_timeout().is_some_and(|t| t <= now) {
+                self.gateway.handle_timeout(now);
+            }
+            if self.apply_actions(now) {
+                return Ok(Exit::Drained);
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            let Some(socket) = self.socket.as_ref() else {
+                return;
+            };
+            match socket.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let token = self.clients.vacant();
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if let Err(e) = self.poll.registry().register(&mut stream, token, interest) {
+                        error!(event = "error", component = "ipc_bridge", error = %e, "cannot register a client; closing it");
+                        continue;
+                    }
+                    let peer = peer_credentials(&stream);
+                    let id = self.gateway.handle_client_opened(peer, now);
+                    let inserted = self.clients.insert(Client {
+                        stream,
+                        id,
+                        write_blocked: false,
+                    });
+                    debug_assert_eq!(inserted, token);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: leave the backlog for the next readiness rather than
+                    // spinning; the clients already connected keep being served.
+                    warn!(event = "error", component = "ipc_bridge", error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Returns the exit if the loop must end now.
+    fn on_signals(&mut self, now: Instant) -> Option<Exit> {
+        let signals: Vec<i32> = self.signals.pending().collect();
+        for signal in signals {
+            if self.gateway.is_draining() {
+                warn!(
+                    event = "shutdown_forced",
+                    component = "ipc_bridge",
+                    signal,
+                    "second signal: exiting at once"
+                );
+                self.close_listener();
+                return Some(Exit::Interrupted);
+            }
+            info!(event = "signal_received", component = "ipc_bridge", signal);
+            self.close_listener();
+            self.gateway.begin_shutdown(now);
+        }
+        None
+    }
+
+    /// Stops accepting and removes the socket file, so new clients fail fast and a successor
+    /// can bind the path while we drain.
+    fn close_listener(&mut self) {
+        if let Some(mut socket) = self.socket.take() {
+            let _ = self.poll.registry().deregister(&mut socket.listener);
+            socket.remove_file();
+        }
+    }
+
+    fn read(&mut self, token: Token, now: Instant) {
+        for _ in 0..READS_PER_TURN {
+            let Some(client) = self.clients.get_mut(token) else {
+                return;
+            };
+            let id = client.id;
+            if !self.gateway.wants_read(id) {
+                return;
+            }
+            match client.stream.read(&mut self.read_buf) {
+                Ok(0) => {
+                    self.gateway.handle_client_eof(id, now);
+                    return;
+                }
+                Ok(n) => self
+                    .gateway
+                    .handle_client_bytes(id, &self.read_buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_client(token, now);
+                    return;
+                }
+            }
+        }
+        self.read_again.insert(token);
+    }
+
+    fn write(&mut self, token: Token, now: Instant) {
+        loop {
+            let Some(client) = self.clients.get_mut(token) else {
+                return;
+            };
+            if client.write_blocked {
+                return;
+            }
+            let id = client.id;
+            let slices: Vec<IoSlice<'_>> = self
+                .gateway
+                .client_output(id)
+                .take(MAX_IOVECS)
+                .map(IoSlice::new)
+                .collect();
+            if slices.is_empty() {
+                return;
+            }
+            match client.stream.write_vectored(&slices) {
+                Ok(n) => {
+                    drop(slices);
+                    self.gateway.handle_client_written(id, n, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    client.write_blocked = true;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    drop(slices);
+                    self.drop_client(token, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The client's socket failed or hung up: forget it in the core and close it.
+    fn drop_client(&mut self, token: Token, now: Instant) {
+        if let Some(mut client) = self.clients.remove(token) {
+            let _ = self.poll.registry().deregister(&mut client.stream);
+            self.read_again.remove(&token);
+            self.gateway.handle_client_closed(client.id, now);
+        }
+    }
+
+    /// Carries out the core's actions; true when the drain is complete.
+    fn apply_actions(&mut self, now: Instant) -> bool {
+        while let Some(action) = self.gateway.poll_action() {
+            match action {
+                Action::Transmit(id) => {
+                    if let Some(token) = self.clients.token_of(id) {
+                        self.write(token, now);
+                    }
+                }
+                Action::ResumeRead(id) => {
+                    if let Some(token) = self.clients.token_of(id) {
+                        self.read(token, now);
+                    }
+                }
+                Action::Close(id) => {
+                    if let Some(token) = self.clients.token_of(id) {
+                        if let Some(mut client) = self.clients.remove(token) {
+                            let _ = self.poll.registry().deregister(&mut client.stream);
+                            self.read_again.remove(&token);
+                            discard_unread(&mut client.stream, &mut self.read_buf);
+                        }
+                    }
+                }
+                Action::ShutdownComplete => return true,
+            }
+        }
+        false
+    }
+}
+
+fn discard_unread(stream: &mut UnixStream, buf: &mut [u8]) {
+    let mut total = 0;
+    while total < DRAIN_BEFORE_CLOSE {
+        match stream.read(buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// SO_PEERCRED: who is on the other end, read once at accept.
+fn peer_credentials(stream: &UnixStream) -> PeerCredentials {
+    match rustix::net::sockopt::socket_peercred(stream) {
+        Ok(cred) => PeerCredentials {
+            uid: Some(cred.uid.as_raw()),
+            pid: Some(cred.pid.as_raw_nonzero().get()),
+        },
+        Err(_) => PeerCredentials::default(),
+    }
+}

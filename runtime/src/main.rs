@@ -1,0 +1,85 @@
+//! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket, and
+//! runs the event loop around the core with the stub upstream.
+
+mod config;
+mod event_loop;
+mod listener;
+mod logging;
+
+use std::hash::{BuildHasher, Hasher};
+use std::process::ExitCode;
+
+use clap::Parser;
+use ipc_gateway_core::stub::StubUpstream;
+use ipc_gateway_core::Gateway;
+use tracing::{error, info, warn};
+
+use crate::config::Cli;
+use crate::event_loop::{EventLoop, Exit};
+use crate::listener::BoundSocket;
+
+/// Exit code for a configuration the daemon refuses (clap uses 2 for its own errors too).
+const EXIT_CONFIG: u8 = 2;
+/// Exit code when the daemon cannot start or run (socket in use, poll failure).
+const EXIT_FAILURE: u8 = 1;
+/// Exit code after a second signal cut the drain short (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let own_uid = rustix::process::getuid().as_raw();
+    let settings = match cli.settings(own_uid, random_seed()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&settings.to_json()).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&settings.log_level);
+    for var in config::unknown_variables(std::env::vars().map(|(k, _)| k)) {
+        warn!(event = "unknown_setting", component = "config", variable = %var,
+              "unknown CGW_* variable ignored (a typo?); see ipc-gateway --help");
+    }
+    info!(event = "config_loaded", component = "config", config = %settings.to_json());
+
+    let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(event = "error", component = "ipc_bridge", error = %e, "cannot start");
+            eprintln!("ipc-gateway: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    info!(event = "listening", component = "ipc_bridge", path = %settings.socket_path.display(),
+          mode = format!("{:04o}", settings.socket_mode), upstream = "stub");
+
+    let gateway = Gateway::new(
+        settings.gateway.clone(),
+        StubUpstream::new(settings.stub_delay),
+    );
+    let result = EventLoop::new(gateway, socket).and_then(|mut event_loop| event_loop.run());
+    match result {
+        Ok(Exit::Drained) => ExitCode::SUCCESS,
+        Ok(Exit::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
+        Err(e) => {
+            error!(event = "error", component = "ipc_bridge", error = %e, "event loop failed");
+            eprintln!("ipc-gateway: event loop failed: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// A per-process seed for the core's random choices: the standard library's hasher keys come
+/// from the OS's random source, which saves a dependency for eight bytes.
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
