@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test of the workspace: core unit and property
+# tests, the fuzz-corpus replay, the runtime's tests, the simulations, and the black-box tests
+# that start the real daemon on temporary sockets.
+#
+# Long sweeps stay off by default; see README.md ("Tests") for the variables that enable them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "run-all: cargo is not installed (https://rustup.rs)" >&2
+    exit 1
+fi
+
+# The black-box tests build the daemon themselves (cargo build -p ipc-gateway); building it
+# here first keeps their first test from paying for the compile inside its timeout.
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,531 @@
+//! Starting the real `ipc-gateway` binary for black-box tests, and the client-side checks the
+//! test files share.
+//!
+//! Every test gets its own daemon listening on a socket in its own temporary directory, so the
+//! tests of one file run in parallel threads without seeing each other. Every blocking read and
+//! write on a client socket has a timeout ([`IO_TIMEOUT`]): a broken daemon fails a test instead
+//! of hanging it. When a test panics while a [`Daemon`] is alive, dropping it prints the
+//! daemon's stderr (its JSON log lines) under the test's output.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rustix::process::{kill_process, Pid, Signal};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use crate::frame::{self, Frame, PING, RESPONSE_ERROR, RESPONSE_OK, VERSION_1};
+
+/// Longest any single blocking read or write on a client socket may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest the daemon may take to become ready, or to exit when it is expected to.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The exact bytes of a PONG (ipc-protocol.md section 8).
+pub const PONG_BYTES: [u8; 6] = [0x00, 0x00, 0x00, 0x06, 0x01, 0xF1];
+
+/// The daemon binary: `IPC_GATEWAY_BIN` if set, otherwise built once per test process.
+pub fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("IPC_GATEWAY_BIN") {
+            return PathBuf::from(bin);
+        }
+        // CARGO_MANIFEST_DIR is tests/; the workspace is its parent.
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ has a parent")
+            .to_path_buf();
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "ipc-gateway", "--bin", "ipc-gateway"])
+            .current_dir(&workspace)
+            .output()
+            .expect("running cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build -p ipc-gateway failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A relative CARGO_TARGET_DIR is relative to where cargo runs, here the workspace;
+        // joining an absolute one replaces the base.
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|dir| workspace.join(dir))
+            .unwrap_or_else(|| workspace.join("target"));
+        target.join("debug").join("ipc-gateway")
+    })
+}
+
+/// A running (or finished) `ipc-gateway` process. Dropping it kills the process.
+pub struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    drains: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+    // Kept only so the directory outlives the process.
+    _dir: Option<TempDir>,
+}
+
+impl Daemon {
+    /// Starts a daemon on a socket in a fresh temporary directory and waits until it is ready.
+    pub fn start(env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon::spawn(env, &[]);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts a daemon on a socket in a fresh temporary directory without waiting for it.
+    pub fn spawn(env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        let socket = dir.path().join("gw.sock");
+        let mut daemon = Daemon::spawn_at(&socket, env, args);
+        daemon._dir = Some(dir);
+        daemon
+    }
+
+    /// Starts a daemon on `socket` (the caller owns its directory) without waiting for it.
+    ///
+    /// Every inherited `CGW_*` variable (and `RUST_LOG`) is removed so the developer's shell
+    /// cannot leak in; `CGW_IPC_SOCKET_PATH` is `socket` and `CGW_HTTP_ADDR` is `off` (parallel
+    /// daemons would fight over the default port) unless `env` says otherwise.
+    pub fn spawn_at(socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let mut cmd = Command::new(binary());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CGW_") || key == "RUST_LOG" {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("CGW_IPC_SOCKET_PATH", socket)
+            .env("CGW_HTTP_ADDR", "off")
+            .envs(env.iter().copied())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+        let (stdout, drain_out) = drain(child.stdout.take().expect("piped stdout"));
+        let (stderr, drain_err) = drain(child.stderr.take().expect("piped stderr"));
+        let socket = env
+            .iter()
+            .find(|(key, _)| *key == "CGW_IPC_SOCKET_PATH")
+            .map_or_else(|| socket.to_path_buf(), |(_, path)| PathBuf::from(path));
+        Daemon {
+            child,
+            socket,
+            stdout,
+            stderr,
+            drains: vec![drain_out, drain_err],
+            status: None,
+            _dir: None,
+        }
+    }
+
+    /// Waits until a connect to the socket succeeds; panics if the process exits first or
+    /// is not ready within [`START_TIMEOUT`].
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.poll_exit() {
+                panic!("ipc-gateway exited ({status}) before it became ready");
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ipc-gateway not ready on {} after {START_TIMEOUT:?}",
+                self.socket.display()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The socket path the daemon was told to use.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A new client connection with read and write timeouts of [`IO_TIMEOUT`].
+    pub fn connect(&self) -> UnixStream {
+        connect(&self.socket)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.child), signal)
+            .unwrap_or_else(|e| panic!("kill({}, {signal:?}): {e}", self.pid()));
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        self.signal(Signal::TERM);
+    }
+
+    /// The exit status if the process has exited (then its output is complete).
+    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                self.status = Some(status);
+                for drain in self.drains.drain(..) {
+                    let _ = drain.join();
+                }
+            }
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.poll_exit().is_none()
+    }
+
+    /// Waits for the process to exit; panics if it is still running after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.poll_exit() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ipc-gateway (pid {}) still running after {within:?}",
+                self.pid()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.stderr)).into_owned()
+    }
+
+    /// Everything the daemon wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.stdout)).into_owned()
+    }
+
+    /// Waits until stderr contains `needle`; panics after `within`.
+    pub fn wait_stderr_contains(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "ipc-gateway stderr does not mention {needle:?} after {within:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            let stderr = self.stderr();
+            // The tail is where the failure is; a pipelining test logs thousands of lines.
+            let tail_from = stderr
+                .char_indices()
+                .rev()
+                .nth(20_000)
+                .map_or(0, |(i, _)| i);
+            eprintln!(
+                "--- ipc-gateway (pid {}) exit {:?}; stderr{}: ---\n{}\n--- stdout: ---\n{}",
+                self.pid(),
+                self.status,
+                if tail_from > 0 { " (tail)" } else { "" },
+                &stderr[tail_from..],
+                self.stdout()
+            );
+        }
+    }
+}
+
+/// What a daemon that ran to completion left behind.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the daemon (socket in a fresh temporary directory unless `env` sets one) and waits
+/// for it to exit by itself; panics if it is still running after [`START_TIMEOUT`].
+pub fn run(env: &[(&str, &str)], args: &[&str]) -> Finished {
+    let mut daemon = Daemon::spawn(env, args);
+    let status = daemon.wait_exit(START_TIMEOUT);
+    Finished {
+        status,
+        stdout: daemon.stdout(),
+        stderr: daemon.stderr(),
+    }
+}
+
+fn lock(buf: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    buf.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Copies a pipe into a shared buffer on a thread until end of stream.
+fn drain(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&buf);
+    let handle = thread::spawn(move || {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => lock(&sink).extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    });
+    (buf, handle)
+}
+
+/// A client connection to `path` with read and write timeouts of [`IO_TIMEOUT`].
+pub fn connect(path: &Path) -> UnixStream {
+    let stream = UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// Writes one version-1 frame; panics on failure.
+pub fn send(stream: &mut UnixStream, kind: u8, payload: &[u8]) {
+    frame::write_frame(stream, kind, payload)
+        .unwrap_or_else(|e| panic!("writing a frame of type {kind:#04X}: {e}"));
+}
+
+/// Writes one version-1 frame whose payload is `value` as JSON text; panics on failure.
+pub fn send_json(stream: &mut UnixStream, kind: u8, value: &Value) {
+    send(stream, kind, value.to_string().as_bytes());
+}
+
+/// Writes raw bytes; panics on failure.
+pub fn send_raw(stream: &mut UnixStream, bytes: &[u8]) {
+    stream
+        .write_all(bytes)
+        .unwrap_or_else(|e| panic!("writing {} raw bytes: {e}", bytes.len()));
+}
+
+/// Writes `bytes` one at a time with a short pause after each. With `may_close`, a write
+/// failing because the gateway closed the connection ends the writing quietly (the gateway
+/// may answer and close as soon as it has seen enough); the number of bytes written is
+/// returned.
+pub fn send_bytewise(stream: &mut UnixStream, bytes: &[u8], may_close: bool) -> usize {
+    for (i, byte) in bytes.iter().enumerate() {
+        match stream.write_all(std::slice::from_ref(byte)) {
+            Ok(()) => {}
+            Err(e) if may_close && is_closed(&e) => return i,
+            Err(e) => panic!("writing byte {i} of {}: {e}", bytes.len()),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    bytes.len()
+}
+
+/// Whether an I/O error means the peer closed the connection.
+pub fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Reads one frame; panics on end of stream, error or timeout.
+pub fn recv(stream: &mut UnixStream) -> Frame {
+    match frame::read_frame(stream) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => panic!("connection closed where a frame was expected"),
+        Err(e) => panic!("reading a frame (timeout {IO_TIMEOUT:?}): {e}"),
+    }
+}
+
+/// Asserts that the next bytes are exactly a PONG (`00 00 00 06 01 F1`).
+pub fn expect_pong(stream: &mut UnixStream) {
+    let mut got = [0u8; 6];
+    stream
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("reading a PONG: {e}"));
+    assert_eq!(got, PONG_BYTES, "expected exactly the PONG bytes");
+}
+
+/// PING, then assert the reply is exactly a PONG: the connection is open and in step.
+pub fn ping(stream: &mut UnixStream) {
+    send(stream, PING, &[]);
+    expect_pong(stream);
+}
+
+/// Asserts `frame` is a version-1 RESPONSE_ERROR whose payload is
+/// `{"ok":false,"error":{"code":code,"message":"…","retryable":bool,…}}` with `code` a JSON
+/// number; returns the `error` object.
+pub fn expect_error(frame: &Frame, code: u64) -> Value {
+    assert_eq!(
+        (frame.version, frame.kind),
+        (VERSION_1, RESPONSE_ERROR),
+        "expected an error frame (code {code}), got {frame:?} ({:?})",
+        String::from_utf8_lossy(&frame.payload)
+    );
+    let body = frame.json();
+    assert_eq!(body["ok"], json!(false), "error payload: {body}");
+    let error = &body["error"];
+    assert!(
+        error["code"].is_u64(),
+        "error.code must be a JSON number: {body}"
+    );
+    assert_eq!(error["code"], json!(code), "error payload: {body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error.message must be a non-empty string: {body}"
+    );
+    assert!(
+        error["retryable"].is_boolean(),
+        "error.retryable must be a boolean: {body}"
+    );
+    error.clone()
+}
+
+/// Reads the next frame and asserts it is an error frame with `code`; returns `error`.
+pub fn expect_error_code(stream: &mut UnixStream, code: u64) -> Value {
+    expect_error(&recv(stream), code)
+}
+
+/// Asserts the gateway has closed the connection: a read returns end of stream or a reset,
+/// not more bytes and not a timeout.
+pub fn expect_closed(stream: &mut UnixStream) {
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!(
+            "expected the connection to be closed, got {n} more bytes: {:02X?}",
+            &buf[..n]
+        ),
+        Err(e) => panic!("expected the connection to be closed within {IO_TIMEOUT:?}: {e}"),
+    }
+}
+
+/// The stub Router's reply for a request whose payload parses as `sent`
+/// (gateway.md section 3).
+pub fn stub_reply(sent: &Value) -> Value {
+    json!({"message_id": "stub", "status": "ok", "result": {"echo": sent}})
+}
+
+/// Asserts `frame` is a version-1 RESPONSE_OK carrying exactly the stub reply for `sent`.
+pub fn expect_echo(frame: &Frame, sent: &Value) {
+    assert_eq!(
+        (frame.version, frame.kind),
+        (VERSION_1, RESPONSE_OK),
+        "expected RESPONSE_OK echoing {}, got {frame:?} ({:?})",
+        abbreviate(&sent.to_string()),
+        abbreviate(&String::from_utf8_lossy(&frame.payload))
+    );
+    let got = frame.json();
+    if got != stub_reply(sent) {
+        panic!(
+            "stub reply mismatch:\n  sent {}\n  got  {}",
+            abbreviate(&sent.to_string()),
+            abbreviate(&got.to_string())
+        );
+    }
+}
+
+/// Sends TASK_SUBMIT with `payload`, reads the reply and asserts it is the stub echo.
+pub fn submit_echo(stream: &mut UnixStream, payload: &Value) {
+    send_json(stream, frame::TASK_SUBMIT, payload);
+    expect_echo(&recv(stream), payload);
+}
+
+/// A JSON object of exactly `len` bytes (`len >= 10`): `{"pad":"xx…x"}`.
+pub fn object_of_len(len: usize) -> Vec<u8> {
+    const FRAME: usize = r#"{"pad":""}"#.len();
+    assert!(len >= FRAME, "no object of {len} bytes with a pad field");
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(br#"{"pad":""#);
+    out.resize(len - 2, b'x');
+    out.extend_from_slice(br#""}"#);
+    assert_eq!(out.len(), len);
+    out
+}
+
+/// Polls `cond` every 10 ms; panics with `what` if it is not true within `within`.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not true after {within:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The process's current resident set size in KiB (`VmRSS` in /proc/PID/status).
+pub fn rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// The process's peak resident set size so far in KiB (`VmHWM` in /proc/PID/status).
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} line in /proc/{pid}/status"))
+}
+
+fn abbreviate(text: &str) -> String {
+    const MAX: usize = 300;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let cut = (0..=MAX)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}… ({} bytes)", &text[..cut], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_of_len_is_exact_and_parses() {
+        for len in [10, 11, 8192, 4_194_298] {
+            let bytes = object_of_len(len);
+            assert_eq!(bytes.len(), len);
+            assert!(serde_json::from_slice::<Value>(&bytes).unwrap().is_object());
+        }
+    }
+
+    #[test]
+    fn stub_reply_shape() {
+        assert_eq!(
+            stub_reply(&json!({"n": 1})).to_string(),
+            r#"{"message_id":"stub","result":{"echo":{"n":1}},"status":"ok"}"#
+        );
+    }
+}

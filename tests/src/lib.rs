@@ -1,0 +1,8 @@
+//! Support for the black-box tests and the load generator.
+//!
+//! Everything here is written from `shared/spec/ipc-protocol.md` alone and shares no code with
+//! `ipc-gateway-core`, so that a misreading of the spec in the core cannot hide itself by being
+//! repeated in its tests.
+
+pub mod daemon;
+pub mod frame;
