@@ -23,9 +23,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use crate::frame::{DecodeError, Frame, FrameDecoder};
+use crate::frame::{DecodeError, Frame, FrameDecoder, ReplyFrame};
+use crate::inflight::RequestId;
 use crate::time::Instant;
 
 /// Connection ids come from a counter in the gateway and are never reused.
@@ -46,8 +45,11 @@ pub struct ConnectionLimits {
 
 #[derive(Debug)]
 enum Slot {
-    Waiting,
-    Answered(Bytes),
+    /// A local answer is being prepared (filled in the same call).
+    Local,
+    /// Waiting for the upstream's answer to this request.
+    Upstream(RequestId),
+    Answered(ReplyFrame),
 }
 
 /// The connection state machine.
@@ -61,7 +63,9 @@ pub struct ClientConnection {
     /// Slots waiting for the upstream (counts against `limits.max_inflight`).
     waiting: usize,
     /// Answered replies not yet written, oldest first.
-    out: VecDeque<Bytes>,
+    out: VecDeque<ReplyFrame>,
+    /// Bytes of `out[0]` already written.
+    out_offset: usize,
     /// Bytes of `out` plus answered slots still held behind a waiting one, with overhead.
     held_bytes: usize,
     /// When the incomplete frame now buffered started arriving.
@@ -78,6 +82,7 @@ impl ClientConnection {
             first_seq: 0,
             waiting: 0,
             out: VecDeque::new(),
+            out_offset: 0,
             held_bytes: 0,
             partial_since: None,
             closing: false,
@@ -108,12 +113,18 @@ impl ClientConnection {
         !self.closing && self.waiting < self.limits.max_inflight
     }
 
-    /// Opens the reply slot for the request just decoded; `waiting` says whether its answer
-    /// comes later (from the upstream) or is given right away with [`Self::answer`].
-    pub fn open_slot(&mut self, waiting: bool) -> u64 {
-        let seq = self.first_seq + self.slots.len() as u64;
-        self.slots.push_back(Slot::Waiting);
-        if waiting {
+    /// The sequence number the next [`Self::open_slot`] will return.
+    pub fn next_slot(&self) -> u64 {
+        self.first_seq + self.slots.len() as u64
+    }
+
+    /// Opens the reply slot for the request just decoded: `Some(id)` if its answer comes later
+    /// from the upstream, `None` if it is answered right away with [`Self::answer`].
+    pub fn open_slot(&mut self, waiting: Option<RequestId>) -> u64 {
+        let seq = self.next_slot();
+        self.slots
+            .push_back(waiting.map_or(Slot::Local, Slot::Upstream));
+        if waiting.is_some() {
             self.waiting += 1;
             if !self.wants_read() {
                 // Paused by the in-flight limit: what is buffered now waits on us.
@@ -124,26 +135,36 @@ impl ClientConnection {
     }
 
     /// Fills slot `seq` with its reply frame; answers at the front move to the output queue.
-    /// `was_waiting` must match how the slot was opened. Returns false for an unknown slot.
-    pub fn answer(&mut self, seq: u64, reply: Bytes, was_waiting: bool) -> bool {
+    /// Returns false for an unknown or already answered slot.
+    pub fn answer(&mut self, seq: u64, reply: ReplyFrame) -> bool {
         let Some(index) = seq.checked_sub(self.first_seq) else {
             return false;
         };
-        let Some(slot @ Slot::Waiting) = self.slots.get_mut(index as usize) else {
+        let Some(slot) = self.slots.get_mut(index as usize) else {
             return false;
         };
+        match slot {
+            Slot::Answered(_) => return false,
+            Slot::Upstream(_) => self.waiting -= 1,
+            Slot::Local => {}
+        }
         self.held_bytes += reply.len() + SLOT_OVERHEAD;
         *slot = Slot::Answered(reply);
-        if was_waiting {
-            self.waiting -= 1;
-        }
         while let Some(Slot::Answered(_)) = self.slots.front() {
-            if let Some(Slot::Answered(bytes)) = self.slots.pop_front() {
-                self.out.push_back(bytes);
+            if let Some(Slot::Answered(frame)) = self.slots.pop_front() {
+                self.out.push_back(frame);
             }
             self.first_seq += 1;
         }
         true
+    }
+
+    /// The requests of this connection still waiting for the upstream, oldest first.
+    pub fn waiting_requests(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.slots.iter().filter_map(|s| match s {
+            Slot::Upstream(id) => Some(*id),
+            _ => None,
+        })
     }
 
     /// Stops decoding: the reply just queued is the connection's last.
@@ -168,7 +189,10 @@ impl ClientConnection {
 
     /// The queued reply bytes, in order, for a vectored write.
     pub fn output(&self) -> impl Iterator<Item = &[u8]> {
-        self.out.iter().map(|b| b.as_ref())
+        self.out
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.slices_from(if i == 0 { self.out_offset } else { 0 }))
     }
 
     pub fn has_output(&self) -> bool {
@@ -178,16 +202,17 @@ impl ClientConnection {
     /// Drops the first `n` bytes of the output queue after the shell wrote them.
     pub fn consume_output(&mut self, mut n: usize) {
         while n > 0 {
-            let Some(front) = self.out.front_mut() else {
+            let Some(front) = self.out.front() else {
                 break;
             };
-            if n >= front.len() {
-                n -= front.len();
+            let rest = front.len() - self.out_offset;
+            if n >= rest {
+                n -= rest;
                 self.held_bytes -= front.len() + SLOT_OVERHEAD;
+                self.out_offset = 0;
                 self.out.pop_front();
             } else {
-                let _ = front.split_to(n);
-                self.held_bytes -= n;
+                self.out_offset += n;
                 n = 0;
             }
         }
@@ -234,6 +259,7 @@ impl ClientConnection {
 mod tests {
     use super::*;
     use crate::frame::{encode_frame, kind};
+    use bytes::Bytes;
 
     fn limits() -> ConnectionLimits {
         ConnectionLimits {
@@ -244,24 +270,35 @@ mod tests {
         }
     }
 
+    fn reply(body: &'static [u8]) -> ReplyFrame {
+        ReplyFrame::new(kind::RESPONSE_OK, Bytes::from_static(body))
+    }
+
+    /// The payloads of the complete frames queued for output.
     fn out(c: &ClientConnection) -> Vec<u8> {
-        c.output().flat_map(|s| s.to_vec()).collect()
+        let bytes: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&bytes);
+        let mut payloads = Vec::new();
+        while let Ok(Some(f)) = d.next_frame() {
+            payloads.extend_from_slice(&f.payload);
+        }
+        payloads
     }
 
     #[test]
     fn replies_leave_in_request_order() {
         let mut c = ClientConnection::new(limits());
-        let a = c.open_slot(true);
-        let b = c.open_slot(false);
-        assert!(c.answer(b, Bytes::from_static(b"B"), false));
+        let a = c.open_slot(Some(RequestId(1)));
+        let b = c.open_slot(None);
+        assert!(c.answer(b, reply(b"B")));
         assert!(!c.has_output(), "B must wait for A");
-        assert!(c.answer(a, Bytes::from_static(b"A"), true));
+        assert_eq!(c.waiting_requests().collect::<Vec<_>>(), vec![RequestId(1)]);
+        assert!(c.answer(a, reply(b"A")));
         assert_eq!(out(&c), b"AB");
-        assert!(
-            !c.answer(a, Bytes::from_static(b"again"), true),
-            "a slot is answered once"
-        );
+        assert!(!c.answer(a, reply(b"again")), "a slot is answered once");
         assert_eq!(c.waiting(), 0);
+        assert_eq!(c.waiting_requests().count(), 0);
     }
 
     #[test]
@@ -273,12 +310,12 @@ mod tests {
         }
         let mut seqs = Vec::new();
         while let Some(Ok(_)) = c.next_frame(t) {
-            seqs.push(c.open_slot(true));
+            seqs.push(c.open_slot(Some(RequestId(seqs.len() as u64))));
         }
         assert_eq!(seqs.len(), 2);
         assert!(!c.wants_read());
         assert_eq!(c.read_deadline(), None, "paused by us: no read timeout");
-        c.answer(seqs[0], Bytes::from_static(b"x"), true);
+        c.answer(seqs[0], reply(b"x"));
         assert!(c.wants_read());
         assert!(matches!(c.next_frame(t), Some(Ok(_))));
     }
@@ -303,17 +340,19 @@ mod tests {
     }
 
     #[test]
-    fn partial_writes_and_the_output_cap() {
+    fn partial_writes_resume_mid_frame_and_the_output_cap() {
         let mut c = ClientConnection::new(limits());
-        let s = c.open_slot(false);
-        c.answer(s, Bytes::from_static(b"hello"), false);
-        c.consume_output(2);
-        assert_eq!(out(&c), b"llo");
+        let s = c.open_slot(None);
+        c.answer(s, reply(b"hello"));
+        let whole: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
+        c.consume_output(8);
+        let rest: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
+        assert_eq!(rest, &whole[8..]);
         c.consume_output(3);
         assert!(!c.has_output());
         for _ in 0..15 {
-            let s = c.open_slot(false);
-            c.answer(s, Bytes::from_static(b"PONG.."), false);
+            let s = c.open_slot(None);
+            c.answer(s, reply(b""));
         }
         assert!(
             c.over_output_cap(),
@@ -324,9 +363,9 @@ mod tests {
     #[test]
     fn closing_finishes_only_when_everything_is_written() {
         let mut c = ClientConnection::new(limits());
-        let a = c.open_slot(true);
-        let e = c.open_slot(false);
-        c.answer(e, Bytes::from_static(b"err"), false);
+        let a = c.open_slot(Some(RequestId(9)));
+        let e = c.open_slot(None);
+        c.answer(e, reply(b"err"));
         c.begin_close();
         assert!(!c.wants_read());
         c.handle_bytes(b"ignored", Instant::ZERO);
@@ -335,9 +374,9 @@ mod tests {
             !c.is_finished(),
             "the earlier request is still owed a reply"
         );
-        c.answer(a, Bytes::from_static(b"ok"), true);
+        c.answer(a, reply(b"ok"));
         assert!(!c.is_finished());
-        c.consume_output(5);
+        c.consume_output(6 + 2 + 6 + 3);
         assert!(c.is_finished());
     }
 }

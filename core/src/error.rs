@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::frame::{encode_frame, kind};
+use crate::frame::{kind, ReplyFrame};
 
 /// The error codes of the wire protocol. 1–6 and 99 are the C header's; 7–9 are additions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,10 +102,10 @@ pub fn error_payload(code: ErrorCode, message: &str, request_id: Option<&str>) -
 }
 
 /// A whole RESPONSE_ERROR frame.
-pub fn error_frame(code: ErrorCode, message: &str, request_id: Option<&str>) -> Bytes {
-    encode_frame(
+pub fn error_frame(code: ErrorCode, message: &str, request_id: Option<&str>) -> ReplyFrame {
+    ReplyFrame::new(
         kind::RESPONSE_ERROR,
-        &error_payload(code, message, request_id),
+        Bytes::from(error_payload(code, message, request_id)),
     )
 }
 
@@ -155,10 +155,11 @@ mod tests {
     #[test]
     fn frame_is_response_error_type() {
         let f = error_frame(ErrorCode::Internal, "x", None);
-        assert_eq!(f[5], kind::RESPONSE_ERROR);
-        assert_eq!(
-            u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize,
-            f.len()
-        );
+        assert_eq!(f.kind(), kind::RESPONSE_ERROR);
+        let bytes: Vec<u8> = f.slices_from(0).flatten().copied().collect();
+        let length = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        assert_eq!(length as usize, f.len());
+        let v: serde_json::Value = serde_json::from_slice(f.body()).unwrap();
+        assert_eq!(v["error"]["code"], 99);
     }
 }

@@ -15,7 +15,7 @@
 //! version at the 5th byte. After an error the decoder is dead: the byte stream has no
 //! resynchronisation point, so the connection must close.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 6;
@@ -105,11 +105,12 @@ impl FrameDecoder {
         if self.buf.len() < length {
             return Ok(None);
         }
-        let mut frame = self.buf.split_to(length);
-        let header = frame.split_to(HEADER_LEN);
+        let kind = self.buf[5];
+        // Skip the header in place: a second split would cost a reference count per frame.
+        self.buf.advance(HEADER_LEN);
         Ok(Some(Frame {
-            kind: header[5],
-            payload: frame.freeze(),
+            kind,
+            payload: self.buf.split_to(length - HEADER_LEN).freeze(),
         }))
     }
 
@@ -163,6 +164,51 @@ pub fn encode_header(kind: u8, payload_len: usize) -> [u8; HEADER_LEN] {
     let total = u32::try_from(HEADER_LEN + payload_len).expect("reply payload exceeds 4 GiB");
     let l = total.to_be_bytes();
     [l[0], l[1], l[2], l[3], PROTOCOL_VERSION, kind]
+}
+
+/// A reply frame as it waits to be written: the header inline, the payload as received from the
+/// upstream (often a slice of its read buffer), so the payload is never copied to prepend six
+/// bytes; the shell writes both with one vectored write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyFrame {
+    header: [u8; HEADER_LEN],
+    body: Bytes,
+}
+
+impl ReplyFrame {
+    pub fn new(kind: u8, body: Bytes) -> ReplyFrame {
+        ReplyFrame {
+            header: encode_header(kind, body.len()),
+            body,
+        }
+    }
+
+    /// Total bytes on the wire.
+    pub fn len(&self) -> usize {
+        HEADER_LEN + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn kind(&self) -> u8 {
+        self.header[5]
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The frame's bytes from `offset` on, as at most two slices (header rest, body rest).
+    pub fn slices_from(&self, offset: usize) -> impl Iterator<Item = &[u8]> {
+        let head = self.header.get(offset..).unwrap_or_default();
+        let body = self
+            .body
+            .get(offset.saturating_sub(HEADER_LEN)..)
+            .unwrap_or_default();
+        [head, body].into_iter().filter(|s| !s.is_empty())
+    }
 }
 
 /// A whole version-1 frame in one buffer.
@@ -276,6 +322,18 @@ mod tests {
             "capacity {} after 12 bytes",
             d.buffered_capacity()
         );
+    }
+
+    #[test]
+    fn reply_frame_slices_resume_at_any_offset() {
+        let f = ReplyFrame::new(kind::RESPONSE_OK, Bytes::from_static(b"abc"));
+        let whole = encode_frame(kind::RESPONSE_OK, b"abc");
+        assert_eq!(f.len(), whole.len());
+        for offset in 0..=f.len() {
+            let rest: Vec<u8> = f.slices_from(offset).flatten().copied().collect();
+            assert_eq!(rest, &whole[offset..], "offset {offset}");
+            assert!(f.slices_from(offset).all(|s| !s.is_empty()));
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Outcome};
 use crate::capabilities::capabilities_json;
 use crate::connection::{ClientConnection, ConnId, ConnectionLimits};
 use crate::error::{error_frame, ErrorCode};
-use crate::frame::{encode_frame, kind, DecodeError, Frame, MAX_FRAME_BYTES};
+use crate::frame::{kind, DecodeError, Frame, ReplyFrame, MAX_FRAME_BYTES};
 use crate::inflight::{InFlight, InFlightTable, RequestId};
 use crate::payload::validate_task_payload;
 use crate::rng::Rng;
@@ -143,8 +143,6 @@ struct Client {
     peer: PeerCredentials,
     /// Counts against the connection limit (refused connections do not).
     admitted: bool,
-    /// Requests of this connection in the in-flight table.
-    requests: BTreeSet<RequestId>,
     /// A `Transmit` was announced and the output queue has not been emptied since.
     transmitting: bool,
     /// What the shell was last told about reading.
@@ -215,7 +213,6 @@ impl<U: Upstream> Gateway<U> {
             conn: ClientConnection::new(self.config.connection),
             peer,
             admitted: false,
-            requests: BTreeSet::new(),
             transmitting: false,
             reading: true,
             read_deadline: None,
@@ -245,10 +242,8 @@ impl<U: Upstream> Gateway<U> {
             Some((code, message)) => {
                 warn!(event = "connection_rejected", component = "ipc_bridge", conn_id = id.0,
                       uid = peer.uid, pid = peer.pid, reason = code.name(), %message);
-                let slot = client.conn.open_slot(false);
-                client
-                    .conn
-                    .answer(slot, error_frame(code, &message, None), false);
+                let slot = client.conn.open_slot(None);
+                client.conn.answer(slot, error_frame(code, &message, None));
                 client.conn.begin_close();
                 self.count_response(code.code());
             }
@@ -468,7 +463,11 @@ impl<U: Upstream> Gateway<U> {
     /// Checks the bookkeeping invariants of gateway.md section 1 that hold at every instant;
     /// panics with a description of the first violated one. Meant for simulators and fuzzers.
     pub fn assert_invariants(&self) {
-        let owned: usize = self.clients.values().map(|c| c.requests.len()).sum();
+        let owned: usize = self
+            .clients
+            .values()
+            .map(|c| c.conn.waiting_requests().count())
+            .sum();
         assert_eq!(
             owned,
             self.inflight.len(),
@@ -476,17 +475,17 @@ impl<U: Upstream> Gateway<U> {
         );
         for (id, client) in &self.clients {
             assert_eq!(
-                client.requests.len(),
+                client.conn.waiting_requests().count(),
                 client.conn.waiting(),
-                "conn {id:?}: waiting slots = its requests"
+                "conn {id:?}: waiting count = its waiting slots"
             );
             assert!(
                 client.conn.waiting() <= self.config.connection.max_inflight,
                 "per-connection limit"
             );
-            for rid in &client.requests {
+            for rid in client.conn.waiting_requests() {
                 assert_eq!(
-                    self.inflight.get(*rid).map(|e| e.conn),
+                    self.inflight.get(rid).map(|e| e.conn),
                     Some(*id),
                     "request {rid:?} points back to its connection"
                 );
@@ -518,9 +517,10 @@ impl<U: Upstream> Gateway<U> {
         self.inflight.is_empty()
             && self.upstream.pending() == 0
             && self.read_deadlines.is_empty()
-            && self.clients.values().all(|c| {
-                c.requests.is_empty() && c.conn.unanswered_slots() == 0 && !c.conn.has_output()
-            })
+            && self
+                .clients
+                .values()
+                .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output())
     }
 
     // ----- routing ------------------------------------------------------------------------
@@ -549,8 +549,8 @@ impl<U: Upstream> Gateway<U> {
         let Some(task) = TaskKind::from_frame_kind(frame.kind) else {
             self.stats.local_requests += 1;
             let reply = match frame.kind {
-                kind::PING => encode_frame(kind::PONG, &[]),
-                kind::CAPABILITIES => encode_frame(kind::RESPONSE_OK, &self.capabilities),
+                kind::PING => ReplyFrame::new(kind::PONG, Bytes::new()),
+                kind::CAPABILITIES => ReplyFrame::new(kind::RESPONSE_OK, self.capabilities.clone()),
                 other => {
                     let message = format!("Unsupported message type 0x{other:02X}");
                     self.count_response(ErrorCode::UnsupportedType.code());
@@ -620,20 +620,18 @@ impl<U: Upstream> Gateway<U> {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let slot = client.conn.open_slot(true);
         let deadline = now + self.config.request_timeout;
         let rid = self.inflight.insert(InFlight {
             conn: id,
-            slot,
+            slot: client.conn.next_slot(),
             deadline,
             started: now,
             permit,
             kind: frame.kind,
         });
-        client.requests.insert(rid);
+        client.conn.open_slot(Some(rid));
         let request = UpstreamRequest {
             id: rid,
-            request_id: self.request_id_text(rid),
             kind: task,
             payload,
             deadline,
@@ -647,7 +645,7 @@ impl<U: Upstream> Gateway<U> {
             let (id, reply, code, outcome) = match event {
                 UpstreamEvent::Reply { id, payload } => (
                     id,
-                    encode_frame(kind::RESPONSE_OK, &payload),
+                    ReplyFrame::new(kind::RESPONSE_OK, payload),
                     0,
                     Outcome::Success,
                 ),
@@ -683,13 +681,19 @@ impl<U: Upstream> Gateway<U> {
     }
 
     /// Delivers the answer to a request that just left the in-flight table.
-    fn complete(&mut self, id: RequestId, entry: InFlight, reply: Bytes, code: u16, now: Instant) {
+    fn complete(
+        &mut self,
+        id: RequestId,
+        entry: InFlight,
+        reply: ReplyFrame,
+        code: u16,
+        now: Instant,
+    ) {
         self.count_response(code);
         let Some(client) = self.clients.get_mut(&entry.conn) else {
             return;
         };
-        client.requests.remove(&id);
-        let answered = client.conn.answer(entry.slot, reply, true);
+        let answered = client.conn.answer(entry.slot, reply);
         assert!(
             answered,
             "request {id:?} had no open slot on {:?}",
@@ -709,10 +713,10 @@ impl<U: Upstream> Gateway<U> {
         self.to_resume.insert(entry.conn);
     }
 
-    fn answer_local(&mut self, id: ConnId, reply: Bytes, _now: Instant) {
+    fn answer_local(&mut self, id: ConnId, reply: ReplyFrame, _now: Instant) {
         if let Some(client) = self.clients.get_mut(&id) {
-            let slot = client.conn.open_slot(false);
-            client.conn.answer(slot, reply, false);
+            let slot = client.conn.open_slot(None);
+            client.conn.answer(slot, reply);
         }
     }
 
@@ -780,8 +784,9 @@ impl<U: Upstream> Gateway<U> {
         if client.admitted {
             self.admitted_connections -= 1;
         }
-        let cancelled = client.requests.len();
-        for rid in client.requests {
+        let requests: Vec<RequestId> = client.conn.waiting_requests().collect();
+        let cancelled = requests.len();
+        for rid in requests {
             if let Some(entry) = self.inflight.remove(rid) {
                 self.upstream.cancel(rid);
                 self.breaker.record(entry.permit, Outcome::Abandoned, now);

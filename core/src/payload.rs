@@ -25,6 +25,8 @@ pub fn validate_task_payload(payload: Bytes) -> Result<TaskPayload, String> {
     if payload.is_empty() {
         return Ok(TaskPayload(Bytes::from_static(b"{}")));
     }
+    // Up front, not only on failure: serde_json checks UTF-8 in strings it decodes, but not
+    // in strings it skips (IgnoredAny), so `{"a":"\xff"}` would pass its parse.
     if let Err(e) = std::str::from_utf8(&payload) {
         return Err(format!(
             "payload is not UTF-8: invalid byte at offset {}",

@@ -102,7 +102,6 @@ mod tests {
     fn request(id: u64, payload: &str) -> UpstreamRequest {
         UpstreamRequest {
             id: RequestId(id),
-            request_id: format!("r-{id}"),
             kind: TaskKind::Submit,
             payload: validate_task_payload(Bytes::copy_from_slice(payload.as_bytes())).unwrap(),
             deadline: Instant::ZERO + Duration::from_secs(30),

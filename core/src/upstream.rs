@@ -51,8 +51,6 @@ impl TaskKind {
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub id: RequestId,
-    /// The id as the Router and the client see it.
-    pub request_id: String,
     pub kind: TaskKind,
     pub payload: TaskPayload,
     pub deadline: Instant,

@@ -8,9 +8,12 @@
 //! - Edge-triggered: on readiness a socket is read until `WouldBlock`; a connection gets at
 //!   most [`READS_PER_TURN`] reads per turn (pelikan's fairness rule), the rest waits for the
 //!   next turn, which then does not sleep.
-//! - Client sockets are registered for both read and write readiness once, so no
-//!   re-registration syscall is needed when output backs up; `write_blocked` remembers that a
-//!   write hit `WouldBlock` and the next writable event resumes it.
+//! - Client sockets are registered for read readiness only; write interest is added while a
+//!   write is blocked and dropped once the output is flushed. Permanent write interest would
+//!   wake the loop every time a client reads (an EPOLLOUT edge per read), which cost more
+//!   than the occasional re-registration in the bench.
+//! - A read shorter than the buffer means the socket was drained at that moment; any later
+//!   data raises a new edge, so the extra read that would only return `WouldBlock` is skipped.
 //! - When the core pauses reading (backpressure) the shell simply stops reading; on
 //!   `ResumeRead` it reads at once, because bytes already queued raise no new edge.
 //! - Rust ignores SIGPIPE for us, so a write to a vanished client is an `EPIPE` error, never a
@@ -56,7 +59,10 @@ pub enum Exit {
 struct Client {
     stream: UnixStream,
     id: ConnId,
+    /// The last write hit `WouldBlock`; wait for a writable event.
     write_blocked: bool,
+    /// Registered for writable events (only while output is backed up).
+    write_interest: bool,
 }
 
 /// A monotonic clock expressed as the core's `Instant`.
@@ -206,7 +212,7 @@ impl<U: Upstream> EventLoop<U> {
             match socket.listener.accept() {
                 Ok((mut stream, _)) => {
                     let token = self.clients.vacant();
-                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    let interest = Interest::READABLE;
                     if let Err(e) = self.poll.registry().register(&mut stream, token, interest) {
                         error!(event = "error", component = "ipc_bridge", error = %e, "cannot register a client; closing it");
                         continue;
@@ -217,6 +223,7 @@ impl<U: Upstream> EventLoop<U> {
                         stream,
                         id,
                         write_blocked: false,
+                        write_interest: false,
                     });
                     debug_assert_eq!(inserted, token);
                 }
@@ -276,9 +283,13 @@ impl<U: Upstream> EventLoop<U> {
                     self.gateway.handle_client_eof(id, now);
                     return;
                 }
-                Ok(n) => self
-                    .gateway
-                    .handle_client_bytes(id, &self.read_buf[..n], now),
+                Ok(n) => {
+                    self.gateway
+                        .handle_client_bytes(id, &self.read_buf[..n], now);
+                    if n < self.read_buf.len() {
+                        return;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -306,6 +317,14 @@ impl<U: Upstream> EventLoop<U> {
                 .map(IoSlice::new)
                 .collect();
             if slices.is_empty() {
+                if client.write_interest {
+                    client.write_interest = false;
+                    let readable = Interest::READABLE;
+                    let _ = self
+                        .poll
+                        .registry()
+                        .reregister(&mut client.stream, token, readable);
+                }
                 return;
             }
             match client.stream.write_vectored(&slices) {
@@ -315,6 +334,19 @@ impl<U: Upstream> EventLoop<U> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     client.write_blocked = true;
+                    if client.write_interest {
+                        return;
+                    }
+                    client.write_interest = true;
+                    let both = Interest::READABLE | Interest::WRITABLE;
+                    let registered =
+                        self.poll
+                            .registry()
+                            .reregister(&mut client.stream, token, both);
+                    drop(slices);
+                    if registered.is_err() {
+                        self.drop_client(token, now);
+                    }
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -1,10 +1,17 @@
-//! `ipc-gateway-bench`: a load generator for the IPC gateway, with an echo baseline.
+//! `ipc-gateway-bench`: a load generator for the IPC gateway, with two echo baselines.
 //!
 //! Every connection keeps exactly `--pipeline` TASK_SUBMIT frames outstanding for the whole run
 //! and measures, for each request, the time from writing it to reading its reply (replies come
 //! back in request order on a connection, ipc-protocol.md section 2). The same load is then run
-//! against a bare framed echo server inside this process: the floor that no gateway can beat,
-//! since it costs the same socket work and does nothing else.
+//! against two bare framed echo servers inside this process, which cost the same socket work as
+//! the gateway and do nothing else:
+//!
+//! - `echo`, thread per connection with blocking I/O: the reference floor. Its socket syscalls
+//!   and wakeups spread over every core of the machine, so `gateway/echo` mixes the cost of the
+//!   gateway's single-threaded architecture with the cost of the gateway's own code.
+//! - `echo-1t`, one thread running an edge-triggered mio event loop, the gateway's own
+//!   architecture: `gateway/echo-1t` is the cost of the gateway's code alone, and
+//!   `echo-1t` against `echo` is the cost of serving everything from one thread.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
@@ -21,7 +28,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use ipc_gateway_tests::frame::{self, Frame, HEADER_LEN, RESPONSE_ERROR, RESPONSE_OK, TASK_SUBMIT};
+use mio::net::{UnixListener as MioListener, UnixStream as MioStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+/// The names of the runs, as printed in the results.
+const GATEWAY: &str = "gateway";
+/// The thread-per-connection echo floor.
+const ECHO: &str = "echo";
+/// The single-threaded (mio event loop) echo floor.
+const ECHO_1T: &str = "echo-1t";
 /// The gateway's socket unless --socket says otherwise (ipc-protocol.md section 1).
 const DEFAULT_SOCKET: &str = "/tmp/beamline-gateway.sock";
 /// The JSON object that the payload is padded from: `{"task":"bench","pad":"xxx..."}`.
@@ -42,17 +57,19 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 const SINGLE_THREAD_MAX_BYTES: usize = 64 * 1024;
 
 /// Load generator for ipc-gateway: N connections, each keeping P TASK_SUBMIT requests in
-/// flight, with per-request latency percentiles. By default it also runs the same load against a
-/// bare framed echo server in this process (the floor no gateway can beat) and prints the
-/// ratio of the two.
+/// flight, with per-request latency percentiles. By default it also runs the same load against
+/// two bare framed echo servers in this process and prints the gateway's ratio to each:
+/// "echo", thread per connection (the reference floor, free to use every core), and "echo-1t",
+/// a single-threaded mio event loop like the gateway's (the floor for a one-thread server, so
+/// the gateway's ratio to it is the cost of its own code).
 ///
 /// Only the measured window (after the warmup) counts: requests/s is the number of RESPONSE_OK
 /// replies received in it divided by its length, and latencies are those of these replies.
 /// Any other reply type is counted as an error and reported, never fatal.
 ///
 /// Every run ends by itself: no new request is written after the window, and connections whose
-/// replies are still missing 2 s later are cut off (reported as STALLED). The echo server
-/// returns each frame as it came, except for the type byte, set to RESPONSE_OK. The exit status
+/// replies are still missing 2 s later are cut off (reported as STALLED). The echo servers
+/// return each frame as it came, except for the type byte, set to RESPONSE_OK. The exit status
 /// is 1 if the gateway cannot be reached or a connection broke during a run, 2 for bad options.
 #[derive(Parser, Debug)]
 #[command(name = "ipc-gateway-bench", version)]
@@ -92,15 +109,16 @@ struct Args {
     #[arg(long, value_name = "PID")]
     pid: Option<u32>,
 
-    /// Skip the echo baseline: load the gateway only.
+    /// Skip both echo baselines: load the gateway only.
     #[arg(long, conflicts_with = "echo_only")]
     no_echo: bool,
 
-    /// Run only the echo baseline (no gateway needed; --socket is ignored).
+    /// Run only the two echo baselines, echo then echo-1t (no gateway needed; --socket is
+    /// ignored).
     #[arg(long)]
     echo_only: bool,
 
-    /// Run the echo baseline before the gateway rather than after it.
+    /// Run both echo baselines (echo, then echo-1t) before the gateway rather than after it.
     #[arg(long, conflicts_with_all = ["no_echo", "echo_only"])]
     echo_first: bool,
 
@@ -520,7 +538,7 @@ fn split_writer(
 
 fn connect(path: &Path, what: &str) -> Result<UnixStream> {
     UnixStream::connect(path).map_err(|e| {
-        if what == "gateway" {
+        if what == GATEWAY {
             anyhow!(
                 "cannot connect to the gateway socket {}: {e}\nis the daemon running? start it \
                  with `cargo run --release -p ipc-gateway` (or pass --socket PATH, or \
@@ -642,10 +660,13 @@ fn run_load(target: &'static str, path: &Path, load: &Load) -> Result<RunResult>
     Ok(result)
 }
 
-/// A bare framed echo server on a temporary socket: thread per connection, every complete
-/// frame of a read written back in one write, nothing validated. The only change to a frame is
-/// its type byte, set to RESPONSE_OK so that the client treats echo replies exactly like gateway
-/// replies. Stopped and its socket file removed on drop.
+/// The thread-per-connection echo baseline, "echo": a bare framed echo server on a temporary
+/// socket, a thread per connection with blocking I/O, every complete frame of a read written
+/// back in one write, nothing validated. The only change to a frame is its type byte, set to
+/// RESPONSE_OK so that the client treats echo replies exactly like gateway replies. Its
+/// connections run in parallel on every core: the reference floor, not the floor of a
+/// single-threaded server (that is `EchoLoopServer`). Stopped and its socket file removed on
+/// drop.
 struct EchoServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
@@ -708,7 +729,7 @@ fn echo_connection(mut conn: UnixStream) {
     let mut filled = 0;
     loop {
         if filled == buf.len() {
-            if buf.len() >= 16 * 1024 * 1024 {
+            if buf.len() >= ECHO_MAX_BUFFER {
                 return; // a frame this large is not from this bench
             }
             buf.resize(buf.len() * 2, 0);
@@ -737,6 +758,306 @@ fn echo_connection(mut conn: UnixStream) {
             }
             buf.copy_within(done..filled, 0);
             filled -= done;
+        }
+    }
+}
+
+/// The token of the echo-1t listener.
+const ECHO_LISTENER: Token = Token(0);
+/// The token of the waker that stops the echo-1t loop.
+const ECHO_WAKER: Token = Token(1);
+/// Connection `i` of the echo-1t loop has the token `ECHO_FIRST_CONN + i`.
+const ECHO_FIRST_CONN: usize = 2;
+/// Above this many bytes of replies waiting for the client, the echo-1t loop stops reading from
+/// that connection until they are written: the backpressure that the thread-per-connection echo
+/// gets from its blocking write.
+const ECHO_OUTPUT_LIMIT: usize = 1024 * 1024;
+/// A frame this large is not from this bench: both echo servers drop the connection.
+const ECHO_MAX_BUFFER: usize = 16 * 1024 * 1024;
+
+/// The single-threaded echo baseline, "echo-1t": one thread runs an edge-triggered mio event
+/// loop on a temporary socket, the gateway's own architecture without the gateway's code. Frames
+/// come back as the thread-per-connection echo returns them (type byte set to RESPONSE_OK,
+/// nothing validated). Stopped and its socket file removed on drop.
+struct EchoLoopServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    waker: Waker,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl EchoLoopServer {
+    fn start() -> Result<EchoLoopServer> {
+        let name = format!("ipc-gateway-bench-echo-1t-{}.sock", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        // A file of this name can only be left over from an earlier bench with our pid.
+        let _ = std::fs::remove_file(&path);
+        let listener = MioListener::bind(&path)
+            .with_context(|| format!("cannot bind the echo-1t socket {}", path.display()))?;
+        match EchoLoopServer::spawn(listener, &path) {
+            Ok(server) => Ok(server),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn spawn(mut listener: MioListener, path: &Path) -> Result<EchoLoopServer> {
+        let poll = Poll::new().context("cannot create the echo-1t poll")?;
+        let registry = poll.registry();
+        registry
+            .register(&mut listener, ECHO_LISTENER, Interest::READABLE)
+            .context("cannot register the echo-1t listener")?;
+        let waker = Waker::new(registry, ECHO_WAKER).context("cannot create the echo-1t waker")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("echo-1t".to_string())
+            .spawn(move || echo_loop(poll, listener, &stop_flag))
+            .context("cannot start the echo-1t thread")?;
+        Ok(EchoLoopServer {
+            path: path.to_path_buf(),
+            stop,
+            waker,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EchoLoopServer {
+    fn drop(&mut self) {
+        // The waker ends the poll at once; the loop also checks the flag every 50 ms, in case
+        // the wake could not be delivered.
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+        if let Some(handle) = self.thread.take() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("ipc-gateway-bench: the echo-1t loop failed: {e}"),
+                Err(_) => eprintln!("ipc-gateway-bench: the echo-1t thread panicked"),
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One client of the echo-1t loop.
+struct EchoConn {
+    stream: MioStream,
+    /// Bytes read and not yet echoed (at most a partial frame between events).
+    input: Vec<u8>,
+    filled: usize,
+    /// Complete frames waiting to be written, from `output[sent..]`.
+    output: Vec<u8>,
+    sent: usize,
+    /// The socket may hold unread bytes: the last read did not end in WouldBlock or a short read
+    /// (edge-triggered: no new readable event comes for bytes already there).
+    may_read: bool,
+    /// The last write ended in WouldBlock: wait for a writable event before writing again.
+    write_blocked: bool,
+    /// WRITABLE is part of the registered interest.
+    write_interest: bool,
+}
+
+/// The connection is over (end of stream, error, or a frame too large for this bench).
+struct Closed;
+
+impl EchoConn {
+    fn new(stream: MioStream) -> EchoConn {
+        EchoConn {
+            stream,
+            input: vec![0; 64 * 1024],
+            filled: 0,
+            output: Vec::with_capacity(64 * 1024),
+            sent: 0,
+            may_read: false,
+            write_blocked: false,
+            write_interest: false,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.output.len() - self.sent
+    }
+
+    /// Reads what the socket holds (while the replies owed stay below the limit) and writes as
+    /// much of the replies as the socket takes.
+    fn pump(&mut self) -> Result<(), Closed> {
+        loop {
+            while self.may_read && self.pending() < ECHO_OUTPUT_LIMIT {
+                self.read_once()?;
+            }
+            self.flush()?;
+            // Reading stopped at the output limit and the output is now written: read on.
+            if self.write_blocked || !self.may_read {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One read; every complete frame read is queued for writing.
+    fn read_once(&mut self) -> Result<(), Closed> {
+        if self.filled == self.input.len() {
+            if self.input.len() >= ECHO_MAX_BUFFER {
+                return Err(Closed);
+            }
+            self.input.resize(self.input.len() * 2, 0);
+        }
+        let room = self.input.len() - self.filled;
+        match self.stream.read(&mut self.input[self.filled..]) {
+            Ok(0) => return Err(Closed),
+            Ok(n) => {
+                self.filled += n;
+                if n < room {
+                    // A short read emptied the socket; new bytes bring a new readable event.
+                    self.may_read = false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.may_read = false;
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(_) => return Err(Closed),
+        }
+        let mut done = 0;
+        loop {
+            match frame::complete_frame_len(&self.input[done..self.filled]) {
+                Ok(Some(len)) => {
+                    // The type byte, as in the thread-per-connection echo.
+                    self.input[done + 5] = RESPONSE_OK;
+                    done += len;
+                }
+                Ok(None) => break,
+                Err(_) => return Err(Closed), // length below 6: no frame boundary any more
+            }
+        }
+        if done > 0 {
+            // Drop what was written once it is at least half of the output: each byte is moved
+            // at most once on average, however many partial writes a large frame takes.
+            if self.sent > 0 && self.sent >= self.output.len() / 2 {
+                self.output.drain(..self.sent);
+                self.sent = 0;
+            }
+            self.output.extend_from_slice(&self.input[..done]);
+            self.input.copy_within(done..self.filled, 0);
+            self.filled -= done;
+        }
+        Ok(())
+    }
+
+    /// Writes until the output is gone or the socket is full.
+    fn flush(&mut self) -> Result<(), Closed> {
+        while !self.write_blocked && self.sent < self.output.len() {
+            match self.stream.write(&self.output[self.sent..]) {
+                Ok(0) => return Err(Closed),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Closed),
+            }
+        }
+        if self.sent == self.output.len() {
+            self.output.clear();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Interest is READABLE, plus WRITABLE only while replies wait for room in the socket (as
+    /// in the gateway's loop): no writable events, and no re-registration, while writes go
+    /// through at once.
+    fn update_interest(&mut self, registry: &Registry, token: Token) -> Result<(), Closed> {
+        let wanted = self.pending() > 0;
+        if wanted == self.write_interest {
+            return Ok(());
+        }
+        let interest = if wanted {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        registry
+            .reregister(&mut self.stream, token, interest)
+            .map_err(|_| Closed)?;
+        self.write_interest = wanted;
+        Ok(())
+    }
+}
+
+/// The echo-1t event loop: runs until `stop` is set (and the waker fires, or 50 ms pass).
+fn echo_loop(mut poll: Poll, mut listener: MioListener, stop: &AtomicBool) -> io::Result<()> {
+    let mut events = Events::with_capacity(1024);
+    let mut conns: Vec<Option<EchoConn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            match event.token() {
+                ECHO_WAKER => {}
+                ECHO_LISTENER => echo_accept_all(&listener, poll.registry(), &mut conns, &mut free),
+                token => {
+                    let Some(index) = token.0.checked_sub(ECHO_FIRST_CONN) else {
+                        continue;
+                    };
+                    let Some(conn) = conns.get_mut(index).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        conn.may_read = true;
+                    }
+                    if event.is_writable() || event.is_write_closed() || event.is_error() {
+                        conn.write_blocked = false;
+                    }
+                    let served = conn.pump();
+                    let served = served.and_then(|()| conn.update_interest(poll.registry(), token));
+                    if served.is_err() {
+                        if let Some(mut conn) = conns[index].take() {
+                            let _ = poll.registry().deregister(&mut conn.stream);
+                            free.push(index);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = poll.registry().deregister(&mut listener);
+    Ok(())
+}
+
+/// Accepts every pending client of the echo-1t listener (edge-triggered: until WouldBlock).
+fn echo_accept_all(
+    listener: &MioListener,
+    registry: &Registry,
+    conns: &mut Vec<Option<EchoConn>>,
+    free: &mut Vec<usize>,
+) {
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // WouldBlock: all accepted. Anything else (EMFILE...): the clients already
+            // connected keep being served, and the bench reports the connect that failed.
+            Err(_) => return,
+        };
+        let index = free.pop().unwrap_or(conns.len());
+        let token = Token(ECHO_FIRST_CONN + index);
+        if registry
+            .register(&mut stream, token, Interest::READABLE)
+            .is_err()
+        {
+            free.push(index);
+            continue;
+        }
+        let conn = Some(EchoConn::new(stream));
+        match conns.get_mut(index) {
+            Some(slot) => *slot = conn,
+            None => conns.push(conn),
         }
     }
 }
@@ -831,7 +1152,8 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn print_comparison(gateway: &RunResult, echo: &RunResult) {
+/// The table of every run, then the gateway's ratios to each echo floor that ran.
+fn print_comparison(runs: &[&RunResult]) {
     println!();
     println!(
         "{:<9} {:>12} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
@@ -845,7 +1167,7 @@ fn print_comparison(gateway: &RunResult, echo: &RunResult) {
         "p99.9_us",
         "max_us"
     );
-    for r in [gateway, echo] {
+    for r in runs {
         println!(
             "{:<9} {:>12.1} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
             r.target,
@@ -859,11 +1181,70 @@ fn print_comparison(gateway: &RunResult, echo: &RunResult) {
             r.max()
         );
     }
-    println!("ratio gateway/echo = {}", ratio(gateway.rps(), echo.rps()));
-    println!(
-        "p50 latency ratio gateway/echo = {}",
-        ratio(gateway.pct(0.5) as f64, echo.pct(0.5) as f64)
-    );
+    let find = |target: &str| runs.iter().find(|r| r.target == target);
+    let echo = find(ECHO);
+    let echo_1t = find(ECHO_1T);
+    if echo.is_some() {
+        println!(
+            "  {ECHO:<8} = echo floor, a thread per connection: spreads the socket work over every \
+             core (the reference floor)"
+        );
+    }
+    if echo_1t.is_some() {
+        println!(
+            "  {ECHO_1T:<8} = echo floor, one thread running an edge-triggered mio loop: the \
+             gateway's architecture without its code"
+        );
+    }
+    let Some(gateway) = find(GATEWAY) else {
+        return;
+    };
+    if let Some(e) = echo {
+        println!(
+            "ratio gateway/echo (thread per connection) = {}",
+            ratio(gateway.rps(), e.rps())
+        );
+    }
+    if let Some(e) = echo_1t {
+        println!(
+            "ratio gateway/echo-1t (single-threaded, same architecture as the gateway) = {}",
+            ratio(gateway.rps(), e.rps())
+        );
+    }
+    if let Some(e) = echo {
+        println!(
+            "p50 latency ratio gateway/echo (thread per connection) = {}",
+            ratio(gateway.pct(0.5) as f64, e.pct(0.5) as f64)
+        );
+    }
+    if let Some(e) = echo_1t {
+        println!(
+            "p50 latency ratio gateway/echo-1t (single-threaded, same architecture as the \
+             gateway) = {}",
+            ratio(gateway.pct(0.5) as f64, e.pct(0.5) as f64)
+        );
+    }
+    if echo.is_some() && echo_1t.is_some() {
+        println!(
+            "  (gateway/echo-1t is the cost of the gateway's own code; echo-1t against echo is \
+             the cost of serving every connection from one thread on this machine)"
+        );
+    }
+}
+
+/// Runs the load against one of the echo floors, started for this run only.
+fn run_echo(target: &'static str, load: &Load) -> Result<RunResult> {
+    if target == ECHO_1T {
+        let server = EchoLoopServer::start()?;
+        let result = run_load(target, &server.path, load);
+        drop(server);
+        result
+    } else {
+        let server = EchoServer::start()?;
+        let result = run_load(target, &server.path, load);
+        drop(server);
+        result
+    }
 }
 
 fn kernel_release() -> String {
@@ -921,10 +1302,14 @@ fn run(args: Args) -> Result<bool> {
         println!("  gateway      {}", args.socket.display());
     }
     let order = match (gateway_run, echo_run, args.echo_first) {
-        (true, true, false) => "gateway, then the echo baseline",
-        (true, true, true) => "the echo baseline, then gateway",
+        (true, true, false) => {
+            "gateway, then echo (thread per connection), then echo-1t (one thread)"
+        }
+        (true, true, true) => {
+            "echo (thread per connection), then echo-1t (one thread), then gateway"
+        }
         (true, false, _) => "gateway only",
-        _ => "the echo baseline only",
+        _ => "echo (thread per connection), then echo-1t (one thread); no gateway",
     };
     println!("  runs         {order}");
     let io = if load.split {
@@ -937,36 +1322,32 @@ fn run(args: Args) -> Result<bool> {
         print_memory(pid, "before");
     }
 
-    let run_echo = |load: &Load| -> Result<RunResult> {
-        let server = EchoServer::start()?;
-        let result = run_load("echo", &server.path, load);
-        drop(server);
-        result
-    };
-    let mut gateway = None;
-    let mut echo = None;
-    if echo_run && (args.echo_first || !gateway_run) {
-        echo = Some(run_echo(&load)?);
+    let mut runs: Vec<RunResult> = Vec::with_capacity(3);
+    let echoes_first = echo_run && (args.echo_first || !gateway_run);
+    if echoes_first {
+        runs.push(run_echo(ECHO, &load)?);
+        runs.push(run_echo(ECHO_1T, &load)?);
     }
     if gateway_run {
-        gateway = Some(run_load("gateway", &args.socket, &load)?);
+        runs.push(run_load(GATEWAY, &args.socket, &load)?);
     }
-    if echo_run && echo.is_none() {
-        echo = Some(run_echo(&load)?);
+    if echo_run && !echoes_first {
+        runs.push(run_echo(ECHO, &load)?);
+        runs.push(run_echo(ECHO_1T, &load)?);
     }
 
-    for r in [&gateway, &echo].into_iter().flatten() {
+    for r in &runs {
         print_result(r);
     }
-    if let (Some(g), Some(e)) = (&gateway, &echo) {
-        print_comparison(g, e);
+    if runs.len() > 1 {
+        let all: Vec<&RunResult> = runs.iter().collect();
+        print_comparison(&all);
     }
     if let Some(pid) = args.pid {
         println!();
         print_memory(pid, "after");
     }
-    let runs = [&gateway, &echo];
-    let failed = runs.into_iter().flatten().any(|r| !r.failures.is_empty());
+    let failed = runs.iter().any(|r| !r.failures.is_empty());
     if failed {
         eprintln!("ipc-gateway-bench: some connections failed during the run (see FAILED above)");
     }
