@@ -164,27 +164,29 @@ fn mode_at_first_sight(daemon: &mut Daemon) -> u32 {
 /// bind, not by a chmod afterwards).
 #[test]
 fn socket_mode_defaults_to_0600_from_creation() {
-    let mut daemon = Daemon::spawn(&[], &[]);
-    let first = mode_at_first_sight(&mut daemon);
-    let now = std::fs::metadata(daemon.socket_path())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!((first, now), (0o600, 0o600), "modes {first:o} then {now:o}");
+    assert_socket_mode(&[], 0o600);
 }
 
 /// CGW_IPC_SOCKET_MODE=0660 gives a 0660 socket file, from creation.
 #[test]
 fn socket_mode_is_configurable() {
-    let mut daemon = Daemon::spawn(&[("CGW_IPC_SOCKET_MODE", "0660")], &[]);
+    assert_socket_mode(&[("CGW_IPC_SOCKET_MODE", "0660")], 0o660);
+}
+
+/// Starts a daemon with `env` and checks the socket file's mode at first sight and after.
+fn assert_socket_mode(env: &[(&str, &str)], expected: u32) {
+    let mut daemon = Daemon::spawn(env, &[]);
     let first = mode_at_first_sight(&mut daemon);
     let now = std::fs::metadata(daemon.socket_path())
         .unwrap()
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!((first, now), (0o660, 0o660), "modes {first:o} then {now:o}");
+    assert_eq!(
+        (first, now),
+        (expected, expected),
+        "modes {first:o} then {now:o}"
+    );
 }
 
 /// A peer whose uid is not allowed (CGW_IPC_ALLOWED_UIDS=12345; the tests run as another uid)
