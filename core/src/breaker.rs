@@ -66,11 +66,11 @@ impl BreakerState {
     }
 }
 
-/// Admission ticket for one request.
+/// Admission ticket for one request: the breaker epoch it was admitted in. A permit of the
+/// current epoch while HalfOpen is a probe, since HalfOpen admits nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Permit {
     epoch: u64,
-    probe: bool,
 }
 
 /// How a request ended, as far as the breaker cares.
@@ -124,20 +124,14 @@ impl CircuitBreaker {
     pub fn try_acquire(&mut self, now: Instant) -> Option<Permit> {
         self.handle_timeout(now);
         match &mut self.state {
-            State::Closed { .. } => Some(Permit {
-                epoch: self.epoch,
-                probe: false,
-            }),
+            State::Closed { .. } => Some(Permit { epoch: self.epoch }),
             State::Open { .. } => None,
             State::HalfOpen { probes, .. } => {
                 if *probes >= self.config.max_probes {
                     return None;
                 }
                 *probes += 1;
-                Some(Permit {
-                    epoch: self.epoch,
-                    probe: true,
-                })
+                Some(Permit { epoch: self.epoch })
             }
         }
     }
@@ -156,7 +150,7 @@ impl CircuitBreaker {
                 }
             }
             (State::Closed { failures }, Outcome::Success) => *failures = 0,
-            (State::HalfOpen { probes, successes }, outcome) if permit.probe => {
+            (State::HalfOpen { probes, successes }, outcome) => {
                 *probes = probes.saturating_sub(1);
                 match outcome {
                     Outcome::Failure => self.open(now),

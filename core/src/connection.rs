@@ -208,11 +208,12 @@ impl ClientConnection {
             let rest = front.len() - self.out_offset;
             if n >= rest {
                 n -= rest;
-                self.held_bytes -= front.len() + SLOT_OVERHEAD;
+                self.held_bytes -= rest + SLOT_OVERHEAD;
                 self.out_offset = 0;
                 self.out.pop_front();
             } else {
                 self.out_offset += n;
+                self.held_bytes -= n;
                 n = 0;
             }
         }
@@ -231,6 +232,12 @@ impl ClientConnection {
     /// Slots opened but not yet written out (answered or not).
     pub fn unanswered_slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Reply bytes held for the client (queued or answered behind a waiting slot), each reply
+    /// counted with its per-slot overhead: what the output cap is compared with.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Bytes the decoder holds (for the bounded-memory invariant).
@@ -275,6 +282,15 @@ mod tests {
     }
 
     /// The payloads of the complete frames queued for output.
+    impl ClientConnection {
+        /// Decodes the next frame and opens an upstream slot for it.
+        fn open_slot_for_next(&mut self, now: Instant) -> u64 {
+            assert!(matches!(self.next_frame(now), Some(Ok(_))));
+            let seq = self.next_slot();
+            self.open_slot(Some(RequestId(seq)))
+        }
+    }
+
     fn out(c: &ClientConnection) -> Vec<u8> {
         let bytes: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
         let mut d = FrameDecoder::new(1 << 20);
@@ -358,6 +374,78 @@ mod tests {
             c.over_output_cap(),
             "15 tiny replies with overhead exceed 1000"
         );
+    }
+
+    /// Held bytes count each reply with its overhead, shrink as bytes are written, and the cap
+    /// is exceeded only strictly above it.
+    #[test]
+    fn held_bytes_are_exact_and_the_cap_is_strictly_above() {
+        let mut c = ClientConnection::new(limits());
+        assert_eq!((c.held_bytes(), c.over_output_cap()), (0, false));
+        // 6 header + 930 body + 64 overhead = exactly the 1000-byte cap: not over.
+        let s = c.open_slot(None);
+        c.answer(
+            s,
+            ReplyFrame::new(kind::RESPONSE_OK, Bytes::from(vec![b'x'; 930])),
+        );
+        assert_eq!((c.held_bytes(), c.over_output_cap()), (1000, false));
+        let s = c.open_slot(None);
+        c.answer(s, reply(b""));
+        assert_eq!((c.held_bytes(), c.over_output_cap()), (1070, true));
+        c.consume_output(100);
+        assert_eq!(c.held_bytes(), 970, "partial writes count byte by byte");
+        c.consume_output(836);
+        assert_eq!(
+            c.held_bytes(),
+            70,
+            "a finished frame gives back its overhead too"
+        );
+        c.consume_output(6);
+        assert_eq!((c.held_bytes(), c.has_output()), (0, false));
+    }
+
+    /// Answered replies held behind a waiting slot count against the cap before they can be
+    /// written, and slots are counted until written.
+    #[test]
+    fn replies_held_behind_a_waiting_slot_count() {
+        let mut c = ClientConnection::new(limits());
+        let waiting = c.open_slot(Some(RequestId(1)));
+        let s = c.open_slot(None);
+        c.answer(s, reply(b"pong"));
+        assert_eq!(
+            (c.unanswered_slots(), c.held_bytes(), c.has_output()),
+            (2, 74, false)
+        );
+        c.answer(waiting, reply(b"x"));
+        assert_eq!(
+            (c.unanswered_slots(), c.held_bytes(), c.has_output()),
+            (0, 145, true)
+        );
+    }
+
+    /// After a reply frees a slot, `refresh` restarts the read timer for a partial frame that
+    /// waited while reading was paused, from the moment reading resumes.
+    #[test]
+    fn refresh_restarts_the_read_timer_after_a_pause() {
+        let mut c = ClientConnection::new(limits());
+        let t0 = Instant::ZERO;
+        let mut bytes = encode_frame(kind::TASK_SUBMIT, b"{}").to_vec();
+        bytes.extend_from_slice(&encode_frame(kind::TASK_SUBMIT, b"{}"));
+        bytes.extend_from_slice(&[0, 0, 0]);
+        c.handle_bytes(&bytes, t0);
+        assert_eq!(c.buffered_input(), bytes.len());
+        let a = c.open_slot_for_next(t0);
+        let _b = c.open_slot_for_next(t0);
+        assert_eq!(c.buffered_input(), 3);
+        assert_eq!(
+            c.read_deadline(),
+            None,
+            "paused: the partial frame is not the client's fault"
+        );
+        let later = t0 + Duration::from_secs(3);
+        c.answer(a, reply(b"x"));
+        c.refresh(later);
+        assert_eq!(c.read_deadline(), Some(later + Duration::from_secs(10)));
     }
 
     #[test]

@@ -150,6 +150,22 @@ mod tests {
         for (c, n, r) in all {
             assert_eq!((c.code(), c.retryable()), (n, r), "{c:?}");
         }
+        let names: Vec<&str> = all.iter().map(|(c, _, _)| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "unsupported_version",
+                "unsupported_type",
+                "frame_too_large",
+                "invalid_payload",
+                "timeout",
+                "shutting_down",
+                "overloaded",
+                "router_unavailable",
+                "permission_denied",
+                "internal"
+            ]
+        );
     }
 
     #[test]

@@ -236,6 +236,14 @@ mod tests {
     }
 
     #[test]
+    fn protocol_constants_match_the_spec() {
+        assert_eq!(
+            (HEADER_LEN, PROTOCOL_VERSION, MAX_FRAME_BYTES),
+            (6, 1, 4_194_304)
+        );
+    }
+
+    #[test]
     fn smallest_frame_is_a_bare_header() {
         let mut d = FrameDecoder::new(MAX_FRAME_BYTES);
         d.push(&[0, 0, 0, 6, 1, 0xF0]);

@@ -83,6 +83,13 @@ struct Peer {
     /// The client shut down its sending side; the gateway learns it once `unread` is empty.
     eof: bool,
     eof_sent: bool,
+    /// A readiness edge is pending: new bytes arrived, the client half-closed, or the gateway
+    /// said `ResumeRead`. Like the mio shell, the driver reads only then, so a gateway that
+    /// forgets `ResumeRead` after a pause leaves bytes unread and fails the final checks.
+    readable: bool,
+    /// The gateway announced output with `Transmit` and it is not all written yet. The driver
+    /// writes only then, so a missing `Transmit` stalls the replies.
+    transmitting: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -120,6 +127,7 @@ pub fn gateway_events(data: &[u8]) {
     let mut peers: BTreeMap<ConnId, Peer> = BTreeMap::new();
     let mut order: Vec<ConnId> = Vec::new();
     let mut shut_down = false;
+    let mut cap_closes_seen = 0u64;
 
     while let Some(op) = next() {
         let pick = |peers: &BTreeMap<ConnId, Peer>, order: &[ConnId], b: Option<u8>| {
@@ -165,6 +173,12 @@ pub fn gateway_events(data: &[u8]) {
                     (0..n).map(|_| next().unwrap_or(0)).collect()
                 };
                 let peer = peers.get_mut(&id).expect("picked");
+                peer.readable = true;
+                if gw.is_closing(id) {
+                    // The gateway already queued its last reply (read timeout, decode error,
+                    // refusal): what the client sends now is never read.
+                    peer.sent = None;
+                }
                 expect_replies(peer, &chunk);
                 peer.unread.extend(chunk);
             }
@@ -187,6 +201,7 @@ pub fn gateway_events(data: &[u8]) {
                 };
                 if let Some(p) = peers.get_mut(&id) {
                     p.eof = true;
+                    p.readable = true;
                 }
             }
             5 if !shut_down => {
@@ -195,12 +210,18 @@ pub fn gateway_events(data: &[u8]) {
             }
             _ => {}
         }
-        pump(&mut gw, &mut peers, now, next().unwrap_or(0) as usize * 8);
+        pump(
+            &mut gw,
+            &mut peers,
+            now,
+            next().unwrap_or(0) as usize * 8,
+            &mut cap_closes_seen,
+        );
         gw.assert_invariants();
     }
     // Traffic stops; let every deadline pass and every byte be written.
     for _ in 0..10_000 {
-        pump(&mut gw, &mut peers, now, usize::MAX);
+        pump(&mut gw, &mut peers, now, usize::MAX, &mut cap_closes_seen);
         match gw.poll_timeout() {
             Some(t) => {
                 now = now.max(t);
@@ -209,7 +230,7 @@ pub fn gateway_events(data: &[u8]) {
             None => break,
         }
     }
-    pump(&mut gw, &mut peers, now, usize::MAX);
+    pump(&mut gw, &mut peers, now, usize::MAX, &mut cap_closes_seen);
     gw.assert_invariants();
     assert!(
         gw.is_quiescent(),
@@ -285,6 +306,7 @@ fn pump(
     peers: &mut BTreeMap<ConnId, Peer>,
     now: Instant,
     budget: usize,
+    cap_closes_seen: &mut u64,
 ) {
     for _ in 0..10_000 {
         let mut progressed = false;
@@ -294,17 +316,33 @@ fn pump(
             if peer.gone {
                 continue;
             }
-            if gw.wants_read(id) && !peer.unread.is_empty() {
+            if peer.readable && !gw.wants_read(id) {
+                // The shell stops reading; only a new edge or ResumeRead restarts it.
+                peer.readable = false;
+            }
+            if peer.readable && !peer.unread.is_empty() {
                 let take = peer.unread.len().min(97);
                 let chunk: Vec<u8> = peer.unread.drain(..take).collect();
                 gw.handle_client_bytes(id, &chunk, now);
                 progressed = true;
             }
             let peer = peers.get_mut(&id).expect("listed");
-            if peer.eof && !peer.eof_sent && peer.unread.is_empty() && gw.wants_read(id) {
+            if peer.readable
+                && peer.eof
+                && !peer.eof_sent
+                && peer.unread.is_empty()
+                && gw.wants_read(id)
+            {
                 peer.eof_sent = true;
                 gw.handle_client_eof(id, now);
                 progressed = true;
+            }
+            let peer = peers.get_mut(&id).expect("listed");
+            if peer.readable && peer.unread.is_empty() && (!peer.eof || peer.eof_sent) {
+                peer.readable = false;
+            }
+            if !peer.transmitting {
+                continue;
             }
             let out: Vec<u8> = gw
                 .client_output(id)
@@ -322,8 +360,25 @@ fn pump(
                 check_replies(peers.get_mut(&id).expect("listed"));
                 progressed = true;
             }
+            if gw.client_output(id).next().is_none() {
+                peers.get_mut(&id).expect("listed").transmitting = false;
+            }
         }
         while let Some(action) = gw.poll_action() {
+            match action {
+                Action::Transmit(id) => {
+                    if let Some(p) = peers.get_mut(&id) {
+                        assert!(!p.transmitting, "{id:?}: Transmit announced twice");
+                        p.transmitting = true;
+                    }
+                }
+                Action::ResumeRead(id) => {
+                    if let Some(p) = peers.get_mut(&id) {
+                        p.readable = true;
+                    }
+                }
+                Action::ShutdownComplete | Action::Close(_) => {}
+            }
             if let Action::Close(id) = action {
                 if let Some(p) = peers.get_mut(&id) {
                     p.gone = true;
@@ -333,8 +388,9 @@ fn pump(
                     // A close with replies still owed is only allowed at the output cap,
                     // where the client's own refusal to read is the cause.
                     if cut_off {
+                        *cap_closes_seen += 1;
                         assert!(
-                            gw.stats().connections_closed_output_cap > 0,
+                            gw.stats().connections_closed_output_cap >= *cap_closes_seen,
                             "{id:?} closed owing {:?}",
                             p.expected
                         );

@@ -426,6 +426,12 @@ impl<U: Upstream> Gateway<U> {
             .flat_map(|c| c.conn.output())
     }
 
+    /// Whether the gateway has stopped reading this connection for good (its last reply is
+    /// queued): bytes the client sends from now on are discarded unread.
+    pub fn is_closing(&self, id: ConnId) -> bool {
+        self.clients.get(&id).is_none_or(|c| c.conn.is_closing())
+    }
+
     /// Whether the shell should read from this connection now.
     pub fn wants_read(&self, id: ConnId) -> bool {
         self.clients.get(&id).is_some_and(|c| c.conn.wants_read())
