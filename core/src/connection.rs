@@ -148,7 +148,7 @@ impl ClientConnection {
             Slot::Upstream(_) => self.waiting -= 1,
             Slot::Local => {}
         }
-        self.held_bytes += reply.len() + SLOT_OVERHEAD;
+        self.held_bytes += reply.wire_len() + SLOT_OVERHEAD;
         *slot = Slot::Answered(reply);
         while let Some(Slot::Answered(_)) = self.slots.front() {
             if let Some(Slot::Answered(frame)) = self.slots.pop_front() {
@@ -205,7 +205,7 @@ impl ClientConnection {
             let Some(front) = self.out.front() else {
                 break;
             };
-            let rest = front.len() - self.out_offset;
+            let rest = front.wire_len() - self.out_offset;
             if n >= rest {
                 n -= rest;
                 self.held_bytes -= rest + SLOT_OVERHEAD;

@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(f.kind(), kind::RESPONSE_ERROR);
         let bytes: Vec<u8> = f.slices_from(0).flatten().copied().collect();
         let length = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        assert_eq!(length as usize, f.len());
+        assert_eq!(length as usize, f.wire_len());
         let v: serde_json::Value = serde_json::from_slice(f.body()).unwrap();
         assert_eq!(v["error"]["code"], 99);
     }

@@ -184,12 +184,8 @@ impl ReplyFrame {
     }
 
     /// Total bytes on the wire.
-    pub fn len(&self) -> usize {
+    pub fn wire_len(&self) -> usize {
         HEADER_LEN + self.body.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn kind(&self) -> u8 {
@@ -336,8 +332,8 @@ mod tests {
     fn reply_frame_slices_resume_at_any_offset() {
         let f = ReplyFrame::new(kind::RESPONSE_OK, Bytes::from_static(b"abc"));
         let whole = encode_frame(kind::RESPONSE_OK, b"abc");
-        assert_eq!(f.len(), whole.len());
-        for offset in 0..=f.len() {
+        assert_eq!(f.wire_len(), whole.len());
+        for offset in 0..=f.wire_len() {
             let rest: Vec<u8> = f.slices_from(offset).flatten().copied().collect();
             assert_eq!(rest, &whole[offset..], "offset {offset}");
             assert!(f.slices_from(offset).all(|s| !s.is_empty()));
