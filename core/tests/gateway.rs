@@ -1,0 +1,645 @@
+//! Scenario tests of the gateway through its public surface, with a scripted upstream whose
+//! replies, failures, late and duplicate answers the test decides. Each test pins one rule of
+//! ipc-protocol.md or gateway.md: exact codes, messages, counters, and the actions a shell sees.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipc_gateway_core::breaker::{BreakerConfig, BreakerState};
+use ipc_gateway_core::connection::ConnectionLimits;
+use ipc_gateway_core::error::ErrorCode;
+use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder};
+use ipc_gateway_core::gateway::AllowedUids;
+use ipc_gateway_core::inflight::RequestId;
+use ipc_gateway_core::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
+use serde_json::{json, Value};
+
+/// An upstream that records what it is asked and answers only when the test says so.
+#[derive(Default)]
+struct Scripted {
+    submitted: Vec<(RequestId, TaskKind, Bytes)>,
+    cancelled: Vec<RequestId>,
+    events: VecDeque<UpstreamEvent>,
+}
+
+impl Upstream for Scripted {
+    fn submit(&mut self, r: UpstreamRequest, _now: Instant) {
+        self.submitted
+            .push((r.id, r.kind, r.payload.json().clone()));
+    }
+    fn cancel(&mut self, id: RequestId) {
+        self.cancelled.push(id);
+    }
+    fn handle_timeout(&mut self, _now: Instant) {}
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+    fn poll_event(&mut self) -> Option<UpstreamEvent> {
+        self.events.pop_front()
+    }
+    fn pending(&self) -> usize {
+        0
+    }
+}
+
+fn ms(n: u64) -> Instant {
+    Instant::ZERO + Duration::from_millis(n)
+}
+
+fn config() -> GatewayConfig {
+    GatewayConfig {
+        max_connections: 2,
+        max_inflight: 3,
+        connection: ConnectionLimits {
+            max_frame_bytes: 1024,
+            max_inflight: 2,
+            read_timeout: Duration::from_millis(500),
+            max_unsent_bytes: 4096,
+        },
+        request_timeout: Duration::from_millis(100),
+        drain_timeout: Duration::from_millis(1000),
+        breaker: BreakerConfig {
+            failures_to_open: 3,
+            open_duration: Duration::from_millis(1000),
+            max_open_duration: Duration::from_millis(4000),
+            max_probes: 1,
+            successes_to_close: 1,
+        },
+        allowed_uids: AllowedUids::Only([1000].into()),
+        seed: 42,
+        version: "9.9.9".into(),
+    }
+}
+
+/// A gateway with a scripted upstream, and a shell that records what it was told and writes
+/// every byte it is offered.
+struct Harness {
+    gw: Gateway<Scripted>,
+    received: BTreeMap<ConnId, Vec<u8>>,
+    actions: Vec<Action>,
+}
+
+const USER: PeerCredentials = PeerCredentials {
+    uid: Some(1000),
+    pid: Some(7),
+};
+
+impl Harness {
+    fn new(config: GatewayConfig) -> Harness {
+        Harness {
+            gw: Gateway::new(config, Scripted::default()),
+            received: BTreeMap::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    fn open(&mut self, now: Instant) -> ConnId {
+        let id = self.gw.handle_client_opened(USER, now);
+        self.pump(now);
+        id
+    }
+
+    fn send(&mut self, id: ConnId, k: u8, payload: &[u8], now: Instant) {
+        self.gw
+            .handle_client_bytes(id, &encode_frame(k, payload), now);
+        self.pump(now);
+    }
+
+    fn task(&mut self, id: ConnId, payload: &str, now: Instant) {
+        self.send(id, kind::TASK_SUBMIT, payload.as_bytes(), now);
+    }
+
+    fn reply(&mut self, event: UpstreamEvent, now: Instant) {
+        self.gw.upstream_mut().events.push_back(event);
+        // The NATS session reports replies through handle_timeout's upstream poll as well.
+        self.gw.handle_timeout(now);
+        self.pump(now);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.gw.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// Drains actions and writes all output, like a shell whose clients read everything.
+    fn pump(&mut self, now: Instant) {
+        while let Some(a) = self.gw.poll_action() {
+            self.actions.push(a);
+            if let Action::Transmit(id) = a {
+                let out: Vec<u8> = self.gw.client_output(id).flatten().copied().collect();
+                self.received.entry(id).or_default().extend_from_slice(&out);
+                self.gw.handle_client_written(id, out.len(), now);
+            }
+        }
+    }
+
+    /// Complete frames received on `id`, as (type, payload).
+    fn frames(&self, id: ConnId) -> Vec<(u8, Vec<u8>)> {
+        let mut d = FrameDecoder::new(1 << 24);
+        d.push(self.received.get(&id).map_or(&[][..], |v| v));
+        std::iter::from_fn(|| d.next_frame().ok().flatten())
+            .map(|f| (f.kind, f.payload.to_vec()))
+            .collect()
+    }
+
+    fn errors(&self, id: ConnId) -> Vec<Value> {
+        self.frames(id)
+            .into_iter()
+            .filter(|(k, _)| *k == kind::RESPONSE_ERROR)
+            .map(|(_, p)| serde_json::from_slice::<Value>(&p).unwrap()["error"].clone())
+            .collect()
+    }
+
+    fn closed(&self, id: ConnId) -> bool {
+        self.actions.contains(&Action::Close(id))
+    }
+
+    fn submitted(&self) -> Vec<RequestId> {
+        self.gw.upstream().submitted.iter().map(|s| s.0).collect()
+    }
+}
+
+fn ok(id: RequestId, body: &'static str) -> UpstreamEvent {
+    UpstreamEvent::Reply {
+        id,
+        payload: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+fn unavailable(id: RequestId) -> UpstreamEvent {
+    UpstreamEvent::Failed {
+        id,
+        code: ErrorCode::RouterUnavailable,
+        message: "Router unavailable: no responders".into(),
+    }
+}
+
+/// Router replies go back verbatim, in request order, even when they arrive out of order.
+#[test]
+fn replies_are_verbatim_and_in_request_order() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, r#"{"a":1}"#, ms(0));
+    h.send(c, kind::TASK_QUERY, b"", ms(0));
+    let ids = h.submitted();
+    assert_eq!(h.gw.upstream().submitted[1].1, TaskKind::Query);
+    assert_eq!(
+        h.gw.upstream().submitted[1].2.as_ref(),
+        b"{}",
+        "empty payload means {{}}"
+    );
+    h.reply(ok(ids[1], r#"{"second":true}"#), ms(1));
+    assert!(
+        h.frames(c).is_empty(),
+        "the second reply waits for the first"
+    );
+    h.reply(
+        ok(
+            ids[0],
+            r#"{"ok":false,"error":{"code":"policy_not_found"}}"#,
+        ),
+        ms(2),
+    );
+    assert_eq!(
+        h.frames(c),
+        vec![
+            (
+                kind::RESPONSE_OK,
+                br#"{"ok":false,"error":{"code":"policy_not_found"}}"#.to_vec()
+            ),
+            (kind::RESPONSE_OK, br#"{"second":true}"#.to_vec()),
+        ]
+    );
+    assert_eq!(h.gw.stats().responses.get(&0), Some(&2));
+    assert_eq!(h.gw.stats().task_requests, [1, 1, 0]);
+    assert_eq!(h.gw.inflight_len(), 0);
+}
+
+/// A request the Router does not answer gets error 5 at its deadline, not before, naming its
+/// request id; the upstream is told to forget it, and its late reply is dropped and counted.
+#[test]
+fn deadline_gives_timeout_and_the_late_reply_is_dropped() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(10));
+    let id = h.submitted()[0];
+    assert_eq!(h.gw.poll_timeout(), Some(ms(110)));
+    h.tick(ms(109));
+    assert!(h.frames(c).is_empty());
+    h.tick(ms(110));
+    let errors = h.errors(c);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["code"], 5);
+    assert_eq!(errors[0]["retryable"], true);
+    assert_eq!(errors[0]["request_id"], h.gw.request_id_text(id));
+    assert!(errors[0]["message"].as_str().unwrap().contains("100 ms"));
+    assert_eq!(h.gw.upstream().cancelled, vec![id]);
+    assert_eq!(h.gw.stats().router_timeouts, 1);
+    h.reply(ok(id, "{}"), ms(150));
+    assert_eq!(
+        h.frames(c).len(),
+        1,
+        "the late reply never reaches the client"
+    );
+    assert_eq!(h.gw.stats().dropped_replies, 1);
+    // A duplicate of an answered request is dropped too.
+    h.task(c, "{}", ms(200));
+    let second = h.submitted()[1];
+    h.reply(ok(second, "{}"), ms(201));
+    h.reply(ok(second, "{}"), ms(202));
+    assert_eq!(h.frames(c).len(), 2);
+    assert_eq!(h.gw.stats().dropped_replies, 2);
+    assert!(h.gw.is_quiescent());
+}
+
+/// Request ids carry the seeded instance prefix and differ between requests and seeds.
+#[test]
+fn request_ids_are_unique_and_seeded() {
+    let a = Gateway::new(config(), Scripted::default());
+    let b = Gateway::new(
+        GatewayConfig {
+            seed: 43,
+            ..config()
+        },
+        Scripted::default(),
+    );
+    assert_ne!(
+        a.request_id_text(RequestId(1)),
+        a.request_id_text(RequestId(2))
+    );
+    assert_ne!(
+        a.request_id_text(RequestId(1)),
+        b.request_id_text(RequestId(1))
+    );
+    assert!(a.request_id_text(RequestId(12)).ends_with("-12"));
+}
+
+/// The breaker opens after consecutive failures, answers error 8 without asking the upstream
+/// while open, half-opens after the open time and closes on a probe's success.
+#[test]
+fn breaker_lifecycle_through_the_gateway() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    for i in 0..3 {
+        h.task(c, "{}", ms(i));
+        let id = *h.submitted().last().unwrap();
+        h.reply(unavailable(id), ms(i));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+    let asked = h.submitted().len();
+    h.task(c, "{}", ms(10));
+    assert_eq!(h.submitted().len(), asked, "nothing is sent while open");
+    let last = h.errors(c).pop().unwrap();
+    assert_eq!(
+        (last["code"].as_u64(), last.get("request_id")),
+        (Some(8), None)
+    );
+    assert!(last["message"]
+        .as_str()
+        .unwrap()
+        .contains("circuit breaker open"));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(1002)));
+    h.tick(ms(1002));
+    assert_eq!(h.gw.breaker_state(), BreakerState::HalfOpen);
+    h.task(c, "{}", ms(1003));
+    h.task(c, "{}", ms(1003));
+    assert_eq!(h.submitted().len(), asked + 1, "one probe at a time");
+    let probe = *h.submitted().last().unwrap();
+    h.reply(ok(probe, "{}"), ms(1004));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    let t = &h.gw.stats().breaker_transitions;
+    assert_eq!(
+        (t.get("open"), t.get("half_open"), t.get("closed")),
+        (Some(&1), Some(&1), Some(&1))
+    );
+    // A payload-size failure says nothing about the Router's health.
+    for i in 0..3 {
+        h.task(c, "{}", ms(1010 + i));
+        let id = *h.submitted().last().unwrap();
+        let too_big = UpstreamEvent::Failed {
+            id,
+            code: ErrorCode::FrameTooLarge,
+            message: "too large".into(),
+        };
+        h.reply(too_big, ms(1010 + i));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    assert_eq!(h.errors(c).last().unwrap()["code"], 3);
+}
+
+/// Timeouts count as breaker failures too.
+#[test]
+fn timeouts_open_the_breaker() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    for i in 0..3 {
+        h.task(c, "{}", ms(i * 200));
+        h.tick(ms(i * 200 + 100));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+}
+
+/// The global in-flight limit sheds with error 7 at once and counts it; per connection, the
+/// limit pauses reading and a reply resumes it with ResumeRead.
+#[test]
+fn global_limit_sheds_and_per_connection_limit_pauses() {
+    let mut h = Harness::new(config());
+    let a = h.open(ms(0));
+    let b = h.open(ms(0));
+    h.task(a, "{}", ms(0));
+    h.task(a, "{}", ms(0));
+    assert!(!h.gw.wants_read(a), "two in flight on a: reading pauses");
+    h.task(a, "{}", ms(0));
+    assert_eq!(
+        h.submitted().len(),
+        2,
+        "the third frame waits in the buffer, not refused"
+    );
+    h.task(b, "{}", ms(0));
+    h.task(b, "{}", ms(0));
+    assert_eq!(h.submitted().len(), 3);
+    assert_eq!(h.gw.stats().backpressure_rejections, 1);
+    assert!(
+        h.frames(b).is_empty(),
+        "the refusal waits behind b's first request"
+    );
+    let b_first = h.submitted()[2];
+    h.reply(ok(b_first, "{}"), ms(0));
+    let frames = h.frames(b);
+    assert_eq!(frames[0].0, kind::RESPONSE_OK);
+    assert_eq!(h.errors(b)[0]["code"], 7);
+    assert!(
+        h.errors(b)[0].get("request_id").is_none(),
+        "no id is assigned before admission"
+    );
+    let first = h.submitted()[0];
+    h.reply(ok(first, "{}"), ms(1));
+    assert_eq!(
+        h.submitted().len(),
+        4,
+        "the buffered frame is decoded once a slot frees"
+    );
+    assert!(
+        !h.gw.wants_read(a),
+        "and a is full again, so reading never resumed"
+    );
+    assert!(!h.actions.contains(&Action::ResumeRead(a)));
+    let second = h.submitted()[1];
+    h.reply(ok(second, "{}"), ms(2));
+    assert!(h.gw.wants_read(a));
+    assert!(
+        h.actions.contains(&Action::ResumeRead(a)),
+        "the shell must read again"
+    );
+}
+
+/// The connection limit refuses with error 7 and a close; uids not allowed get error 9 and a
+/// close; neither counts against the limit.
+#[test]
+fn connection_limit_and_uid_refusals() {
+    let mut h = Harness::new(config());
+    let a = h.open(ms(0));
+    let _b = h.open(ms(0));
+    let c = h.open(ms(0));
+    assert_eq!(h.errors(c)[0]["code"], 7);
+    assert!(h.errors(c)[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("limit of 2"));
+    assert!(h.closed(c));
+    let stranger = h.gw.handle_client_opened(
+        PeerCredentials {
+            uid: Some(5),
+            pid: None,
+        },
+        ms(0),
+    );
+    h.pump(ms(0));
+    assert_eq!(h.errors(stranger)[0]["code"], 9);
+    assert!(h.errors(stranger)[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("uid 5"));
+    assert!(h.closed(stranger));
+    let unknown = h.gw.handle_client_opened(PeerCredentials::default(), ms(0));
+    h.pump(ms(0));
+    assert_eq!(h.errors(unknown)[0]["code"], 9);
+    let s = h.gw.stats();
+    assert_eq!(
+        (
+            s.connections_total,
+            s.connections_rejected_limit,
+            s.connections_rejected_uid
+        ),
+        (5, 1, 2)
+    );
+    h.gw.handle_client_closed(a, ms(1));
+    let d = h.open(ms(1));
+    assert!(!h.closed(d), "a freed place admits the next");
+    assert_eq!(h.gw.connection_count(), 2);
+}
+
+/// A client that leaves cancels its requests upstream; their replies are dropped later.
+#[test]
+fn leaving_cancels_requests() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(0));
+    h.task(c, "{}", ms(0));
+    let ids = h.submitted();
+    h.gw.handle_client_closed(c, ms(1));
+    assert_eq!(h.gw.upstream().cancelled, ids);
+    assert_eq!(h.gw.inflight_len(), 0);
+    h.reply(ok(ids[0], "{}"), ms(2));
+    assert_eq!(h.gw.stats().dropped_replies, 1);
+    assert!(h.gw.is_quiescent());
+    assert_eq!(h.gw.connection_count(), 0);
+}
+
+/// A half-close (EOF) still gets every answer, then the close.
+#[test]
+fn half_close_answers_then_closes() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(0));
+    h.gw.handle_client_eof(c, ms(0));
+    h.pump(ms(0));
+    assert!(!h.closed(c));
+    let id = h.submitted()[0];
+    h.reply(ok(id, r#"{"x":1}"#), ms(1));
+    assert_eq!(
+        h.frames(c),
+        vec![(kind::RESPONSE_OK, br#"{"x":1}"#.to_vec())]
+    );
+    assert!(h.closed(c));
+    assert!(h.gw.upstream().cancelled.is_empty());
+}
+
+/// A partial frame held past the read timeout gets error 5 "read timeout" and a close; a
+/// decode error gets its code and a close after the replies owed before it.
+#[test]
+fn read_timeout_and_decode_errors_close_after_the_last_reply() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.gw.handle_client_bytes(c, &[0, 0, 0], ms(10));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(510)));
+    h.tick(ms(509));
+    assert!(!h.closed(c));
+    h.tick(ms(510));
+    assert_eq!(h.errors(c)[0]["code"], 5);
+    assert!(h.errors(c)[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("read timeout"));
+    assert!(h.closed(c));
+    assert_eq!(h.gw.stats().connections_closed_read_timeout, 1);
+
+    let d = h.open(ms(600));
+    h.task(d, "{}", ms(600));
+    h.gw.handle_client_bytes(d, &[0, 0, 0, 6, 2, kind::PING], ms(600));
+    h.pump(ms(600));
+    assert!(!h.closed(d), "the task before the bad frame is still owed");
+    let id = *h.submitted().last().unwrap();
+    h.reply(ok(id, "{}"), ms(601));
+    let frames = h.frames(d);
+    assert_eq!(frames[0].0, kind::RESPONSE_OK);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&frames[1].1).unwrap()["error"]["code"],
+        1
+    );
+    assert!(h.closed(d));
+}
+
+/// Local answers: PONG, the capabilities JSON, error 2 for other types, error 4 for a bad
+/// payload; all in order, and none touches the upstream.
+#[test]
+fn local_answers_in_order() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.send(c, kind::PING, b"ignored", ms(0));
+    h.send(c, kind::CAPABILITIES, b"", ms(0));
+    h.send(c, 0x99, b"", ms(0));
+    h.send(c, kind::TASK_SUBMIT, b"[1]", ms(0));
+    let frames = h.frames(c);
+    assert_eq!(frames[0], (kind::PONG, vec![]));
+    let caps: Value = serde_json::from_slice(&frames[1].1).unwrap();
+    assert_eq!(caps["max_payload_size"], 1018);
+    assert_eq!(
+        caps["gateway"],
+        json!({"name":"ipc-gateway","version":"9.9.9"})
+    );
+    let e2: Value = serde_json::from_slice(&frames[2].1).unwrap();
+    assert_eq!(e2["error"]["message"], "Unsupported message type 0x99");
+    let e4: Value = serde_json::from_slice(&frames[3].1).unwrap();
+    assert_eq!(e4["error"]["code"], 4);
+    assert!(h.submitted().is_empty());
+    assert_eq!(h.gw.stats().local_requests, 3);
+    assert!(!h.closed(c));
+}
+
+/// Draining: new tasks get error 6, in-flight ones are answered normally, and the drain
+/// completes once everything is written; at the drain deadline leftovers get error 6.
+#[test]
+fn drain_answers_in_flight_refuses_new_and_completes() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(0));
+    h.gw.begin_shutdown(ms(1));
+    h.pump(ms(1));
+    assert!(h.gw.is_draining());
+    h.task(c, "{}", ms(2));
+    assert_eq!(h.submitted().len(), 1);
+    assert!(!h.actions.contains(&Action::ShutdownComplete));
+    let id = h.submitted()[0];
+    h.reply(ok(id, "{}"), ms(3));
+    assert!(h.actions.contains(&Action::ShutdownComplete));
+    let frames = h.frames(c);
+    assert_eq!(
+        frames[0].0,
+        kind::RESPONSE_OK,
+        "in flight: answered normally"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&frames[1].1).unwrap()["error"]["code"],
+        6
+    );
+
+    let mut h = Harness::new(GatewayConfig {
+        request_timeout: Duration::from_secs(60),
+        ..config()
+    });
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(0));
+    h.gw.begin_shutdown(ms(0));
+    h.pump(ms(0));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(1000)));
+    h.tick(ms(1000));
+    let e = h.errors(c);
+    assert_eq!(
+        (e[0]["code"].as_u64(), e[0]["request_id"].is_string()),
+        (Some(6), true)
+    );
+    assert!(h.actions.contains(&Action::ShutdownComplete));
+    assert_eq!(h.gw.upstream().cancelled, h.submitted());
+}
+
+/// A client that does not read is closed at the output cap, and its requests are cancelled.
+#[test]
+fn output_cap_closes_and_cancels() {
+    let mut gw = Gateway::new(config(), Scripted::default());
+    let c = gw.handle_client_opened(USER, ms(0));
+    gw.handle_client_bytes(c, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(0));
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(900));
+    let mut pings = Vec::new();
+    for _ in 0..5 {
+        pings.extend_from_slice(&encode_frame(kind::CAPABILITIES, b""));
+    }
+    gw.handle_client_bytes(c, &pings, ms(0));
+    while gw.poll_action().is_some() {}
+    let id = gw.upstream().submitted[0].0;
+    gw.upstream_mut().events.push_back(UpstreamEvent::Reply {
+        id,
+        payload: Bytes::from(body),
+    });
+    gw.handle_timeout(ms(1));
+    let mut actions = Vec::new();
+    while let Some(a) = gw.poll_action() {
+        actions.push(a);
+    }
+    assert!(
+        !actions.contains(&Action::Close(c)),
+        "capabilities alone stay under 4096"
+    );
+    gw.handle_client_bytes(c, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(2));
+    gw.handle_client_bytes(c, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(2));
+    let ids: Vec<RequestId> = gw.upstream().submitted.iter().map(|s| s.0).collect();
+    let big = format!("{{\"pad\":\"{}\"}}", "y".repeat(3000));
+    gw.upstream_mut().events.push_back(UpstreamEvent::Reply {
+        id: ids[1],
+        payload: Bytes::from(big),
+    });
+    gw.handle_timeout(ms(3));
+    let mut actions = Vec::new();
+    while let Some(a) = gw.poll_action() {
+        actions.push(a);
+    }
+    assert!(actions.contains(&Action::Close(c)));
+    assert_eq!(gw.stats().connections_closed_output_cap, 1);
+    assert_eq!(gw.upstream().cancelled, vec![ids[2]]);
+    assert_eq!(gw.connection_count(), 0);
+}
+
+/// poll_timeout is the earliest of every part's deadline; nothing pending means None.
+#[test]
+fn poll_timeout_is_the_earliest_deadline() {
+    let mut h = Harness::new(config());
+    assert_eq!(h.gw.poll_timeout(), None);
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(50)); // deadline 150
+    h.gw.handle_client_bytes(c, &[0], ms(60)); // read timeout at 560
+    assert_eq!(h.gw.poll_timeout(), Some(ms(150)));
+    h.tick(ms(150));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(560)));
+}
