@@ -321,6 +321,8 @@ mod tests {
         ));
         d.push(b"{\"a\":1");
         assert_eq!(d.next_frame(), Ok(None));
+        assert_eq!(d.buffered_len(), 12);
+        assert!(d.buffered_capacity() >= 12);
         assert!(
             d.buffered_capacity() < 64 * 1024,
             "capacity {} after 12 bytes",

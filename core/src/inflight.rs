@@ -229,6 +229,74 @@ mod tests {
         assert_eq!(t.pop_expired(ms(1_000)), None, "no timeout after the reply");
     }
 
+    /// Removing from anywhere but the front leaves a stale deadline (lazy), and stale ones
+    /// are compacted away once they outnumber the live ones, so the queue stays bounded.
+    #[test]
+    fn deadline_queue_is_lazy_but_bounded() {
+        let mut t = InFlightTable::new();
+        let ids: Vec<RequestId> = (0..200).map(|i| t.insert(entry(0, i, 1_000 + i))).collect();
+        assert_eq!(
+            (t.len(), t.queued_deadlines(), t.is_empty()),
+            (200, 200, false)
+        );
+        t.remove(ids[150]);
+        assert_eq!(
+            (t.len(), t.queued_deadlines()),
+            (199, 200),
+            "one stale element kept"
+        );
+        for id in &ids[1..150] {
+            t.remove(*id);
+            assert!(t.queued_deadlines() <= 2 * t.len() + 32);
+            assert!(t.queued_deadlines() >= t.len());
+        }
+        assert_eq!(t.len(), 50);
+        assert!(t.queued_deadlines() < 2 * 50 + 32 + 1);
+        // Every live request still expires, in order, after compaction.
+        let expired: Vec<RequestId> =
+            std::iter::from_fn(|| t.pop_expired(ms(10_000)).map(|(id, _)| id)).collect();
+        let mut live = vec![ids[0]];
+        live.extend(ids[151..].iter().copied());
+        assert_eq!(expired, live);
+        assert!(t.is_empty());
+        assert_eq!(t.queued_deadlines(), 0);
+    }
+
+    /// A front removal drops stale elements at once: the next deadline is always a live one.
+    #[test]
+    fn next_deadline_skips_removed_requests() {
+        let mut t = InFlightTable::new();
+        let a = t.insert(entry(0, 0, 10));
+        let _b = t.insert(entry(0, 1, 20));
+        t.remove(a);
+        assert_eq!(t.next_deadline(), Some(ms(20)));
+        assert_eq!(t.queued_deadlines(), 1);
+        assert_eq!(
+            format!("{t:?}"),
+            "InFlightTable { live: 1, queued_deadlines: 1 }"
+        );
+    }
+
+    /// Sequential ids spread over the hash space (the map's speed depends on it).
+    #[test]
+    fn id_hasher_spreads_sequential_ids_and_bytes() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let hashes: std::collections::BTreeSet<u64> =
+            (0..1000u64).map(|i| build.hash_one(RequestId(i))).collect();
+        assert_eq!(hashes.len(), 1000);
+        let top_bits: std::collections::BTreeSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(top_bits.len() > 100, "high bits vary: {}", top_bits.len());
+        let bytes = |b: &[u8]| {
+            let mut h = build.build_hasher();
+            h.write(b);
+            h.finish()
+        };
+        assert_ne!(bytes(&[1]), bytes(&[2]));
+        assert_ne!(bytes(&[1, 2]), bytes(&[2, 1]));
+        assert_ne!(bytes(&[3]), 0);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u64),

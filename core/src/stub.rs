@@ -138,12 +138,16 @@ mod tests {
         let mut s = StubUpstream::new(Duration::from_millis(100));
         let t0 = Instant::ZERO;
         s.submit(request(1, "{}"), t0);
+        assert_eq!(s.pending(), 1);
         s.submit(request(2, "{}"), t0 + Duration::from_millis(10));
+        assert_eq!(s.pending(), 2);
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
         s.handle_timeout(t0 + Duration::from_millis(99));
         assert_eq!(s.poll_event(), None);
         s.cancel(RequestId(2));
+        assert_eq!(s.pending(), 1);
         s.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(s.pending(), 1, "a due reply counts until it is polled");
         assert!(matches!(
             s.poll_event(),
             Some(UpstreamEvent::Reply {

@@ -84,3 +84,19 @@ pub trait Upstream {
     /// Requests the upstream still holds (for the no-leak invariant).
     fn pending(&self) -> usize;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_kinds_are_the_three_task_messages() {
+        let kinds: Vec<Option<TaskKind>> = (0..=255u8).map(TaskKind::from_frame_kind).collect();
+        assert_eq!(kinds.iter().flatten().count(), 3);
+        assert_eq!(kinds[1], Some(TaskKind::Submit));
+        assert_eq!(kinds[2], Some(TaskKind::Query));
+        assert_eq!(kinds[3], Some(TaskKind::Cancel));
+        let methods = [TaskKind::Submit, TaskKind::Query, TaskKind::Cancel].map(TaskKind::method);
+        assert_eq!(methods, ["task_submit", "task_query", "task_cancel"]);
+    }
+}
