@@ -39,6 +39,11 @@ const SIGNALS: Token = Token(1);
 // Tokens 2..16 are kept for the NATS socket, the HTTP listener and a waker.
 const FIRST_CLIENT: usize = 16;
 
+/// After `accept` fails (out of file descriptors, say), when to try again: edge-triggered
+/// epoll raises no new event for connections already waiting in the backlog, and retrying at
+/// once would spin while the condition lasts.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Reads one connection may do in one turn before others get theirs.
 const READS_PER_TURN: usize = 16;
 /// Slices handed to one vectored write.
@@ -129,6 +134,8 @@ pub struct EventLoop<U> {
     read_buf: Vec<u8>,
     /// Connections whose read budget ran out with bytes possibly left.
     read_again: BTreeSet<Token>,
+    /// `accept` failed; the backlog is retried at this time.
+    accept_again: Option<std::time::Instant>,
 }
 
 impl<U: Upstream> EventLoop<U> {
@@ -148,6 +155,7 @@ impl<U: Upstream> EventLoop<U> {
             clock: Clock(std::time::Instant::now()),
             read_buf: vec![0; READ_SLACK],
             read_again: BTreeSet::new(),
+            accept_again: None,
         })
     }
 
@@ -156,11 +164,15 @@ impl<U: Upstream> EventLoop<U> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.read_again.is_empty() {
-                self.gateway.poll_timeout().map(|t| {
+                let core = self.gateway.poll_timeout().map(|t| {
                     // Round up to the next millisecond: epoll's resolution, and waking a
                     // little late is harmless while waking early spins.
                     (t - self.clock.now()) + Duration::from_micros(999)
-                })
+                });
+                let accept = self
+                    .accept_again
+                    .map(|t| t.saturating_duration_since(std::time::Instant::now()));
+                core.into_iter().chain(accept).min()
             } else {
                 Some(Duration::ZERO)
             };
@@ -190,9 +202,21 @@ impl<U: Upstream> EventLoop<U> {
                         }
                     }
                 }
+                // Write what this event produced before reading the next connection: its
+                // client can send its next requests while we serve the others.
+                if self.apply_actions(now) {
+                    return Ok(Exit::Drained);
+                }
             }
             for token in std::mem::take(&mut self.read_again) {
                 self.read(token, now);
+            }
+            if self
+                .accept_again
+                .is_some_and(|t| t <= std::time::Instant::now())
+            {
+                self.accept_again = None;
+                self.accept(now);
             }
             let now = self.clock.now();
             if self.gateway.poll_timeout().is_some_and(|t| t <= now) {
@@ -230,9 +254,10 @@ impl<U: Upstream> EventLoop<U> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // EMFILE and friends: leave the backlog for the next readiness rather than
-                    // spinning; the clients already connected keep being served.
-                    warn!(event = "error", component = "ipc_bridge", error = %e, "accept failed");
+                    // EMFILE and friends: the clients already connected keep being served and
+                    // the backlog is tried again shortly.
+                    warn!(event = "error", component = "ipc_bridge", error = %e, "accept failed; retrying in 100 ms");
+                    self.accept_again = Some(std::time::Instant::now() + ACCEPT_RETRY);
                     return;
                 }
             }

@@ -95,7 +95,31 @@ impl Daemon {
     /// cannot leak in; `CGW_IPC_SOCKET_PATH` is `socket` and `CGW_HTTP_ADDR` is `off` (parallel
     /// daemons would fight over the default port) unless `env` says otherwise.
     pub fn spawn_at(socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(binary());
+        Daemon::spawn_command(Command::new(binary()), socket, env, args)
+    }
+
+    /// Starts a daemon whose open-file limit is `nofile` (through the shell's `ulimit -n`,
+    /// which needs no privilege) and waits until it is ready.
+    pub fn start_with_fd_limit(nofile: u64, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        let socket = dir.path().join("gw.sock");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"ulimit -n "$1" && exec "$0""#)
+            .arg(binary())
+            .arg(nofile.to_string());
+        let mut daemon = Daemon::spawn_command(cmd, &socket, env, &[]);
+        daemon._dir = Some(dir);
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        socket: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("CGW_") || key == "RUST_LOG" {
                 cmd.env_remove(key);

@@ -2,13 +2,14 @@
 //! connection limit, slow-loris protection, clients that never read, the in-flight limits,
 //! the request deadline and the maximum frame size.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{
     expect_closed, expect_echo, expect_error, expect_error_code, is_closed, object_of_len,
-    peak_rss_kb, ping, recv, rss_kb, send, send_json, send_raw, submit_echo, Daemon,
+    peak_rss_kb, ping, recv, rss_kb, send, send_json, send_raw, submit_echo, Daemon, PONG_BYTES,
 };
 use ipc_gateway_tests::frame::{
     self, CAPABILITIES, PING, PONG, RESPONSE_ERROR, RESPONSE_OK, TASK_SUBMIT,
@@ -321,4 +322,61 @@ fn frame_one_byte_over_default_max_gets_error_3() {
     expect_error_code(&mut stream, 3);
     expect_closed(&mut stream);
     writing.join().unwrap();
+}
+
+/// Out of file descriptors, the daemon keeps serving its clients, and the connections that
+/// waited in the listen backlog are accepted once descriptors free up, with no new connection
+/// needed to wake it (edge-triggered epoll raises no new event for a backlog that was
+/// already there; the daemon retries accept on a timer).
+#[test]
+fn backlog_is_accepted_once_file_descriptors_free_up() {
+    // The limit caps descriptor numbers and new ones take the lowest free number: probe an
+    // idle daemon's lowest free one and allow three more.
+    let probe = Daemon::start(&[]);
+    let used: std::collections::BTreeSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", probe.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    drop(probe);
+    let lowest_free = (0..)
+        .find(|fd| !used.contains(fd))
+        .expect("a free descriptor number");
+    let daemon =
+        Daemon::start_with_fd_limit(lowest_free + 3, &[("CGW_IPC_MAX_CONNECTIONS", "1000")]);
+    // Connect until a client goes unanswered: from then on clients wait in the backlog. (The
+    // probe can be off by one if it still held its readiness connection, so count, don't assume.)
+    let mut served: Vec<UnixStream> = Vec::new();
+    let mut waiting: Vec<UnixStream> = Vec::new();
+    let mut pong = [0u8; 6];
+    while waiting.is_empty() {
+        assert!(served.len() < 8, "the descriptor limit did not bite");
+        let mut s = daemon.connect();
+        send(&mut s, PING, b"");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match s.read_exact(&mut pong) {
+            Ok(()) => served.push(s),
+            Err(_) => waiting.push(s),
+        }
+    }
+    assert!(served.len() >= 2, "only {} clients fit", served.len());
+    for _ in 0..2 {
+        let mut s = daemon.connect();
+        send(&mut s, PING, b"");
+        waiting.push(s);
+    }
+    ping(&mut served[0]); // clients already connected are still served
+    drop(served); // descriptors free up for the waiting clients
+    for s in &mut waiting {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.read_exact(&mut pong)
+            .expect("a backlog connection was never served");
+        assert_eq!(pong, PONG_BYTES);
+    }
+    assert!(
+        daemon.stderr().contains("accept failed"),
+        "{}",
+        daemon.stderr()
+    );
 }
