@@ -467,3 +467,69 @@ fn check_replies(peer: &mut Peer) {
     }
     peer.received.drain(..consumed);
 }
+
+/// Feeds `data` to a NATS decoder whole and in pieces whose sizes come from `data` itself:
+/// both must give the same ops and the same error, and between calls the decoder may hold no
+/// more than one bounded control line or one bounded payload.
+pub fn nats_decoder(data: &[u8]) {
+    let first = data.first().copied().unwrap_or(0) as usize;
+    let limits = crate::nats_codec::DecoderLimits {
+        max_control_line: 16 + first * 4,
+        max_payload: 64 + (first % 16) * 64,
+    };
+    let whole = nats_decode_all(data, &[data.len().max(1)], limits);
+    let sizes: Vec<usize> = data
+        .iter()
+        .take(16)
+        .map(|b| (*b as usize % 7) + 1)
+        .collect();
+    let split = nats_decode_all(data, &sizes, limits);
+    assert_eq!(
+        whole, split,
+        "NATS decoding depended on how the bytes were split"
+    );
+}
+
+type NatsDecoded = (
+    Vec<crate::nats_codec::ServerOp>,
+    Option<crate::nats_codec::NatsDecodeError>,
+);
+
+fn nats_decode_all(
+    data: &[u8],
+    sizes: &[usize],
+    limits: crate::nats_codec::DecoderLimits,
+) -> NatsDecoded {
+    let mut d = crate::nats_codec::NatsDecoder::new(limits);
+    let mut ops = Vec::new();
+    let mut rest = data;
+    let mut i = 0;
+    loop {
+        loop {
+            match d.next_op() {
+                Ok(Some(op)) => ops.push(op),
+                Ok(None) => {
+                    let held = limits.max_control_line.max(limits.max_payload) + 1;
+                    assert!(
+                        d.buffered_len() <= held,
+                        "decoder holds {} bytes, more than one line or payload",
+                        d.buffered_len()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    assert!(d.next_op() == Err(e.clone()), "error not sticky");
+                    assert_eq!(d.buffered_len(), 0, "buffer kept after an error");
+                    return (ops, Some(e));
+                }
+            }
+        }
+        if rest.is_empty() {
+            return (ops, None);
+        }
+        let n = sizes[i % sizes.len()].min(rest.len());
+        i += 1;
+        d.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+}

@@ -10,6 +10,7 @@
 //! One state machine per module: [`frame`] (IPC codec), [`connection`] (one client),
 //! [`inflight`] (requests and deadlines), [`breaker`] (circuit breaker), [`stub`] (the embedded
 //! Router), routed together by [`gateway`].
+//! [`nats_codec`] speaks the NATS client protocol (INFO … -ERR in, CONNECT … PONG out).
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod gateway;
 pub mod inflight;
+pub mod nats_codec;
 pub mod payload;
 pub mod rng;
 pub mod stub;
