@@ -22,6 +22,8 @@ struct Scripted {
     submitted: Vec<(RequestId, TaskKind, Bytes)>,
     cancelled: Vec<RequestId>,
     events: VecDeque<UpstreamEvent>,
+    /// What `pending()` reports (the test decides what the upstream still holds).
+    holding: usize,
 }
 
 impl Upstream for Scripted {
@@ -40,7 +42,7 @@ impl Upstream for Scripted {
         self.events.pop_front()
     }
     fn pending(&self) -> usize {
-        0
+        self.holding
     }
 }
 
@@ -546,9 +548,16 @@ fn drain_answers_in_flight_refuses_new_and_completes() {
     let mut h = Harness::new(config());
     let c = h.open(ms(0));
     h.task(c, "{}", ms(0));
+    assert!(!h.gw.is_draining());
     h.gw.begin_shutdown(ms(1));
     h.pump(ms(1));
     assert!(h.gw.is_draining());
+    h.tick(ms(50));
+    assert!(
+        h.frames(c).is_empty(),
+        "before the drain deadline in-flight requests wait"
+    );
+    assert_eq!(h.gw.inflight_len(), 1);
     h.task(c, "{}", ms(2));
     assert_eq!(h.submitted().len(), 1);
     assert!(!h.actions.contains(&Action::ShutdownComplete));
@@ -642,4 +651,36 @@ fn poll_timeout_is_the_earliest_deadline() {
     assert_eq!(h.gw.poll_timeout(), Some(ms(150)));
     h.tick(ms(150));
     assert_eq!(h.gw.poll_timeout(), Some(ms(560)));
+}
+
+/// Quiescent means nothing at all is held: each kind of leftover alone makes it false.
+#[test]
+fn quiescence_requires_every_part_to_be_empty() {
+    let mut h = Harness::new(config());
+    assert!(h.gw.is_quiescent());
+    let c = h.open(ms(0));
+    assert!(h.gw.is_quiescent(), "an idle connection holds nothing");
+    // A request in flight.
+    h.task(c, "{}", ms(0));
+    assert_eq!(h.gw.inflight_len(), 1);
+    assert!(!h.gw.is_quiescent());
+    h.reply(ok(h.submitted()[0], "{}"), ms(1));
+    assert!(h.gw.is_quiescent());
+    // Something the upstream still holds.
+    h.gw.upstream_mut().holding = 1;
+    assert!(!h.gw.is_quiescent());
+    h.gw.upstream_mut().holding = 0;
+    // A partial frame, whose read deadline is a timer.
+    h.gw.handle_client_bytes(c, &[0, 0], ms(2));
+    assert!(!h.gw.is_quiescent());
+    h.gw.handle_client_bytes(c, &[0, 6, 1, kind::PING], ms(2));
+    // An answer not yet written (the shell has not pumped).
+    assert!(!h.gw.is_quiescent(), "the PONG is still queued");
+    h.pump(ms(2));
+    assert!(h.gw.is_quiescent());
+    // An answered reply held behind a waiting request.
+    h.task(c, "{}", ms(3));
+    h.send(c, kind::PING, b"", ms(3));
+    h.reply(ok(h.submitted()[1], "{}"), ms(4));
+    assert!(h.gw.is_quiescent());
 }
