@@ -824,11 +824,12 @@ impl<U: Upstream> Gateway<U> {
             );
         }
         if let Some(drain) = self.drain {
-            let flushed = self.inflight.is_empty()
-                && self
-                    .clients
-                    .values()
-                    .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output());
+            // Every request in flight holds a slot on its connection (assert_invariants), so
+            // no unanswered slot anywhere also means nothing in flight.
+            let flushed = self
+                .clients
+                .values()
+                .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output());
             let given_up = drain.leftovers_failed && now >= drain.deadline + FLUSH_GRACE;
             if !drain.complete && (flushed || given_up) {
                 if let Some(d) = self.drain.as_mut() {

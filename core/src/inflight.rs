@@ -262,6 +262,28 @@ mod tests {
         assert_eq!(t.queued_deadlines(), 0);
     }
 
+    /// Compaction starts exactly when the queue exceeds twice the live count plus 32.
+    #[test]
+    fn compaction_threshold_is_twice_the_live_count_plus_32() {
+        let mut t = InFlightTable::new();
+        let ids: Vec<RequestId> = (0..200).map(|i| t.insert(entry(0, i, 1_000 + i))).collect();
+        // Remove from the back: never the front, so every removal leaves a stale element.
+        for id in ids[84..].iter().rev() {
+            t.remove(*id);
+        }
+        assert_eq!(
+            (t.len(), t.queued_deadlines()),
+            (84, 200),
+            "200 > 2*84+32 is false: lazy"
+        );
+        t.remove(ids[83]);
+        assert_eq!(
+            (t.len(), t.queued_deadlines()),
+            (83, 83),
+            "200 > 2*83+32: compacted"
+        );
+    }
+
     /// A front removal drops stale elements at once: the next deadline is always a live one.
     #[test]
     fn next_deadline_skips_removed_requests() {

@@ -684,3 +684,43 @@ fn quiescence_requires_every_part_to_be_empty() {
     h.reply(ok(h.submitted()[1], "{}"), ms(4));
     assert!(h.gw.is_quiescent());
 }
+
+/// The drain completes only once queued replies are written; a client that never reads is
+/// given up on at the drain deadline plus a 2 s flush grace, not before.
+#[test]
+fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
+    let mut gw = Gateway::new(config(), Scripted::default());
+    let c = gw.handle_client_opened(USER, ms(0));
+    gw.handle_client_bytes(c, &encode_frame(kind::PING, b""), ms(0));
+    gw.begin_shutdown(ms(0));
+    let drained = |gw: &mut Gateway<Scripted>| {
+        std::iter::from_fn(|| gw.poll_action()).any(|a| a == Action::ShutdownComplete)
+    };
+    assert!(!drained(&mut gw), "the PONG is not written yet");
+    let queued: usize = gw.client_output(c).map(<[u8]>::len).sum();
+    gw.handle_client_written(c, queued - 1, ms(1));
+    assert!(!drained(&mut gw), "one byte is still queued");
+    gw.handle_client_written(c, 1, ms(1));
+    assert!(drained(&mut gw));
+
+    let mut gw = Gateway::new(config(), Scripted::default());
+    let c = gw.handle_client_opened(USER, ms(0));
+    gw.handle_client_bytes(c, &encode_frame(kind::PING, b""), ms(0));
+    gw.begin_shutdown(ms(0));
+    assert_eq!(gw.poll_timeout(), Some(ms(1000)));
+    gw.handle_timeout(ms(1000));
+    assert!(!drained(&mut gw), "the flush grace has only begun");
+    assert_eq!(gw.poll_timeout(), Some(ms(3000)));
+    gw.handle_timeout(ms(2999));
+    assert!(!drained(&mut gw));
+    gw.handle_timeout(ms(3000));
+    assert!(drained(&mut gw), "given up at the deadline plus the grace");
+    assert_eq!(gw.poll_timeout(), None, "nothing more to wait for");
+}
+
+/// The shell's read size and the core's input bound agree (the invariant allows one frame plus
+/// one read of this size).
+#[test]
+fn read_slack_is_the_shells_read_size() {
+    assert_eq!(ipc_gateway_core::gateway::READ_SLACK, 64 * 1024);
+}
