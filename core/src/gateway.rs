@@ -30,7 +30,6 @@ use crate::error::{error_frame, ErrorCode};
 use crate::frame::{kind, DecodeError, Frame, ReplyFrame, MAX_FRAME_BYTES};
 use crate::inflight::{InFlight, InFlightTable, RequestId};
 use crate::payload::validate_task_payload;
-use crate::rng::Rng;
 use crate::time::Instant;
 use crate::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
 
@@ -182,7 +181,7 @@ struct Drain {
 
 impl<U: Upstream> Gateway<U> {
     pub fn new(config: GatewayConfig, upstream: U) -> Gateway<U> {
-        let instance = Rng::new(config.seed).next_u64() as u32;
+        let instance = crate::upstream::instance_prefix(config.seed);
         Gateway {
             capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
             breaker: CircuitBreaker::new(config.breaker),
@@ -851,7 +850,7 @@ impl<U: Upstream> Gateway<U> {
 
     /// The request id as the Router and the client see it.
     pub fn request_id_text(&self, id: RequestId) -> String {
-        format!("{:08x}-{}", self.instance, id.0)
+        crate::upstream::request_id_text(self.instance, id)
     }
 }
 

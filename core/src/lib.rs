@@ -10,7 +10,10 @@
 //! One state machine per module: [`frame`] (IPC codec), [`connection`] (one client),
 //! [`inflight`] (requests and deadlines), [`breaker`] (circuit breaker), [`stub`] (the embedded
 //! Router), routed together by [`gateway`].
-//! [`nats_codec`] speaks the NATS client protocol (INFO … -ERR in, CONNECT … PONG out).
+//! [`nats_codec`] speaks the NATS client protocol (INFO … -ERR in, CONNECT … PONG out);
+//! [`nats_session`] is the NATS upstream (connect, keepalive, reconnect, request-reply) over
+//! [`nats_pool`] (servers, backoff) and [`router_envelope`] (the Router request), configured
+//! by [`nats_config`].
 
 #![forbid(unsafe_code)]
 
@@ -23,8 +26,12 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod inflight;
 pub mod nats_codec;
+pub mod nats_config;
+pub mod nats_pool;
+pub mod nats_session;
 pub mod payload;
 pub mod rng;
+pub mod router_envelope;
 pub mod stub;
 pub mod time;
 pub mod upstream;

@@ -56,6 +56,19 @@ pub struct UpstreamRequest {
     pub deadline: Instant,
 }
 
+/// The gateway's request id prefix for a seed: the first draw of the seeded RNG, so ids differ
+/// between gateway instances. [`crate::gateway::Gateway`] derives its prefix the same way.
+pub fn instance_prefix(seed: u64) -> u32 {
+    crate::rng::Rng::new(seed).next_u64() as u32
+}
+
+/// A request id as the Router and the client see it: `{instance:08x}-{n}`, the text
+/// `Gateway::request_id_text` produces. The NATS session formats it only on its own path, so
+/// stub mode pays nothing for it.
+pub fn request_id_text(instance: u32, id: RequestId) -> String {
+    format!("{instance:08x}-{}", id.0)
+}
+
 /// How a request ended, as reported by the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamEvent {

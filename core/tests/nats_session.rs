@@ -1,0 +1,928 @@
+//! Scenario tests of the NATS session through its public surface, against a scripted server:
+//! hand-written server bytes (INFO, PONG, MSG, the 503 HMSG as nats-server writes it, -ERR)
+//! in, and the client bytes the session queues parsed back out. Each test pins one rule of
+//! gateway.md section 2 or router.md sections 3 and 4.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipc_gateway_core::error::ErrorCode;
+use ipc_gateway_core::inflight::RequestId;
+use ipc_gateway_core::nats_session::{
+    to_base36, NatsConfig, NatsSession, SessionAction, SessionState,
+};
+use ipc_gateway_core::payload::validate_task_payload;
+use ipc_gateway_core::router_envelope::EnvelopeMode;
+use ipc_gateway_core::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use ipc_gateway_core::Instant;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn ms(n: u64) -> Instant {
+    Instant::ZERO + Duration::from_millis(n)
+}
+
+type Headers = Vec<(String, String)>;
+
+/// One operation the session wrote, as a server would read it.
+#[derive(Debug, Clone, PartialEq)]
+enum ClientOp {
+    Connect(Value),
+    Sub(String, u64),
+    Ping,
+    Pong,
+    Pub {
+        subject: String,
+        reply: String,
+        headers: Option<Vec<(String, String)>>,
+        payload: Vec<u8>,
+    },
+}
+
+fn parse_client(wire: &[u8]) -> Vec<ClientOp> {
+    let mut ops = Vec::new();
+    let mut i = 0;
+    while i < wire.len() {
+        let end = i + wire[i..].windows(2).position(|w| w == b"\r\n").unwrap();
+        let line = std::str::from_utf8(&wire[i..end]).unwrap().to_owned();
+        i = end + 2;
+        let (op, rest) = line.split_once(' ').unwrap_or((&line, ""));
+        let args: Vec<&str> = rest.split(' ').collect();
+        match op {
+            "CONNECT" => ops.push(ClientOp::Connect(serde_json::from_str(rest).unwrap())),
+            "SUB" => ops.push(ClientOp::Sub(args[0].into(), args[1].parse().unwrap())),
+            "PING" => ops.push(ClientOp::Ping),
+            "PONG" => ops.push(ClientOp::Pong),
+            "PUB" => {
+                let n: usize = args[2].parse().unwrap();
+                ops.push(ClientOp::Pub {
+                    subject: args[0].into(),
+                    reply: args[1].into(),
+                    headers: None,
+                    payload: wire[i..i + n].to_vec(),
+                });
+                i += n + 2;
+            }
+            "HPUB" => {
+                let h: usize = args[2].parse().unwrap();
+                let t: usize = args[3].parse().unwrap();
+                let block = std::str::from_utf8(&wire[i..i + h]).unwrap();
+                let mut lines = block.split("\r\n");
+                assert_eq!(lines.next(), Some("NATS/1.0"));
+                let headers = lines
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        let (k, v) = l.split_once(": ").unwrap();
+                        (k.to_owned(), v.to_owned())
+                    })
+                    .collect();
+                ops.push(ClientOp::Pub {
+                    subject: args[0].into(),
+                    reply: args[1].into(),
+                    headers: Some(headers),
+                    payload: wire[i + h..i + t].to_vec(),
+                });
+                i += t + 2;
+            }
+            other => panic!("unexpected client op {other}"),
+        }
+    }
+    ops
+}
+
+fn info(extra: Value) -> Vec<u8> {
+    let mut v = json!({"server_id":"S1","version":"2.10.0","proto":1,"host":"0.0.0.0",
+                       "port":4222,"headers":true,"max_payload":1048576});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    format!("INFO {v}\r\n").into_bytes()
+}
+
+/// The session plus a shell that connects where told, writes everything, and records.
+struct Shell {
+    s: NatsSession,
+    now: Instant,
+    /// Bytes written on the current socket.
+    wire: Vec<u8>,
+    connects: Vec<(String, u16, Instant)>,
+    disconnects: usize,
+    events: Vec<UpstreamEvent>,
+}
+
+impl Shell {
+    fn new(config: NatsConfig) -> Shell {
+        Shell {
+            s: NatsSession::new(config),
+            now: Instant::ZERO,
+            wire: Vec::new(),
+            connects: Vec::new(),
+            disconnects: 0,
+            events: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        while let Some(a) = self.s.poll_action() {
+            match a {
+                SessionAction::Connect { host, port } => {
+                    self.connects.push((host, port, self.now));
+                    self.wire.clear();
+                }
+                SessionAction::Disconnect => self.disconnects += 1,
+                SessionAction::Transmit => {}
+            }
+        }
+        let out: Vec<u8> = self.s.output().flatten().copied().collect();
+        self.wire.extend_from_slice(&out);
+        self.s.consume_output(out.len());
+        while let Some(e) = self.s.poll_event() {
+            self.events.push(e);
+        }
+    }
+
+    fn at(&mut self, t: Instant) {
+        self.now = t;
+        self.s.handle_timeout(t);
+        self.pump();
+    }
+
+    fn server(&mut self, bytes: &[u8]) {
+        self.s.handle_bytes(bytes, self.now);
+        self.pump();
+    }
+
+    fn connected(&mut self) {
+        self.s.handle_connected(self.now);
+        self.pump();
+    }
+
+    fn closed(&mut self) {
+        self.s.handle_closed(self.now);
+        self.pump();
+    }
+
+    /// Starts (or continues) and completes a handshake on the pending connect.
+    fn handshake(&mut self, info_bytes: &[u8]) {
+        self.connected();
+        self.server(info_bytes);
+        self.server(b"PONG\r\n");
+        assert_eq!(self.s.state(), SessionState::Connected);
+    }
+
+    fn submit(&mut self, id: u64, kind: TaskKind, payload: &str) {
+        let request = UpstreamRequest {
+            id: RequestId(id),
+            kind,
+            payload: validate_task_payload(Bytes::copy_from_slice(payload.as_bytes())).unwrap(),
+            deadline: self.now + Duration::from_secs(30),
+        };
+        self.s.submit(request, self.now);
+        self.pump();
+    }
+
+    fn ops(&self) -> Vec<ClientOp> {
+        parse_client(&self.wire)
+    }
+
+    fn pubs(&self) -> Vec<(String, Option<Headers>, Value)> {
+        self.ops()
+            .into_iter()
+            .filter_map(|o| match o {
+                ClientOp::Pub {
+                    reply,
+                    headers,
+                    payload,
+                    ..
+                } => Some((reply, headers, serde_json::from_slice(&payload).unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reply_subject(&self, id: u64) -> String {
+        format!("{}.{}", self.s.inbox(), to_base36(id))
+    }
+
+    fn msg(&mut self, id: u64, body: &str) {
+        let m = format!(
+            "MSG {} 1 {}\r\n{body}\r\n",
+            self.reply_subject(id),
+            body.len()
+        );
+        self.server(m.as_bytes());
+    }
+
+    fn no_responders(&mut self, id: u64) {
+        let m = format!(
+            "HMSG {} 1 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
+            self.reply_subject(id)
+        );
+        self.server(m.as_bytes());
+    }
+
+    fn failed(&self) -> Vec<(u64, u16)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                UpstreamEvent::Failed { id, code, .. } => Some((id.0, code.code())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn config(servers: &str) -> NatsConfig {
+    let mut c = NatsConfig {
+        client_name: "ipc-gateway@test".into(),
+        seed: 7,
+        request_id_prefix: 0xabcd_0001,
+        ..NatsConfig::default()
+    };
+    c.set_servers(servers).unwrap();
+    c
+}
+
+/// A connected shell on one server.
+fn connected(c: NatsConfig, info_bytes: &[u8]) -> Shell {
+    let mut sh = Shell::new(c);
+    assert_eq!(sh.s.state(), SessionState::Disconnected);
+    sh.at(ms(0));
+    assert_eq!(sh.connects.len(), 1, "the first connect is immediate");
+    sh.handshake(info_bytes);
+    sh.wire.clear();
+    sh
+}
+
+/// The handshake writes CONNECT (credentials from the URL, headers and no_responders because
+/// INFO has headers), then the inbox SUB, then PING; buffered requests go only after PONG.
+#[test]
+fn handshake_bytes_in_order_and_sub_before_the_first_pub() {
+    let mut sh = Shell::new(config("nats://alice:s3cret@nats1:4333"));
+    sh.at(ms(0));
+    assert_eq!(sh.connects, vec![("nats1".into(), 4333, ms(0))]);
+    assert_eq!(sh.s.state(), SessionState::Connecting);
+    sh.submit(1, TaskKind::Submit, r#"{"a":1}"#);
+    sh.connected();
+    assert_eq!(sh.s.state(), SessionState::Handshaking);
+    assert!(sh.wire.is_empty(), "nothing before INFO");
+    sh.server(&info(json!({})));
+    let inbox = format!("{}.*", sh.s.inbox());
+    assert!(inbox.starts_with("_INBOX.") && inbox.len() == "_INBOX.".len() + 22 + 2);
+    let ops = sh.ops();
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    let ClientOp::Connect(c) = &ops[0] else {
+        panic!("{ops:?}")
+    };
+    assert_eq!(c["verbose"], false);
+    assert_eq!(c["pedantic"], false);
+    assert_eq!(c["headers"], true);
+    assert_eq!(c["no_responders"], true);
+    assert_eq!(c["name"], "ipc-gateway@test");
+    assert_eq!(c["lang"], "rust");
+    assert_eq!(c["user"], "alice");
+    assert_eq!(c["pass"], "s3cret");
+    assert!(c.get("auth_token").is_none());
+    assert_eq!(ops[1], ClientOp::Sub(inbox, 1));
+    assert_eq!(ops[2], ClientOp::Ping);
+    sh.server(b"PONG\r\n");
+    assert_eq!(sh.s.state(), SessionState::Connected);
+    let ops = sh.ops();
+    assert_eq!(ops.len(), 4);
+    assert!(
+        matches!(&ops[3], ClientOp::Pub { subject, .. } if subject == "beamline.router.v1.decide")
+    );
+    assert_eq!(sh.s.server().unwrap(), "nats://***@nats1:4333");
+}
+
+/// A token URL sends `auth_token`; a server without headers gets neither headers nor
+/// no_responders, and requests go as plain PUB.
+#[test]
+fn token_auth_and_no_headers_means_plain_pub() {
+    let mut sh = connected(
+        config("nats://tok123@h:1"),
+        &info(json!({"headers": false})),
+    );
+    sh.submit(5, TaskKind::Query, "{}");
+    let mut all = Shell::new(config("nats://tok123@h:1"));
+    all.at(ms(0));
+    all.connected();
+    all.server(&info(json!({"headers": false})));
+    let ClientOp::Connect(c) = &all.ops()[0] else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            c["headers"].clone(),
+            c["no_responders"].clone(),
+            c["auth_token"].clone()
+        ),
+        (json!(false), json!(false), json!("tok123"))
+    );
+    assert!(c.get("user").is_none());
+    let pubs = sh.pubs();
+    assert_eq!(pubs.len(), 1);
+    assert_eq!(pubs[0].0, sh.reply_subject(5));
+    assert_eq!(pubs[0].1, None, "PUB, not HPUB");
+}
+
+/// router-v1: every field of router.md section 3, from the client's payload where given.
+#[test]
+fn router_v1_envelope_field_by_field() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    let client = r#"{"command":"task_submit","task_type":"code_completion","tenant_id":"acme","policy_id":"p7","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","file":"a.py","line":42}"#;
+    sh.submit(36, TaskKind::Submit, client);
+    let pubs = sh.pubs();
+    let (reply, headers, body) = &pubs[0];
+    assert_eq!(
+        reply,
+        &format!("{}.10", sh.s.inbox()),
+        "token is the id in base 36"
+    );
+    let span = body["metadata"]["traceparent"].as_str().unwrap()[36..52].to_owned();
+    assert_eq!(
+        body,
+        &json!({"version":"1","request_id":"abcd0001-36","tenant_id":"acme","policy_id":"p7",
+                "trace_id":"4bf92f3577b34da6a3ce929d0e0e4736",
+                "task":{"type":"code_completion","payload":serde_json::from_str::<Value>(client).unwrap()},
+                "metadata":{"ipc_message_type":"task_submit",
+                            "traceparent":format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")}})
+    );
+    assert_eq!(span.len(), 16);
+    assert_eq!(
+        headers.clone().unwrap(),
+        vec![
+            ("version".into(), "1".into()),
+            ("trace_id".into(), "4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            ("span_id".into(), span.clone()),
+            ("tenant_id".into(), "acme".into()),
+            (
+                "traceparent".into(),
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")
+            ),
+        ]
+    );
+    // The client's object is embedded byte for byte.
+    let ClientOp::Pub { payload, .. } = &sh.ops()[0] else {
+        panic!()
+    };
+    assert!(std::str::from_utf8(payload).unwrap().contains(client));
+}
+
+/// Defaults and fallbacks: `task` string as type, else `ide.<method>`; configured tenant and
+/// policy; trace id from traceparent, else generated 32 lowercase hex; no null anywhere.
+#[test]
+fn router_v1_fallbacks_and_trace_id_rules() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.submit(
+        1,
+        TaskKind::Submit,
+        r#"{"task":"code_completion","trace_id":"NOT-VALID"}"#,
+    );
+    sh.submit(2, TaskKind::Cancel, r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","task":{"x":1},"tenant_id":""}"#);
+    sh.submit(
+        3,
+        TaskKind::Query,
+        r#"{"trace_id":"3f2504e0-4f89-41d3-9a0c-0305e82c3301"}"#,
+    );
+    let pubs = sh.pubs();
+    let b1 = &pubs[0].2;
+    assert_eq!(b1["task"]["type"], "code_completion");
+    assert_eq!(b1["tenant_id"], "default");
+    assert_eq!(b1["policy_id"], "default");
+    let t1 = b1["trace_id"].as_str().unwrap();
+    assert!(
+        t1.len() == 32
+            && t1
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{t1}"
+    );
+    let b2 = &pubs[1].2;
+    assert_eq!(
+        b2["task"]["type"], "ide.task_cancel",
+        "a non-string task is not a type"
+    );
+    assert_eq!(b2["tenant_id"], "default", "an empty tenant is replaced");
+    assert_eq!(b2["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(b2["metadata"]["ipc_message_type"], "task_cancel");
+    let b3 = &pubs[2].2;
+    assert_eq!(b3["trace_id"], "3f2504e0-4f89-41d3-9a0c-0305e82c3301");
+    assert_eq!(b3["task"]["type"], "ide.task_query");
+    assert!(b3["metadata"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .starts_with("00-3f2504e04f8941d39a0c0305e82c3301-"));
+    for (_, _, b) in &pubs {
+        assert!(!b.to_string().contains("null"), "{b}");
+    }
+}
+
+/// legacy: the C gateway's envelope with the client's object as `input`.
+#[test]
+fn legacy_envelope_field_by_field() {
+    let mut c = config("h:1");
+    c.envelope.mode = EnvelopeMode::Legacy;
+    c.envelope.tenant_id = "t0".into();
+    let mut sh = connected(c, &info(json!({})));
+    sh.submit(9, TaskKind::Query, r#"{"task":"x","tenant_id":"ignored"}"#);
+    assert_eq!(
+        sh.pubs()[0].2,
+        json!({"from":"ide@localhost","to":"router","message_id":"abcd0001-9","tenant_id":"t0",
+               "policy_id":"default","ipc_message_type":"task_query",
+               "input":{"task":"x","tenant_id":"ignored"}})
+    );
+}
+
+/// Replies: verbatim payload (a slice of the read buffer), 503 → error 8, a second reply is a
+/// duplicate, a reply after cancel is late, a foreign subject is unknown; nothing leaks.
+#[test]
+fn reply_mapping_and_counters() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    for id in 1..=3 {
+        sh.submit(id, TaskKind::Submit, "{}");
+    }
+    assert_eq!(sh.s.pending(), 3);
+    let body = r#"{"ok":true,"decision":{"provider_id":"openai"}}"#;
+    sh.msg(1, body);
+    assert_eq!(
+        sh.events,
+        vec![UpstreamEvent::Reply {
+            id: RequestId(1),
+            payload: Bytes::from_static(body.as_bytes())
+        }]
+    );
+    sh.no_responders(2);
+    let UpstreamEvent::Failed { code, message, .. } = &sh.events[1] else {
+        panic!()
+    };
+    assert_eq!(
+        (code.code(), message.as_str()),
+        (8, "Router unavailable: no responders")
+    );
+    sh.msg(1, body);
+    assert_eq!(sh.s.stats().duplicate_replies, 1);
+    sh.s.cancel(RequestId(3));
+    assert_eq!(sh.s.pending(), 0);
+    sh.msg(3, "{}");
+    sh.msg(77, "{}");
+    assert_eq!(
+        sh.s.stats().late_replies,
+        2,
+        "after cancel, and never known"
+    );
+    sh.server(b"MSG other.subject 1 2\r\n{}\r\n");
+    assert_eq!(sh.s.stats().unknown_replies, 1);
+    assert_eq!(sh.s.stats().no_responders, 1);
+    assert_eq!(sh.events.len(), 2);
+    assert_eq!(sh.s.pending(), 0);
+}
+
+/// The recent-answers ring is bounded: once an answer is forgotten, a repeat counts as late.
+#[test]
+fn recent_answers_ring_is_bounded() {
+    let mut c = config("h:1");
+    c.recent_answers = 2;
+    let mut sh = connected(c, &info(json!({})));
+    for id in 1..=3 {
+        sh.submit(id, TaskKind::Submit, "{}");
+        sh.msg(id, "{}");
+    }
+    assert_eq!(sh.s.recent_answers(), 2);
+    sh.msg(1, "{}");
+    sh.msg(3, "{}");
+    assert_eq!(
+        (sh.s.stats().late_replies, sh.s.stats().duplicate_replies),
+        (1, 1)
+    );
+}
+
+/// A request over the server's max_payload fails with error 3 and nothing is written.
+#[test]
+fn over_max_payload_fails_with_3_and_writes_nothing() {
+    let mut sh = connected(config("h:1"), &info(json!({"max_payload": 700})));
+    sh.submit(
+        1,
+        TaskKind::Submit,
+        &format!(r#"{{"pad":"{}"}}"#, "x".repeat(400)),
+    );
+    assert_eq!(sh.failed(), vec![(1, 3)]);
+    assert!(sh.wire.is_empty());
+    assert_eq!(sh.s.pending(), 0);
+    sh.submit(2, TaskKind::Submit, "{}");
+    assert_eq!(sh.pubs().len(), 1, "a small one still goes");
+}
+
+/// A dropped connection fails written requests at once with 8; requests submitted while
+/// disconnected wait and go after the SUB on the next connection, in order.
+#[test]
+fn disconnect_fails_written_and_buffers_new_ones() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    sh.submit(2, TaskKind::Submit, "{}");
+    sh.closed();
+    assert_eq!(sh.failed(), vec![(1, 8), (2, 8)]);
+    assert_eq!(sh.s.stats().failed_on_disconnect, 2);
+    assert_eq!(sh.s.state(), SessionState::Reconnecting);
+    assert_eq!(sh.connects.len(), 2, "first reconnect attempt is immediate");
+    sh.submit(3, TaskKind::Submit, r#"{"n":3}"#);
+    sh.submit(4, TaskKind::Submit, r#"{"n":4}"#);
+    assert_eq!(sh.s.pending(), 2);
+    assert!(sh.s.buffered_bytes() > 0);
+    sh.handshake(&info(json!({})));
+    let ops = sh.ops();
+    assert!(matches!(ops[0], ClientOp::Connect(_)));
+    assert!(matches!(ops[1], ClientOp::Sub(_, 1)));
+    assert_eq!(ops[2], ClientOp::Ping);
+    let pubs = sh.pubs();
+    assert_eq!(
+        pubs.iter()
+            .map(|p| p.2["task"]["payload"]["n"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(3), json!(4)]
+    );
+    assert_eq!(sh.s.buffered_bytes(), 0);
+    assert_eq!(sh.s.stats().reconnects, 1);
+}
+
+/// Requests queued but never handed to the socket are not on the wire: they are resent
+/// after the reconnect rather than failed.
+#[test]
+fn unwritten_requests_survive_a_disconnect() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.s.submit(
+        UpstreamRequest {
+            id: RequestId(1),
+            kind: TaskKind::Submit,
+            payload: validate_task_payload(Bytes::from_static(b"{}")).unwrap(),
+            deadline: ms(30_000),
+        },
+        ms(0),
+    );
+    // The shell did not write before the socket failed.
+    sh.s.handle_closed(ms(0));
+    sh.pump();
+    assert!(sh.failed().is_empty());
+    assert_eq!(sh.s.pending(), 1);
+    sh.handshake(&info(json!({})));
+    assert_eq!(sh.pubs().len(), 1);
+}
+
+/// A full reconnect buffer refuses with 8 at once; cancel frees its bytes.
+#[test]
+fn full_reconnect_buffer_fails_with_8() {
+    let mut c = config("h:1");
+    c.reconnect_buffer_bytes = 700;
+    let mut sh = Shell::new(c);
+    sh.at(ms(0));
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(100));
+    sh.submit(1, TaskKind::Submit, &payload);
+    sh.submit(2, TaskKind::Submit, &payload);
+    assert_eq!(sh.failed(), vec![(2, 8)]);
+    assert_eq!(sh.s.stats().buffer_full_rejections, 1);
+    sh.s.cancel(RequestId(1));
+    assert_eq!((sh.s.pending(), sh.s.buffered_bytes()), (0, 0));
+    sh.submit(3, TaskKind::Submit, &payload);
+    assert_eq!(sh.s.pending(), 1);
+}
+
+/// Backoff from a seed: first attempt immediate, then per failed pass a delay in [d/2, d]
+/// with d = 100, 200, 400, 800, 1600, 2000, 2000 ms; a success resets it.
+#[test]
+fn backoff_sequence_with_jitter() {
+    let mut sh = Shell::new(config("h:1"));
+    sh.at(ms(0));
+    let mut t = 0;
+    let mut delays = Vec::new();
+    let mut first_retry = None;
+    for _ in 0..7 {
+        sh.s.handle_connect_failed(sh.now);
+        sh.pump();
+        assert_eq!(sh.s.state(), SessionState::Connecting);
+        let next = sh.s.poll_timeout().unwrap();
+        first_retry.get_or_insert(next);
+        let d = (next - ms(t)).as_millis() as u64;
+        delays.push(d);
+        t = (next - ms(0)).as_millis() as u64;
+        sh.at(Instant::from_nanos(next.as_nanos() - 1));
+        assert_eq!(sh.connects.len(), delays.len(), "not before the delay");
+        sh.at(next);
+        assert_eq!(sh.connects.len(), delays.len() + 1);
+    }
+    for (d, cap) in delays.iter().zip([100, 200, 400, 800, 1600, 2000, 2000]) {
+        assert!((cap / 2..=cap).contains(d), "{delays:?}");
+    }
+    // Deterministic for a seed.
+    let mut again = Shell::new(config("h:1"));
+    again.at(ms(0));
+    again.s.handle_connect_failed(ms(0));
+    again.pump();
+    assert_eq!(again.s.poll_timeout(), first_retry);
+    // A connect timeout counts as a failure too.
+    sh.at(sh.now + Duration::from_secs(2));
+    assert_eq!(sh.disconnects, 1);
+    sh.at(sh.s.poll_timeout().unwrap());
+    sh.handshake(&info(json!({})));
+    sh.closed();
+    assert_eq!(
+        sh.connects.last().unwrap().2,
+        sh.now,
+        "immediate after a success"
+    );
+}
+
+/// The pool is tried server by server without delay; the backoff comes after a whole pass;
+/// the server just lost is tried last.
+#[test]
+fn rotation_across_servers() {
+    let mut sh = Shell::new(config("a:1,b:2,c:3"));
+    sh.at(ms(0));
+    sh.s.handle_connect_failed(ms(0));
+    sh.pump();
+    sh.s.handle_connect_failed(ms(0));
+    sh.pump();
+    assert_eq!(sh.connects.len(), 3, "one immediate pass");
+    let mut hosts: Vec<String> = sh.connects.iter().map(|c| c.0.clone()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["a", "b", "c"]);
+    sh.s.handle_connect_failed(ms(0));
+    sh.pump();
+    assert_eq!(sh.connects.len(), 3, "backoff after the pass");
+    sh.at(sh.s.poll_timeout().unwrap());
+    let first = sh.connects[0].0.clone();
+    assert_eq!(sh.connects[3].0, first, "the rotation starts again");
+    sh.handshake(&info(json!({})));
+    sh.closed();
+    assert_ne!(sh.connects[4].0, first, "the lost server is tried last");
+    assert_eq!(sh.connects[4].2, sh.now);
+}
+
+/// connect_urls add learned servers (with the announcing server's credentials) and a later
+/// INFO that omits them drops them; configured servers stay.
+#[test]
+fn connect_urls_added_and_dropped() {
+    let mut sh = connected(
+        config("nats://u:p@seed:4222"),
+        &info(json!({"connect_urls":["10.0.0.2:4222","10.0.0.3:4222"]})),
+    );
+    let names = |sh: &Shell| {
+        sh.s.servers()
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(&sh),
+        [
+            "nats://***@seed:4222",
+            "nats://***@10.0.0.2:4222",
+            "nats://***@10.0.0.3:4222"
+        ]
+    );
+    assert_eq!(sh.s.servers()[1].user.as_deref(), Some("u"));
+    sh.server(&info(
+        json!({"connect_urls":["10.0.0.3:4222","10.0.0.4:4222"]}),
+    ));
+    assert_eq!(
+        names(&sh),
+        [
+            "nats://***@seed:4222",
+            "nats://***@10.0.0.3:4222",
+            "nats://***@10.0.0.4:4222"
+        ]
+    );
+    sh.server(&info(json!({"connect_urls":["10.0.0.9:4222"]})));
+    assert_eq!(
+        names(&sh),
+        ["nats://***@seed:4222", "nats://***@10.0.0.9:4222"]
+    );
+    sh.server(&info(json!({"connect_urls":[]})));
+    assert_eq!(names(&sh).len(), 2, "an empty list changes nothing");
+}
+
+/// Keepalive: a PING every interval of silence, reset by incoming bytes; a server PING gets
+/// PONG; more than 2 unanswered → Disconnect and reconnect.
+#[test]
+fn keepalive_pings_reset_and_stale() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    assert_eq!(sh.s.poll_timeout(), Some(ms(20_000)));
+    sh.at(ms(20_000));
+    assert_eq!(sh.ops(), vec![ClientOp::Ping]);
+    sh.now = ms(25_000);
+    sh.server(b"PING\r\n");
+    assert_eq!(sh.ops(), vec![ClientOp::Ping, ClientOp::Pong]);
+    assert_eq!(
+        sh.s.poll_timeout(),
+        Some(ms(45_000)),
+        "reset by incoming bytes"
+    );
+    sh.at(ms(45_000));
+    sh.at(ms(65_000));
+    assert_eq!(sh.s.stats().pings_sent, 3);
+    assert_eq!(sh.disconnects, 0);
+    sh.at(ms(85_000));
+    assert_eq!(sh.disconnects, 1, "third interval without an answer: dead");
+    assert_eq!(sh.connects.len(), 2);
+    assert_eq!(sh.s.state(), SessionState::Reconnecting);
+}
+
+/// Lame duck: requests in flight are still answered; once none awaits, the session moves
+/// to another server, and new requests wait for it.
+#[test]
+fn lame_duck_moves_to_another_server() {
+    let mut sh = Shell::new(config("a:1,b:2"));
+    sh.at(ms(0));
+    sh.handshake(&info(json!({})));
+    let first = sh.connects[0].0.clone();
+    sh.submit(1, TaskKind::Submit, "{}");
+    sh.server(&info(json!({"ldm": true})));
+    assert_eq!(sh.disconnects, 0, "request 1 still awaits its answer");
+    sh.submit(2, TaskKind::Submit, "{}");
+    assert_eq!(sh.pubs().len(), 1, "new requests wait for the next server");
+    sh.msg(1, r#"{"ok":true}"#);
+    assert!(matches!(sh.events[0], UpstreamEvent::Reply { .. }));
+    assert_eq!(sh.disconnects, 1);
+    assert_eq!(sh.connects.len(), 2);
+    assert_ne!(sh.connects[1].0, first);
+    sh.handshake(&info(json!({})));
+    assert_eq!(sh.pubs().len(), 1, "request 2 went to the new server");
+    assert_eq!(sh.s.stats().lame_duck_switches, 1);
+}
+
+/// Lame duck with an unanswered request: the switch happens at the grace end and the
+/// request fails with 8.
+#[test]
+fn lame_duck_grace_ends() {
+    let mut sh = Shell::new(config("a:1,b:2"));
+    sh.at(ms(0));
+    sh.handshake(&info(json!({})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    sh.server(&info(json!({"ldm": true})));
+    assert_eq!(sh.s.poll_timeout(), Some(ms(2_000)));
+    sh.at(ms(2_000));
+    assert_eq!(sh.failed(), vec![(1, 8)]);
+    assert_eq!(sh.disconnects, 1);
+}
+
+/// -ERR 'Stale Connection' and 'Authorization Violation' reconnect; a permissions error
+/// does not; undecodable bytes reconnect.
+#[test]
+fn server_errors_and_garbage_reconnect() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.server(b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n");
+    assert_eq!((sh.disconnects, sh.s.state()), (0, SessionState::Connected));
+    sh.server(b"-ERR 'Stale Connection'\r\n");
+    assert_eq!(sh.disconnects, 1);
+    assert_eq!(sh.connects.len(), 2);
+    sh.connected();
+    sh.server(&info(json!({})));
+    sh.server(b"-ERR 'Authorization Violation'\r\n");
+    assert_eq!(sh.disconnects, 2);
+    assert_eq!(
+        sh.connects.len(),
+        2,
+        "second failure in the pass waits for the backoff"
+    );
+    sh.at(sh.s.poll_timeout().unwrap());
+    sh.handshake(&info(json!({})));
+    sh.server(b"\x00\x01garbage\r\n");
+    assert_eq!(sh.disconnects, 3);
+    assert_eq!(sh.s.state(), SessionState::Reconnecting);
+}
+
+/// A server that does not complete the handshake in 5 s is dropped.
+#[test]
+fn handshake_timeout() {
+    let mut sh = Shell::new(config("h:1"));
+    sh.at(ms(0));
+    sh.connected();
+    assert_eq!(sh.s.poll_timeout(), Some(ms(5_000)));
+    sh.at(ms(5_000));
+    assert_eq!(sh.disconnects, 1);
+}
+
+/// Drain: nothing new, buffered work fails with 6, answers still arrive, then Disconnect.
+#[test]
+fn drain_waits_for_answers_then_closes() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    sh.s.begin_drain(sh.now);
+    sh.pump();
+    assert_eq!(sh.s.state(), SessionState::Draining);
+    sh.submit(2, TaskKind::Submit, "{}");
+    assert_eq!(sh.failed(), vec![(2, 6)]);
+    sh.msg(1, "{}");
+    assert_eq!(sh.disconnects, 1);
+    assert_eq!(sh.s.state(), SessionState::Closed);
+    assert_eq!((sh.s.pending(), sh.s.poll_timeout()), (0, None));
+}
+
+/// A bad server entry is a configuration error naming it, credentials masked.
+#[test]
+fn bad_server_url_is_an_error() {
+    let mut c = NatsConfig::default();
+    let e = c
+        .set_servers("nats://ok:4222,nats://u:pw@bad:port")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "bad NATS server entry \"nats://***@bad:port\": the port must be a number from 1 to 65535"
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit,
+    Cancel(usize),
+    Reply(usize),
+    NoResponders(usize),
+    Disconnect,
+    Reconnect,
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Submit),
+        2 => (0..64usize).prop_map(Op::Cancel),
+        3 => (0..64usize).prop_map(Op::Reply),
+        1 => (0..64usize).prop_map(Op::NoResponders),
+        1 => Just(Op::Disconnect),
+        2 => Just(Op::Reconnect),
+        2 => (0..30_000u64).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    /// Whatever happens, every submitted id gets exactly one outcome unless cancelled, and
+    /// nothing is held once everything is answered, failed or cancelled.
+    #[test]
+    fn every_request_ends_once_and_nothing_leaks(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut c = config("a:1,b:2");
+        c.reconnect_buffer_bytes = 2_000;
+        let mut sh = connected(c, &info(json!({})));
+        let mut submitted = Vec::new();
+        let mut cancelled = std::collections::BTreeSet::new();
+        let mut t = 0u64;
+        for op in ops {
+            match op {
+                Op::Submit => {
+                    let id = submitted.len() as u64 + 1;
+                    submitted.push(id);
+                    sh.submit(id, TaskKind::Submit, "{}");
+                }
+                Op::Cancel(i) => if let Some(&id) = submitted.get(i) {
+                    cancelled.insert(id);
+                    sh.s.cancel(RequestId(id));
+                    sh.pump();
+                },
+                Op::Reply(i) => if let Some(&id) = submitted.get(i) {
+                    if sh.s.state() == SessionState::Connected { sh.msg(id, "{}"); }
+                },
+                Op::NoResponders(i) => if let Some(&id) = submitted.get(i) {
+                    if sh.s.state() == SessionState::Connected { sh.no_responders(id); }
+                },
+                Op::Disconnect => sh.closed(),
+                Op::Reconnect => {
+                    for _ in 0..3 {
+                        if sh.s.state() == SessionState::Reconnecting {
+                            sh.connected();
+                        }
+                        if sh.s.state() == SessionState::Handshaking {
+                            sh.server(&info(json!({})));
+                            sh.server(b"PONG\r\n");
+                            break;
+                        }
+                        match sh.s.poll_timeout() {
+                            Some(next) if next > sh.now && sh.s.state() == SessionState::Reconnecting => {
+                                t = (next - ms(0)).as_millis() as u64 + 1;
+                                sh.at(ms(t));
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                Op::Advance(d) => { t += d; sh.at(ms(t)); }
+            }
+        }
+        // Answer everything still held, on a live connection, then cancel what remains.
+        for &id in &submitted { if sh.s.state() == SessionState::Connected { sh.msg(id, "{}"); } }
+        for &id in &submitted { if sh.s.pending() > 0 { cancelled.insert(id); sh.s.cancel(RequestId(id)); sh.pump(); } }
+        prop_assert_eq!(sh.s.pending(), 0);
+        prop_assert_eq!(sh.s.buffered_bytes(), 0);
+        let mut outcomes = std::collections::BTreeMap::<u64, usize>::new();
+        for e in &sh.events {
+            let id = match e { UpstreamEvent::Reply { id, .. } | UpstreamEvent::Failed { id, .. } => id.0 };
+            *outcomes.entry(id).or_default() += 1;
+        }
+        for &id in &submitted {
+            let n = outcomes.get(&id).copied().unwrap_or(0);
+            if cancelled.contains(&id) {
+                prop_assert!(n <= 1, "id {} got {} outcomes", id, n);
+            } else {
+                prop_assert_eq!(n, 1, "id {} got {} outcomes", id, n);
+            }
+        }
+        let _ = ErrorCode::RouterUnavailable;
+    }
+}
