@@ -22,16 +22,39 @@ use crate::upstream::TaskKind;
 pub fn frame_decoder(data: &[u8]) {
     let max = 64 + data.first().copied().unwrap_or(0) as usize * 16;
     let whole = decode_all(data, &[data.len().max(1)], max);
+    let split = decode_all(data, &split_sizes(data), max);
+    assert_eq!(
+        whole, split,
+        "decoding depended on how the bytes were split"
+    );
+}
+
+/// Piece sizes for the split half of a decoder check, taken from the input itself (1 to 7
+/// bytes, cycling), so the fuzzer controls the splits too.
+fn split_sizes(data: &[u8]) -> Vec<usize> {
     let sizes: Vec<usize> = data
         .iter()
         .take(16)
         .map(|b| (*b as usize % 7) + 1)
         .collect();
-    let split = decode_all(data, &sizes, max);
-    assert_eq!(
-        whole, split,
-        "decoding depended on how the bytes were split"
-    );
+    if sizes.is_empty() {
+        vec![1]
+    } else {
+        sizes
+    }
+}
+
+/// `data` cut into consecutive pieces of the given sizes, cycling through them.
+fn pieces<'a>(data: &'a [u8], sizes: &'a [usize]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut rest = data;
+    sizes.iter().cycle().map_while(move |&n| {
+        if rest.is_empty() {
+            return None;
+        }
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        rest = tail;
+        Some(piece)
+    })
 }
 
 type Decoded = (Vec<(u8, Vec<u8>)>, Option<DecodeError>);
@@ -39,9 +62,8 @@ type Decoded = (Vec<(u8, Vec<u8>)>, Option<DecodeError>);
 fn decode_all(data: &[u8], sizes: &[usize], max: usize) -> Decoded {
     let mut d = FrameDecoder::new(max);
     let mut frames = Vec::new();
-    let mut rest = data;
-    let mut i = 0;
-    loop {
+    for piece in pieces(data, sizes) {
+        d.push(piece);
         loop {
             match d.next_frame() {
                 Ok(Some(f)) => {
@@ -58,14 +80,8 @@ fn decode_all(data: &[u8], sizes: &[usize], max: usize) -> Decoded {
                 Err(e) => return (frames, Some(e)),
             }
         }
-        if rest.is_empty() {
-            return (frames, None);
-        }
-        let n = sizes[i % sizes.len()].min(rest.len());
-        i += 1;
-        d.push(&rest[..n]);
-        rest = &rest[n..];
     }
+    (frames, None)
 }
 
 /// What the simulated client of one connection expects back.
@@ -478,12 +494,7 @@ pub fn nats_decoder(data: &[u8]) {
         max_payload: 64 + (first % 16) * 64,
     };
     let whole = nats_decode_all(data, &[data.len().max(1)], limits);
-    let sizes: Vec<usize> = data
-        .iter()
-        .take(16)
-        .map(|b| (*b as usize % 7) + 1)
-        .collect();
-    let split = nats_decode_all(data, &sizes, limits);
+    let split = nats_decode_all(data, &split_sizes(data), limits);
     assert_eq!(
         whole, split,
         "NATS decoding depended on how the bytes were split"
@@ -502,9 +513,8 @@ fn nats_decode_all(
 ) -> NatsDecoded {
     let mut d = crate::nats_codec::NatsDecoder::new(limits);
     let mut ops = Vec::new();
-    let mut rest = data;
-    let mut i = 0;
-    loop {
+    for piece in pieces(data, sizes) {
+        d.push(piece);
         loop {
             match d.next_op() {
                 Ok(Some(op)) => ops.push(op),
@@ -524,12 +534,6 @@ fn nats_decode_all(
                 }
             }
         }
-        if rest.is_empty() {
-            return (ops, None);
-        }
-        let n = sizes[i % sizes.len()].min(rest.len());
-        i += 1;
-        d.push(&rest[..n]);
-        rest = &rest[n..];
     }
+    (ops, None)
 }

@@ -1,6 +1,7 @@
 //! Replays the committed cargo-fuzz corpus (`fuzz/corpus/<target>/`) through the same entry
 //! points the fuzz targets call, so stable `cargo test` exercises every saved input, and runs
-//! the whole-core driver on random scripts.
+//! the same checks on random inputs: the whole-core driver on random scripts, the decoders on
+//! random bytes and NATS protocol fragments.
 
 use std::path::PathBuf;
 
@@ -56,5 +57,44 @@ proptest! {
     #[test]
     fn random_bytes_decode_the_same_whatever_the_split(data in proptest::collection::vec(any::<u8>(), 0..300)) {
         fuzzing::frame_decoder(&data);
+    }
+}
+
+/// Every saved NATS decoder input decodes the same whatever the split, without panicking.
+#[test]
+fn nats_decoder_corpus_replays() {
+    for (path, bytes) in corpus("nats_decoder") {
+        eprintln!("{}", path.display());
+        fuzzing::nats_decoder(&bytes);
+    }
+}
+
+fn fragment() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"MSG ".to_vec()),
+        Just(b"HMSG ".to_vec()),
+        Just(b"INFO {\"port\":1}".to_vec()),
+        Just(b"PING".to_vec()),
+        Just(b"+OK".to_vec()),
+        Just(b"-ERR 'x'".to_vec()),
+        Just(b"NATS/1.0".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b" ".to_vec()),
+        Just(b"a.b".to_vec()),
+        (0u8..40).prop_map(|n| n.to_string().into_bytes()),
+        proptest::collection::vec(any::<u8>(), 0..4),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Random NATS streams, biased towards protocol fragments, decode the same whatever the
+    /// split.
+    #[test]
+    fn random_nats_streams_decode_the_same_whatever_the_split(
+        parts in proptest::collection::vec(fragment(), 0..40),
+    ) {
+        fuzzing::nats_decoder(&parts.concat());
     }
 }
