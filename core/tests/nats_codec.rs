@@ -438,6 +438,13 @@ fn non_utf8_text_is_decoded_lossily() {
     assert_eq!(one(b"-ERR '\xfe'\r\n"), ServerOp::Err("\u{fffd}".into()));
 }
 
+/// The defaults are nats-server's own bounds: MAX_CONTROL_LINE_SIZE and MAX_PENDING_SIZE.
+#[test]
+fn default_limits_are_the_servers() {
+    assert_eq!(DEFAULT_MAX_CONTROL_LINE, 4096);
+    assert_eq!(DEFAULT_MAX_PAYLOAD, 67_108_864);
+}
+
 /// An announced size above the limit fails from the control line alone, and an allowed huge
 /// size reserves nothing before its bytes arrive.
 #[test]
@@ -458,6 +465,7 @@ fn payload_sizes_are_bounded_and_not_preallocated() {
     d.push(format!("MSG a 1 {limit}\r\n0123456789").as_bytes());
     assert_eq!(d.next_op(), Ok(None));
     assert_eq!(d.buffered_len(), 10);
+    assert!(d.buffered_capacity() >= 10);
     assert!(
         d.buffered_capacity() < 64 * 1024,
         "capacity {}",
