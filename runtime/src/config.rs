@@ -14,6 +14,8 @@ use ipc_gateway_core::breaker::BreakerConfig;
 use ipc_gateway_core::connection::ConnectionLimits;
 use ipc_gateway_core::frame::{HEADER_LEN, MAX_FRAME_BYTES};
 use ipc_gateway_core::gateway::{AllowedUids, GatewayConfig};
+use ipc_gateway_core::nats_pool::ServerUrl;
+use ipc_gateway_core::router_envelope::EnvelopeMode;
 
 /// The kernel's limit on a Unix socket path (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -82,6 +84,37 @@ pub struct Cli {
           value_parser = whole("CGW_IPC_TIMEOUT_MS", 1, 86_400_000))]
     pub timeout_ms: u64,
 
+    /// Forward tasks to the Router over NATS (1) or answer them with the embedded stub (0).
+    /// This build has only the stub: 1 is refused at start
+    #[arg(long, env = "CGW_IPC_NATS_ENABLE", default_value = "0",
+          value_parser = flag("CGW_IPC_NATS_ENABLE"), action = clap::ArgAction::Set)]
+    pub nats_enable: bool,
+
+    /// NATS servers, comma-separated: nats://host:port, nats://user:pass@host:port, nats://token@host:port
+    #[arg(long, env = "CGW_IPC_NATS_URL", default_value = "nats://localhost:4222",
+          value_parser = nats_urls("CGW_IPC_NATS_URL"))]
+    pub nats_url: NatsServers,
+
+    /// NATS subject of the Router's decide requests
+    #[arg(long, env = "CGW_IPC_ROUTER_SUBJECT", default_value = "beamline.router.v1.decide",
+          value_parser = subject("CGW_IPC_ROUTER_SUBJECT"))]
+    pub router_subject: String,
+
+    /// Router request envelope: router-v1 or legacy (the C gateway's)
+    #[arg(long, env = "CGW_IPC_ENVELOPE", default_value = "router-v1",
+          value_parser = envelope("CGW_IPC_ENVELOPE"))]
+    pub envelope: EnvelopeMode,
+
+    /// Tenant sent to the Router when the client's payload names none
+    #[arg(long, env = "CGW_IPC_TENANT_ID", default_value = "default",
+          value_parser = identifier("CGW_IPC_TENANT_ID"))]
+    pub tenant_id: String,
+
+    /// Policy sent to the Router when the client's payload names none
+    #[arg(long, env = "CGW_IPC_POLICY_ID", default_value = "default",
+          value_parser = identifier("CGW_IPC_POLICY_ID"))]
+    pub policy_id: String,
+
     /// Delay of the embedded stub Router's answers, in ms (to try timeouts and draining)
     #[arg(long, env = "CGW_IPC_STUB_DELAY_MS", default_value = "0",
           value_parser = whole("CGW_IPC_STUB_DELAY_MS", 0, 86_400_000))]
@@ -134,7 +167,23 @@ pub struct Settings {
     pub socket_mode: u32,
     pub stub_delay: Duration,
     pub log_level: String,
+    /// Read and checked now so that a mistake shows at start; used once NATS is wired in.
+    pub nats: NatsSettings,
     pub gateway: GatewayConfig,
+}
+
+/// The configured server list (a newtype: clap reads a `Vec` field as a repeated option).
+#[derive(Debug, Clone)]
+pub struct NatsServers(pub Vec<ServerUrl>);
+
+/// The NATS settings of gateway.md section 7.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub servers: Vec<ServerUrl>,
+    pub subject: String,
+    pub envelope: EnvelopeMode,
+    pub tenant_id: String,
+    pub policy_id: String,
 }
 
 /// Why the configuration was refused, naming the variables involved.
@@ -144,6 +193,14 @@ pub struct ConfigError(pub String);
 impl Cli {
     /// Checks what single values cannot, and builds the settings.
     pub fn settings(&self, own_uid: u32, seed: u64) -> Result<Settings, ConfigError> {
+        if self.nats_enable {
+            return Err(ConfigError(
+                "CGW_IPC_NATS_ENABLE=1: this build answers tasks with the embedded stub Router \
+                 only; the NATS upstream is not wired in yet. Unset CGW_IPC_NATS_ENABLE (or set \
+                 it to 0) to run in stub mode"
+                    .to_string(),
+            ));
+        }
         if self.breaker_max_open_ms < self.breaker_open_ms {
             return Err(ConfigError(format!(
                 "CGW_IPC_BREAKER_MAX_OPEN_MS ({}) must not be below CGW_IPC_BREAKER_OPEN_MS ({})",
@@ -161,6 +218,13 @@ impl Cli {
             socket_mode: self.socket_mode,
             stub_delay: Duration::from_millis(self.stub_delay_ms),
             log_level: self.log_level.clone(),
+            nats: NatsSettings {
+                servers: self.nats_url.0.clone(),
+                subject: self.router_subject.clone(),
+                envelope: self.envelope,
+                tenant_id: self.tenant_id.clone(),
+                policy_id: self.policy_id.clone(),
+            },
             gateway: GatewayConfig {
                 max_connections: clamp(self.max_connections),
                 max_inflight: clamp(self.max_inflight),
@@ -206,6 +270,18 @@ impl Settings {
             "max_unsent_bytes": g.connection.max_unsent_bytes,
             "allowed_uids": uids,
             "upstream": "stub",
+            "nats": {
+                "enabled": false,
+                // Display masks credentials: secrets never reach --check-config or logs.
+                "servers": self.nats.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "subject": self.nats.subject,
+                "envelope": match self.nats.envelope {
+                    EnvelopeMode::RouterV1 => "router-v1",
+                    EnvelopeMode::Legacy => "legacy",
+                },
+                "tenant_id": self.nats.tenant_id,
+                "policy_id": self.nats.policy_id,
+            },
             "timeout_ms": g.request_timeout.as_millis() as u64,
             "stub_delay_ms": self.stub_delay.as_millis() as u64,
             "breaker": {
@@ -242,6 +318,67 @@ fn whole(
         _ => Err(format!(
             "{var} must be a whole number from {min} to {max}, not {s:?}"
         )),
+    }
+}
+
+fn flag(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<bool, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("{var} must be 0 or 1 (or true/false), not {s:?}")),
+    }
+}
+
+fn nats_urls(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<NatsServers, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        ServerUrl::parse_list(s)
+            .map(NatsServers)
+            .map_err(|e| format!("{var}: {e}"))
+    }
+}
+
+fn subject(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let valid = !s.is_empty()
+            && !s.chars().any(|c| c.is_whitespace() || c == '*' || c == '>')
+            && s.split('.').all(|token| !token.is_empty());
+        if valid {
+            Ok(s.to_string())
+        } else {
+            Err(format!("{var} must be a NATS subject such as beamline.router.v1.decide (dot-separated tokens, no spaces or wildcards), not {s:?}"))
+        }
+    }
+}
+
+fn envelope(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<EnvelopeMode, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        EnvelopeMode::parse(s.trim())
+            .ok_or_else(|| format!("{var} must be router-v1 or legacy, not {s:?}"))
+    }
+}
+
+/// Tenant and policy ids: what the Router accepts (router.md section 2: non-empty, at most 128
+/// bytes).
+fn identifier(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        if s.is_empty() || s.len() > 128 {
+            Err(format!(
+                "{var} must be 1 to 128 bytes long, not {} bytes",
+                s.len()
+            ))
+        } else {
+            Ok(s.to_string())
+        }
     }
 }
 
@@ -345,6 +482,50 @@ mod tests {
             assert!(err.contains(&format!("CGW_IPC_{flag}")), "{args:?}: {err}");
             assert_eq!(parse(args).unwrap_err().exit_code(), 2);
         }
+    }
+
+    #[test]
+    fn nats_settings_are_checked_even_in_stub_mode() {
+        for (args, var) in [
+            (
+                &["--nats-url", "nats://host:notaport"][..],
+                "CGW_IPC_NATS_URL",
+            ),
+            (&["--router-subject", "a b"], "CGW_IPC_ROUTER_SUBJECT"),
+            (&["--router-subject", "a.*"], "CGW_IPC_ROUTER_SUBJECT"),
+            (&["--envelope", "v2"], "CGW_IPC_ENVELOPE"),
+            (&["--tenant-id", ""], "CGW_IPC_TENANT_ID"),
+            (&["--nats-enable", "maybe"], "CGW_IPC_NATS_ENABLE"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.to_string().contains(var), "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+        let e = parse(&["--nats-enable", "1"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(e.0.contains("CGW_IPC_NATS_ENABLE"), "{}", e.0);
+    }
+
+    #[test]
+    fn credentials_never_reach_check_config() {
+        let cli = parse(&[
+            "--nats-url",
+            "nats://alice:s3cret@a:4222,nats://t0ken@b:4223",
+        ])
+        .unwrap();
+        let j = cli.settings(0, 0).unwrap().to_json();
+        let text = j.to_string();
+        assert!(
+            !text.contains("s3cret") && !text.contains("t0ken") && !text.contains("alice"),
+            "{text}"
+        );
+        assert_eq!(
+            j["nats"]["servers"],
+            serde_json::json!(["nats://***@a:4222", "nats://***@b:4223"])
+        );
+        assert_eq!(j["nats"]["envelope"], "router-v1");
     }
 
     #[test]
