@@ -559,15 +559,12 @@ impl<U: Upstream> Gateway<U> {
                 other => {
                     let message = format!("Unsupported message type 0x{other:02X}");
                     self.count_response(ErrorCode::UnsupportedType.code());
-                    return self.answer_local(
-                        id,
-                        error_frame(ErrorCode::UnsupportedType, &message, None),
-                        now,
-                    );
+                    return self
+                        .answer_local(id, error_frame(ErrorCode::UnsupportedType, &message, None));
                 }
             };
             self.count_response(0);
-            return self.answer_local(id, reply, now);
+            return self.answer_local(id, reply);
         };
         self.stats.task_requests[task as usize] += 1;
         debug!(
@@ -619,7 +616,7 @@ impl<U: Upstream> Gateway<U> {
             Ok(ok) => ok,
             Err((code, message)) => {
                 self.count_response(code.code());
-                return self.answer_local(id, error_frame(code, &message, None), now);
+                return self.answer_local(id, error_frame(code, &message, None));
             }
         };
         let Some(client) = self.clients.get_mut(&id) else {
@@ -718,7 +715,7 @@ impl<U: Upstream> Gateway<U> {
         self.to_resume.insert(entry.conn);
     }
 
-    fn answer_local(&mut self, id: ConnId, reply: ReplyFrame, _now: Instant) {
+    fn answer_local(&mut self, id: ConnId, reply: ReplyFrame) {
         if let Some(client) = self.clients.get_mut(&id) {
             let slot = client.conn.open_slot(None);
             client.conn.answer(slot, reply);
@@ -727,7 +724,7 @@ impl<U: Upstream> Gateway<U> {
 
     fn answer_local_and_close(&mut self, id: ConnId, code: ErrorCode, message: &str, now: Instant) {
         self.count_response(code.code());
-        self.answer_local(id, error_frame(code, message, None), now);
+        self.answer_local(id, error_frame(code, message, None));
         if let Some(client) = self.clients.get_mut(&id) {
             client.conn.begin_close();
         }
