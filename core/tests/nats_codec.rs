@@ -593,6 +593,13 @@ fn connect_golden() {
         !debug.contains("secret") && !debug.contains("tok\""),
         "{debug}"
     );
+    assert!(
+        debug.starts_with("ConnectOptions {")
+            && debug.contains(r#"pass: Some("***")"#)
+            && debug.contains(r#"auth_token: Some("***")"#)
+            && debug.contains(r#"user: Some("u")"#),
+        "the masked fields are still shown: {debug}"
+    );
     // Without server headers, neither headers nor no_responders (the server refuses the latter
     // alone).
     let plain = ConnectOptions::for_server("g", &ServerInfo::default());
@@ -975,5 +982,23 @@ proptest! {
         }
         prop_assert_eq!(ops, vec![ServerOp::Ping]);
         prop_assert_eq!(d.buffered_len(), 0);
+    }
+}
+
+/// Sizes and sids are plain decimal digits: the byte after '9' (':') is not a digit.
+#[test]
+fn numbers_are_decimal_digits_only() {
+    for line in [
+        &b"MSG a 1 1:\r\n"[..],
+        b"MSG a : 1\r\n",
+        b"MSG a 1 /\r\n",
+        b"MSG a 1 -1\r\n",
+    ] {
+        assert!(
+            matches!(error(line), NatsDecodeError::BadNumber { .. }),
+            "{:?} -> {:?}",
+            String::from_utf8_lossy(line),
+            error(line)
+        );
     }
 }
