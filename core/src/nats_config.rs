@@ -140,3 +140,35 @@ pub struct NatsStats {
     pub pings_sent: u64,
     pub lame_duck_switches: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// These names are what /health and the logs show.
+    #[test]
+    fn state_names() {
+        let names = [
+            SessionState::Disconnected,
+            SessionState::Connecting,
+            SessionState::Handshaking,
+            SessionState::Connected,
+            SessionState::Reconnecting,
+            SessionState::Draining,
+            SessionState::Closed,
+        ]
+        .map(SessionState::name);
+        assert_eq!(
+            names,
+            [
+                "disconnected",
+                "connecting",
+                "handshaking",
+                "connected",
+                "reconnecting",
+                "draining",
+                "closed"
+            ]
+        );
+    }
+}

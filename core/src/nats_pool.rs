@@ -407,4 +407,128 @@ mod tests {
         assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
         assert_eq!(b.ceiling(200), Duration::from_secs(2));
     }
+
+    fn url(entry: &str) -> ServerUrl {
+        ServerUrl::parse(entry).unwrap()
+    }
+
+    /// A port is 1 to 65535 written in plain digits (u16's parser alone would take "+1").
+    #[test]
+    fn ports_are_plain_digits_from_1_to_65535() {
+        for bad in ["h:0", "h:+1", "h:65536", "h:-1", "h: 1"] {
+            let e = ServerUrl::parse(bad).unwrap_err();
+            assert_eq!(
+                e.reason, "the port must be a number from 1 to 65535",
+                "{bad}"
+            );
+        }
+        assert_eq!(url("h:1").port, 1);
+        assert_eq!(url("h:65535").port, 65535);
+    }
+
+    /// Credentials of every form count and are masked, in URLs and in error messages.
+    #[test]
+    fn credentials_are_recognised_and_masked_everywhere() {
+        assert!(!url("h:1").has_credentials());
+        assert!(url("nats://tok@h:1").has_credentials());
+        assert!(url("nats://u:p@h:1").has_credentials());
+        let user_only = ServerUrl {
+            pass: None,
+            ..url("nats://u:p@h:1")
+        };
+        assert!(user_only.has_credentials());
+        let pass_only = ServerUrl {
+            user: None,
+            ..url("nats://u:p@h:1")
+        };
+        assert!(pass_only.has_credentials());
+        assert_eq!(url("nats://tok@h:1").to_string(), "nats://***@h:1");
+        assert_eq!(format!("{:?}", url("nats://u:p@h:1")), "nats://***@h:1");
+        let e = ServerUrl::parse("u:secret@h:bad").unwrap_err();
+        assert_eq!(e.entry, "***@h:bad");
+        assert!(!e.to_string().contains("secret"));
+        let e = ServerUrl::parse("nats://u:secret@h:bad").unwrap_err();
+        assert_eq!(e.entry, "nats://***@h:bad");
+    }
+
+    /// %-escapes decode to the byte they name, in users, passwords and tokens.
+    #[test]
+    fn percent_escapes_decode() {
+        let u = url("nats://us%40er:p%3A%7Ess@h");
+        assert_eq!(
+            (u.user.as_deref(), u.pass.as_deref()),
+            (Some("us@er"), Some("p:~ss"))
+        );
+        assert_eq!(url("nats://t%41k@h").token.as_deref(), Some("tAk"));
+        assert!(ServerUrl::parse("nats://t%4@h").is_err());
+        assert!(ServerUrl::parse("nats://t%zz@h").is_err());
+    }
+
+    /// The same address is host (any case) and port; credentials do not matter.
+    #[test]
+    fn same_address_ignores_host_case_and_credentials() {
+        assert!(url("Nats-A:4222").same_address(&url("nats://u:p@nats-a:4222")));
+        assert!(!url("nats-a:4222").same_address(&url("nats-a:4223")));
+        assert!(!url("nats-a:4222").same_address(&url("nats-b:4222")));
+    }
+
+    /// Every jittered delay lies in [d/2, d] and the random half really varies.
+    #[test]
+    fn jittered_delays_stay_within_half_to_whole_and_spread() {
+        let b = Backoff::default();
+        let mut rng = Rng::new(9);
+        for pass in 1..=7 {
+            let d = b.ceiling(pass);
+            let delays: Vec<Duration> = (0..400).map(|_| b.delay(pass, &mut rng)).collect();
+            assert!(delays.iter().all(|x| *x >= d / 2 && *x <= d), "pass {pass}");
+            let (lo, hi) = (*delays.iter().min().unwrap(), *delays.iter().max().unwrap());
+            assert!(
+                lo < d * 55 / 100 && hi > d * 95 / 100,
+                "pass {pass}: {lo:?}..{hi:?}"
+            );
+        }
+    }
+
+    /// INFO connect_urls: learned servers come and go, configured ones and the current one
+    /// stay, and a pass in progress still ends after the servers that remain.
+    #[test]
+    fn connect_urls_keep_configured_and_current_and_adjust_the_pass() {
+        let mut rng = Rng::new(1);
+        let a = url("nats://u:p@a:4222");
+        let mut pool = ServerPool::new(vec![a.clone()], Backoff::default(), &mut rng);
+        assert!(!pool.is_empty());
+        assert!(ServerPool::new(vec![], Backoff::default(), &mut rng).is_empty());
+        let change = pool.apply_connect_urls(&["b:4222".into(), "c:4222".into()], &a);
+        assert_eq!(change.added.len(), 2);
+        let b = pool.servers().find(|s| s.host == "b").unwrap().clone();
+        assert_eq!(
+            b.user.as_deref(),
+            Some("u"),
+            "learned servers take the current credentials"
+        );
+        assert_eq!(pool.take_next().unwrap().host, "a");
+        assert_eq!(pool.take_next().unwrap().host, "b");
+        // Connected to b, which now announces only itself: c goes, a (configured) stays.
+        let change = pool.apply_connect_urls(&["b:4222".into()], &b);
+        assert_eq!(
+            change
+                .removed
+                .iter()
+                .map(|s| s.host.as_str())
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(pool.len(), 2);
+        assert_eq!(
+            pool.delay_before_next(&mut rng),
+            Duration::ZERO,
+            "one server of the pass is left"
+        );
+        // b is current: an INFO that omits it does not drop it.
+        let change = pool.apply_connect_urls(&["d:4222".into()], &b);
+        assert!(change.removed.is_empty(), "{change:?}");
+        assert_eq!(pool.len(), 3);
+        // An empty list changes nothing.
+        assert_eq!(pool.apply_connect_urls(&[], &b), PoolChange::default());
+    }
 }
