@@ -246,6 +246,17 @@ impl RunResult {
     fn max(&self) -> u64 {
         self.latencies.max()
     }
+
+    /// The figures every report prints, in its column order: p50, p90, p99, p99.9, max (µs).
+    fn latency_us(&self) -> [u64; 5] {
+        [
+            self.pct(0.5),
+            self.pct(0.9),
+            self.pct(0.99),
+            self.pct(0.999),
+            self.max(),
+        ]
+    }
 }
 
 fn new_histogram() -> Result<Histogram<u64>> {
@@ -1106,14 +1117,8 @@ fn print_result(r: &RunResult) {
         println!("  errors         {count:>12}   ({list})");
     }
     println!("  latency us        p50       p90       p99     p99.9       max");
-    println!(
-        "               {:>9} {:>9} {:>9} {:>9} {:>9}",
-        r.pct(0.5),
-        r.pct(0.9),
-        r.pct(0.99),
-        r.pct(0.999),
-        r.max()
-    );
+    let [p50, p90, p99, p999, max] = r.latency_us();
+    println!("               {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}");
     if r.unanswered > 0 {
         println!(
             "  note: {} requests were still unanswered when the run stopped (not counted)",
@@ -1129,18 +1134,14 @@ fn print_result(r: &RunResult) {
     if r.ok == 0 {
         println!("  WARNING: no RESPONSE_OK reply in the measured window");
     }
+    let [p50, p90, p99, p999, max] = r.latency_us();
     println!(
-        "RESULT target={} rps={:.1} requests={} errors={} p50_us={} p90_us={} p99_us={} \
-         p999_us={} max_us={}",
+        "RESULT target={} rps={:.1} requests={} errors={} p50_us={p50} p90_us={p90} \
+         p99_us={p99} p999_us={p999} max_us={max}",
         r.target,
         r.rps(),
         r.ok,
         r.error_count(),
-        r.pct(0.5),
-        r.pct(0.9),
-        r.pct(0.99),
-        r.pct(0.999),
-        r.max()
     );
 }
 
@@ -1168,17 +1169,13 @@ fn print_comparison(runs: &[&RunResult]) {
         "max_us"
     );
     for r in runs {
+        let [p50, p90, p99, p999, max] = r.latency_us();
         println!(
-            "{:<9} {:>12.1} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
+            "{:<9} {:>12.1} {:>10} {:>7} {p50:>8} {p90:>8} {p99:>8} {p999:>9} {max:>8}",
             r.target,
             r.rps(),
             r.ok,
             r.error_count(),
-            r.pct(0.5),
-            r.pct(0.9),
-            r.pct(0.99),
-            r.pct(0.999),
-            r.max()
         );
     }
     let find = |target: &str| runs.iter().find(|r| r.target == target);
