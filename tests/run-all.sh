@@ -12,6 +12,14 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+# The NATS tests start real nats-server processes on free loopback ports (Debian's package).
+if ! command -v nats-server >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo apt-get update
+    $sudo apt-get install -y nats-server
+fi
+nats-server --version
+
 # The black-box tests build the daemon themselves (cargo build -p ipc-gateway); building it
 # here first keeps their first test from paying for the compile inside its timeout.
 cargo build --workspace --bins
