@@ -5,7 +5,7 @@
 //!
 //! 1. Feed what happened: [`Gateway::handle_client_opened`], [`Gateway::handle_client_bytes`],
 //!    [`Gateway::handle_client_written`], [`Gateway::handle_client_eof`],
-//!    [`Gateway::handle_client_closed`],
+//!    [`Gateway::handle_client_closed`], [`Gateway::handle_upstream`] (upstream I/O),
 //!    [`Gateway::begin_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
 //!    [`Gateway::poll_timeout`] has passed (calling it early is harmless).
 //! 2. Drain [`Gateway::poll_action`] until `None`, and act: write a connection's
@@ -463,6 +463,17 @@ impl<U: Upstream> Gateway<U> {
 
     pub fn upstream_mut(&mut self) -> &mut U {
         &mut self.upstream
+    }
+
+    /// Feeds the upstream something only it understands (the NATS socket's bytes, say), then
+    /// delivers the outcomes that produced. Use this rather than [`Gateway::upstream_mut`]
+    /// for any input that can answer or fail requests: outcomes left in the upstream would
+    /// reach their clients only at the next `handle_*` call.
+    pub fn handle_upstream<R>(&mut self, now: Instant, feed: impl FnOnce(&mut U) -> R) -> R {
+        let result = feed(&mut self.upstream);
+        self.drain_upstream(now);
+        self.finish_turn(now);
+        result
     }
 
     /// Checks the bookkeeping invariants of gateway.md section 1 that hold at every instant;
