@@ -491,6 +491,7 @@ pub fn nats_decoder(data: &[u8]) {
     let first = data.first().copied().unwrap_or(0) as usize;
     let limits = crate::nats_codec::DecoderLimits {
         max_control_line: 16 + first * 4,
+        max_info_line: 16 + first * 8,
         max_payload: 64 + (first % 16) * 64,
     };
     let whole = nats_decode_all(data, &[data.len().max(1)], limits);

@@ -572,6 +572,13 @@ impl NatsSession {
             }
             ServerOp::Ok => {}
             ServerOp::Err(text) => self.handle_err(&text, now),
+            ServerOp::Unreadable {
+                subject, reason, ..
+            } => {
+                self.stats.unknown_replies += 1;
+                warn!(event = "nats_reply_unreadable", component = "nats_resilience",
+                      subject = %subject, reason);
+            }
             op @ (ServerOp::Msg { .. } | ServerOp::HMsg { .. }) => {
                 if let Link::AwaitInfo { .. } = self.link {
                     warn!(event = "nats_protocol_error", component = "nats_resilience",
