@@ -65,12 +65,14 @@ pub struct Load {
 
 impl Load {
     /// Starts `clients` connections to `daemon`, each with up to `window` requests
-    /// outstanding. Request `n` of client `c` carries `payload(c, n)`; an OK reply must pass
+    /// outstanding, pausing `pause` after each reply before sending again (zero: as fast as
+    /// replies come). Request `n` of client `c` carries `payload(c, n)`; an OK reply must pass
     /// `check(sent payload, reply body)`.
     pub fn start(
         daemon: &Daemon,
         clients: usize,
         window: usize,
+        pause: Duration,
         payload: impl Fn(usize, u64) -> Value + Send + Sync + 'static,
         check: OkCheck,
     ) -> Load {
@@ -84,6 +86,7 @@ impl Load {
                     id: c,
                     socket: daemon.socket_path().to_path_buf(),
                     window,
+                    pause,
                     stop: Arc::clone(&stop),
                     records: Arc::clone(&records),
                     oks: Arc::clone(&oks),
@@ -167,6 +170,7 @@ struct Client {
     id: usize,
     socket: PathBuf,
     window: usize,
+    pause: Duration,
     stop: Arc<AtomicBool>,
     records: Arc<Mutex<Vec<Record>>>,
     oks: Arc<AtomicU64>,
@@ -224,6 +228,9 @@ impl Client {
             });
             if outcome == Outcome::Ok {
                 self.oks.fetch_add(1, Ordering::SeqCst);
+            }
+            if !self.pause.is_zero() {
+                thread::sleep(self.pause);
             }
         }
         // One reply per request: the frame after the last reply is the PONG.
@@ -288,4 +295,21 @@ pub fn fd_listing(pid: u32) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The [`OkCheck`] for replies of the Router double (src/router_double.rs): a success
+/// (`"ok":true`) whose `received.request` is the router-v1 envelope around the payload sent.
+pub fn router_double_success() -> OkCheck {
+    Arc::new(|sent, body| {
+        if body["ok"] != Value::Bool(true) {
+            return Err("not a success reply".to_owned());
+        }
+        let embedded = &body["received"]["request"]["task"]["payload"];
+        if embedded != sent {
+            return Err(format!(
+                "the Router double answered a request for {embedded}"
+            ));
+        }
+        Ok(())
+    })
 }
