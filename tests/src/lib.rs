@@ -6,3 +6,4 @@
 
 pub mod daemon;
 pub mod frame;
+pub mod nats_server;
