@@ -7,3 +7,4 @@
 pub mod daemon;
 pub mod frame;
 pub mod nats_server;
+pub mod router_double;
