@@ -4,7 +4,8 @@
 //! [`RouterDouble::start`] spawns it against a NATS server and returns once it has subscribed
 //! (it prints `ready`). Everything it prints afterwards is one JSON object per line: a
 //! `"event":"request"` line per request it received (with `subject`, `reply`, `reply_prefix`,
-//! `headers`, `request`, `outcome`), a `"event":"replied"` line per reply it sent, and
+//! `headers`, `request` (parsed), `body` (exact text), `outcome`), a `"event":"replied"` line
+//! per reply it sent (`body` is the exact reply text), and
 //! `"disconnected"` / `"reconnected"` lines; [`RouterDouble::requests`] and
 //! [`RouterDouble::replies`] return them. Dropping it (or [`RouterDouble::kill`]) kills the
 //! process; when a test panics, the drop prints its output.

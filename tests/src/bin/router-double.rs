@@ -23,10 +23,13 @@
 //! Every reply carries, besides the Router's fields, `"received":{"seq","subject","reply",
 //! "reply_prefix","headers","request","copy"}`: what the double saw, so a test can check the
 //! gateway's request field by field. `headers` is `null` for a message without headers,
-//! otherwise an object from header name to value (an array of values if a name repeats).
+//! otherwise an object from header name to value (an array of values if a name repeats). A
+//! request body over 64 KiB is not echoed (`request_omitted_bytes` instead), so that the reply
+//! stays under the server's max_payload; one that is not JSON comes back as `raw` text.
 //!
 //! Stdout, one line each: `ready` once subscribed and flushed; then a JSON object per request
-//! (`"event":"request"`), per reply sent (`"event":"replied"`), and per NATS connection event
+//! (`"event":"request"`, the same fields plus `body`, the request's exact text), per reply sent
+//! (`"event":"replied"`, with `body`, the reply's exact text), and per NATS connection event
 //! (`"event":"disconnected"` / `"reconnected"`). `--exit-on-stdin-eof` makes it exit when its
 //! stdin closes (the test helper uses this so an orphaned double does not outlive its test).
 
@@ -112,6 +115,9 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Requests larger than this are not echoed back in `received.request` (only on stdout).
+const ECHO_LIMIT: usize = 64 * 1024;
+
 /// Writes one JSON line on stdout.
 fn emit(line: &Value) {
     let mut out = io::stdout().lock();
@@ -135,15 +141,21 @@ fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64) {
     received.insert("reply".into(), json!(msg.reply));
     received.insert("reply_prefix".into(), json!(reply_prefix));
     received.insert("headers".into(), headers);
+    let raw = String::from_utf8_lossy(&msg.data).into_owned();
     match &parsed {
+        // A reply carrying a large request would itself exceed the server's max_payload.
+        Some(_) if msg.data.len() > ECHO_LIMIT => {
+            received.insert("request_omitted_bytes".into(), json!(msg.data.len()))
+        }
         Some(v) => received.insert("request".into(), v.clone()),
-        None => received.insert(
-            "raw".into(),
-            json!(String::from_utf8_lossy(&msg.data).into_owned()),
-        ),
+        None => received.insert("raw".into(), json!(raw)),
     };
     let mut log = received.clone();
     log.insert("event".into(), json!("request"));
+    log.insert("body".into(), json!(raw));
+    if let Some(v) = &parsed {
+        log.insert("request".into(), v.clone());
+    }
     log.insert("outcome".into(), json!(plan.outcome));
     log.insert("copies".into(), json!(plan.copies));
     log.insert("delay_ms".into(), json!(plan.delay_ms));
@@ -164,10 +176,11 @@ fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64) {
                 let mut received = received.clone();
                 received.insert("copy".into(), json!(copy));
                 body["received"] = Value::Object(received);
-                let result = conn.publish(&reply_to, body.to_string());
+                let text = body.to_string();
+                let result = conn.publish(&reply_to, &text);
                 emit(&json!({
                     "event": "replied", "seq": seq, "copy": copy, "reply": reply_to,
-                    "error": result.err().map(|e| e.to_string()),
+                    "body": text, "error": result.err().map(|e| e.to_string()),
                 }));
             }
         }
