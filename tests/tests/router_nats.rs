@@ -757,12 +757,10 @@ fn breaker_opens_sends_nothing_half_opens_and_closes() {
     assert_eq!(reply["ok"], json!(true));
 }
 
-/// Found by this file: in the legacy envelope the body names the configured tenant (as the C
-/// gateway did) but the `tenant_id` header carries the client's, so the Router's metrics
-/// would count the request under a tenant it was not decided for. router.md section 3 lists
-/// the headers without a per-mode exception; the header should match the body.
+/// In the legacy envelope the body names the configured tenant (as the C gateway did); the
+/// `tenant_id` header must say the same, or the Router's metrics would count the request
+/// under a tenant it was not decided for (found by this file, then fixed).
 #[test]
-#[ignore = "gateway bug: legacy envelope's tenant_id header differs from its body (reported)"]
 fn legacy_tenant_header_matches_the_body() {
     let server = NatsServer::start();
     let double = RouterDouble::start(&server.url());
@@ -825,12 +823,10 @@ fn a_client_that_leaves_leaves_nothing_behind() {
 
 /// ipc-protocol.md section 7: "A client that disconnects with requests in flight costs
 /// nothing later: the requests are cancelled, their Router replies are dropped when they
-/// arrive". Found by this file: the gateway treats the end of stream as a half-close (it
-/// keeps answering) and only notices the hang-up when it writes a reply, so the requests hold
-/// their in-flight slots until the Router answers or the deadline passes, and the replies are
-/// "sent" into the closed socket instead of being dropped and counted.
+/// arrive". Found by this file: the gateway used to treat the end of stream as a half-close
+/// and notice the hang-up only when it wrote a reply, so the requests held their in-flight
+/// slots until the Router answered or the deadline passed.
 #[test]
-#[ignore = "gateway bug: a hung-up client's requests are not cancelled until a reply is written (reported)"]
 fn a_client_that_hangs_up_has_its_requests_cancelled() {
     let (_server, double, daemon) = leave_with_requests_in_flight(3000);
     // Cancelled at once: long before the Router's replies (3 s) are due.
