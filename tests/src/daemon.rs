@@ -31,33 +31,59 @@ pub const PONG_BYTES: [u8; 6] = [0x00, 0x00, 0x00, 0x06, 0x01, 0xF1];
 /// The daemon binary: `IPC_GATEWAY_BIN` if set, otherwise built once per test process.
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("IPC_GATEWAY_BIN") {
-            return PathBuf::from(bin);
+    BIN.get_or_init(|| workspace_binary("IPC_GATEWAY_BIN", "ipc-gateway", "ipc-gateway"))
+}
+
+/// A binary of this workspace: the path in `override_var` if set, otherwise
+/// `cargo build -p <package> --bin <bin>` (a no-op under `cargo test`, which built it already)
+/// and its path in the target directory.
+pub fn workspace_binary(override_var: &str, package: &str, bin: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_var) {
+        return PathBuf::from(path);
+    }
+    // CARGO_MANIFEST_DIR is tests/; the workspace is its parent.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf();
+    let mut cargo = Command::new(env!("CARGO"));
+    // `cargo test` runs this process with the package's CARGO_MANIFEST_DIR, CARGO_PKG_* etc.
+    // set. Build scripts that watch them (ring's watches CARGO_MANIFEST_DIR, and the `nats`
+    // crate pulls ring in) would see them change between the outer `cargo test` and this
+    // build, and every test run would rebuild ring and everything above it twice.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                &*key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_BIN_NAME"
+            )
+        {
+            cargo.env_remove(&*key);
         }
-        // CARGO_MANIFEST_DIR is tests/; the workspace is its parent.
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ has a parent")
-            .to_path_buf();
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "-p", "ipc-gateway", "--bin", "ipc-gateway"])
-            .current_dir(&workspace)
-            .output()
-            .expect("running cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build -p ipc-gateway failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // A relative CARGO_TARGET_DIR is relative to where cargo runs, here the workspace;
-        // joining an absolute one replaces the base.
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(|dir| workspace.join(dir))
-            .unwrap_or_else(|| workspace.join("target"));
-        target.join("debug").join("ipc-gateway")
-    })
+    }
+    let out = cargo
+        .args(["build", "-p", package, "--bin", bin])
+        .current_dir(&workspace)
+        .output()
+        .expect("running cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {bin} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A relative CARGO_TARGET_DIR is relative to where cargo runs, here the workspace;
+    // joining an absolute one replaces the base.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| workspace.join(dir))
+        .unwrap_or_else(|| workspace.join("target"));
+    target.join("debug").join(bin)
 }
 
 /// A running (or finished) `ipc-gateway` process. Dropping it kills the process.

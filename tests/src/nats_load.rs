@@ -238,6 +238,47 @@ impl Client {
     }
 }
 
+/// Every reply is OK, 5 or 8 and came by `deadline` (the request timeout plus slack).
+pub fn check_outcomes_and_deadlines(records: &[Record], deadline: Duration) {
+    for r in records {
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::Ok | Outcome::Error(5) | Outcome::Error(8)
+            ),
+            "client {} request {}: {:?} (expected OK, 5 or 8)",
+            r.client,
+            r.n,
+            r.outcome
+        );
+        assert!(
+            r.latency() <= deadline,
+            "client {} request {}: {:?} after {:?}, past {deadline:?}",
+            r.client,
+            r.n,
+            r.outcome,
+            r.latency()
+        );
+    }
+}
+
+/// `N requests: a OK, b error 5, c error 8; slowest reply d`, for the test's output.
+pub fn summary(records: &[Record]) -> String {
+    let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
+    format!(
+        "{} requests: {} OK, {} error 5, {} error 8; slowest reply {:?}",
+        records.len(),
+        count(Outcome::Ok),
+        count(Outcome::Error(5)),
+        count(Outcome::Error(8)),
+        records
+            .iter()
+            .map(Record::latency)
+            .max()
+            .unwrap_or_default()
+    )
+}
+
 /// Sends SIGUSR1 and returns the `"event":"stats"` line the daemon logs for it, parsed.
 pub fn stats(daemon: &Daemon) -> Value {
     let before = stats_lines(&daemon.stderr()).len();

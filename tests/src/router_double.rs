@@ -40,49 +40,7 @@ pub const DOUBLE_START_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("ROUTER_DOUBLE_BIN") {
-            return PathBuf::from(bin);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ has a parent")
-            .to_path_buf();
-        let mut cargo = Command::new(env!("CARGO"));
-        // `cargo test` runs this process with the package's CARGO_MANIFEST_DIR, CARGO_PKG_*
-        // etc. set. Build scripts that watch them (ring's watches CARGO_MANIFEST_DIR, and the
-        // `nats` crate pulls ring in) would see them change between the outer `cargo test`
-        // and this build, and every test run would rebuild ring and everything above it twice.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_PKG_")
-                || matches!(
-                    &*key,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "CARGO_BIN_NAME"
-                )
-            {
-                cargo.env_remove(&*key);
-            }
-        }
-        let out = cargo
-            .args(["build", "-p", "ipc-gateway-tests", "--bin", "router-double"])
-            .current_dir(&workspace)
-            .output()
-            .expect("running cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build --bin router-double failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(|dir| workspace.join(dir))
-            .unwrap_or_else(|| workspace.join("target"));
-        target.join("debug").join("router-double")
+        crate::daemon::workspace_binary("ROUTER_DOUBLE_BIN", "ipc-gateway-tests", "router-double")
     })
 }
 

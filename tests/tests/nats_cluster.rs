@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{wait_until, Daemon};
 use ipc_gateway_tests::nats_load::{
-    nats_connected_count, router_double_success, stats, Load, Outcome, Record,
+    check_outcomes_and_deadlines, nats_connected_count, router_double_success, stats, summary, Load,
 };
 use ipc_gateway_tests::nats_server::NatsCluster;
 use ipc_gateway_tests::router_double::RouterDouble;
@@ -106,40 +106,8 @@ fn failover(configured: &[usize], killed: &[usize]) {
     );
     assert_eq!(now_on["nats_state"], json!("connected"), "{now_on}");
 
-    let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
-    eprintln!(
-        "{} requests: {} OK, {} error 5, {} error 8; slowest reply {:?}; now on port {port}",
-        records.len(),
-        count(Outcome::Ok),
-        count(Outcome::Error(5)),
-        count(Outcome::Error(8)),
-        records
-            .iter()
-            .map(Record::latency)
-            .max()
-            .unwrap_or_default()
-    );
-    let deadline = Duration::from_millis(TIMEOUT_MS) + LATE_SLACK;
-    for r in &records {
-        assert!(
-            matches!(
-                r.outcome,
-                Outcome::Ok | Outcome::Error(5) | Outcome::Error(8)
-            ),
-            "client {} request {}: {:?} (expected OK, 5 or 8)",
-            r.client,
-            r.n,
-            r.outcome
-        );
-        assert!(
-            r.latency() <= deadline,
-            "client {} request {}: {:?} after {:?}, past its deadline + {LATE_SLACK:?}",
-            r.client,
-            r.n,
-            r.outcome,
-            r.latency()
-        );
-    }
+    eprintln!("{}; now on port {port}", summary(&records));
+    check_outcomes_and_deadlines(&records, Duration::from_millis(TIMEOUT_MS) + LATE_SLACK);
 }
 
 /// Configured with node 0 only; node 0 is killed; traffic goes on through node 1 or 2.

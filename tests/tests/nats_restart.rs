@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{peak_rss_kb, rss_kb, wait_until, Daemon};
 use ipc_gateway_tests::nats_load::{
-    fd_count, fd_listing, nats_connected_count, router_double_success, stats, Load, Outcome, Record,
+    check_outcomes_and_deadlines, fd_count, fd_listing, nats_connected_count,
+    router_double_success, stats, summary, Load, Outcome,
 };
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
@@ -57,47 +58,6 @@ fn start_daemon(server: &NatsServer) -> Daemon {
 
 fn payload(client: usize, n: u64) -> Value {
     json!({"task_type": "restart_test", "client": client, "n": n})
-}
-
-/// Every reply is OK, 5 or 8 and came by its deadline + [`LATE_SLACK`].
-fn check_outcomes_and_deadlines(records: &[Record]) {
-    let deadline = Duration::from_millis(TIMEOUT_MS) + LATE_SLACK;
-    for r in records {
-        assert!(
-            matches!(
-                r.outcome,
-                Outcome::Ok | Outcome::Error(5) | Outcome::Error(8)
-            ),
-            "client {} request {}: {:?} (expected OK, 5 or 8)",
-            r.client,
-            r.n,
-            r.outcome
-        );
-        assert!(
-            r.latency() <= deadline,
-            "client {} request {}: {:?} after {:?}, past its deadline + {LATE_SLACK:?}",
-            r.client,
-            r.n,
-            r.outcome,
-            r.latency()
-        );
-    }
-}
-
-fn summary(records: &[Record]) -> String {
-    let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
-    format!(
-        "{} requests: {} OK, {} error 5, {} error 8; slowest reply {:?}",
-        records.len(),
-        count(Outcome::Ok),
-        count(Outcome::Error(5)),
-        count(Outcome::Error(8)),
-        records
-            .iter()
-            .map(Record::latency)
-            .max()
-            .unwrap_or_default()
-    )
 }
 
 /// Waits until traffic is over and the daemon holds nothing: no client connection, nothing
@@ -154,7 +114,7 @@ fn sigkill_under_load_then_restart_after_two_seconds() {
         first_ok.saturating_duration_since(back_at),
         back_at - restart_begun
     );
-    check_outcomes_and_deadlines(&records);
+    check_outcomes_and_deadlines(&records, Duration::from_millis(TIMEOUT_MS) + LATE_SLACK);
     // The kill really cut the Router off: no success from 1 s after the kill (replies read by
     // the daemon just before it may still be on their way to the clients) until the restart.
     let during = records.iter().find(|r| {
@@ -257,7 +217,7 @@ fn twenty_kill_restart_cycles_leak_nothing() {
     let last = wait_settled(&daemon);
 
     eprintln!("{}", summary(&records));
-    check_outcomes_and_deadlines(&records);
+    check_outcomes_and_deadlines(&records, Duration::from_millis(TIMEOUT_MS) + LATE_SLACK);
     assert_eq!(
         last["reconnects"],
         json!(CYCLES + 1),
