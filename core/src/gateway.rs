@@ -5,7 +5,7 @@
 //!
 //! 1. Feed what happened: [`Gateway::handle_client_opened`], [`Gateway::handle_client_bytes`],
 //!    [`Gateway::handle_client_written`], [`Gateway::handle_client_eof`],
-//!    [`Gateway::handle_client_closed`],
+//!    [`Gateway::handle_client_closed`], [`Gateway::handle_upstream`] (upstream I/O),
 //!    [`Gateway::begin_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
 //!    [`Gateway::poll_timeout`] has passed (calling it early is harmless).
 //! 2. Drain [`Gateway::poll_action`] until `None`, and act: write a connection's
@@ -465,6 +465,17 @@ impl<U: Upstream> Gateway<U> {
         &mut self.upstream
     }
 
+    /// Feeds the upstream something only it understands (the NATS socket's bytes, say), then
+    /// delivers the outcomes that produced. Use this rather than [`Gateway::upstream_mut`]
+    /// for any input that can answer or fail requests: outcomes left in the upstream would
+    /// reach their clients only at the next `handle_*` call.
+    pub fn handle_upstream<R>(&mut self, now: Instant, feed: impl FnOnce(&mut U) -> R) -> R {
+        let result = feed(&mut self.upstream);
+        self.drain_upstream(now);
+        self.finish_turn(now);
+        result
+    }
+
     /// Checks the bookkeeping invariants of gateway.md section 1 that hold at every instant;
     /// panics with a description of the first violated one. Meant for simulators and fuzzers.
     pub fn assert_invariants(&self) {
@@ -645,6 +656,26 @@ impl<U: Upstream> Gateway<U> {
     fn drain_upstream(&mut self, now: Instant) {
         while let Some(event) = self.upstream.poll_event() {
             let (id, reply, code, outcome) = match event {
+                // A reply that cannot fit an IPC frame (a NATS server may allow up to 64 MiB)
+                // is answered with error 3 rather than a frame clients would refuse. The
+                // Router did answer, so the breaker counts a success.
+                UpstreamEvent::Reply { id, payload }
+                    if payload.len() > MAX_FRAME_BYTES - crate::frame::HEADER_LEN =>
+                {
+                    let rid = self.request_id_text(id);
+                    let message = format!(
+                        "Frame too large: the Router's reply is {} bytes, over the {} bytes \
+                         an IPC frame can carry",
+                        payload.len(),
+                        MAX_FRAME_BYTES - crate::frame::HEADER_LEN
+                    );
+                    (
+                        id,
+                        error_frame(ErrorCode::FrameTooLarge, &message, Some(&rid)),
+                        ErrorCode::FrameTooLarge.code(),
+                        Outcome::Success,
+                    )
+                }
                 UpstreamEvent::Reply { id, payload } => (
                     id,
                     ReplyFrame::new(kind::RESPONSE_OK, payload),

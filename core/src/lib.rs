@@ -12,8 +12,8 @@
 //! Router), routed together by [`gateway`].
 //! [`nats_codec`] speaks the NATS client protocol (INFO … -ERR in, CONNECT … PONG out);
 //! [`nats_session`] is the NATS upstream (connect, keepalive, reconnect, request-reply) over
-//! [`nats_pool`] (servers, backoff) and [`router_envelope`] (the Router request), configured
-//! by [`nats_config`].
+//! [`nats_pool`] (servers, backoff), `nats_requests` (its request book and reconnect buffer)
+//! and [`router_envelope`] (the Router request), configured by [`nats_config`].
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +28,7 @@ pub mod inflight;
 pub mod nats_codec;
 pub mod nats_config;
 pub mod nats_pool;
+mod nats_requests;
 pub mod nats_session;
 pub mod payload;
 pub mod rng;

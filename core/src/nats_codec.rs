@@ -39,6 +39,10 @@ use serde_json::{Map, Value};
 
 /// Default bound on a control line, CRLF excluded (nats-server's `MAX_CONTROL_LINE_SIZE`).
 pub const DEFAULT_MAX_CONTROL_LINE: usize = 4096;
+/// Default bound on an INFO line. A server's INFO grows with its cluster (`connect_urls`) and
+/// is not bound by `MAX_CONTROL_LINE_SIZE` (that limit is the server's on what clients send),
+/// so INFO gets its own, larger bound.
+pub const DEFAULT_MAX_INFO_LINE: usize = 64 * 1024;
 /// Default bound on what one MSG/HMSG may carry, headers included: nats-server refuses a
 /// `max_payload` above its 64 MiB `MAX_PENDING_SIZE`, so no server sends more.
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024 * 1024;
@@ -55,6 +59,8 @@ const MIN_HEADER_LEN: usize = 12;
 pub struct DecoderLimits {
     /// Longest control line accepted, CRLF excluded.
     pub max_control_line: usize,
+    /// Longest INFO line accepted (at least `max_control_line` in effect), CRLF excluded.
+    pub max_info_line: usize,
     /// Largest MSG payload or HMSG total (headers + payload) accepted.
     pub max_payload: usize,
 }
@@ -63,6 +69,7 @@ impl Default for DecoderLimits {
     fn default() -> DecoderLimits {
         DecoderLimits {
             max_control_line: DEFAULT_MAX_CONTROL_LINE,
+            max_info_line: DEFAULT_MAX_INFO_LINE,
             max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
@@ -112,6 +119,14 @@ pub enum ServerOp {
         headers: Vec<(String, String)>,
         payload: Bytes,
     },
+    /// An HMSG whose header block is malformed. Its length was announced correctly, so the
+    /// stream stays readable: one stray publisher's bad message must not cost the connection
+    /// and every request on it. The message's content cannot be trusted and is not returned.
+    Unreadable {
+        subject: String,
+        sid: u64,
+        reason: &'static str,
+    },
     Ping,
     Pong,
     Ok,
@@ -154,8 +169,6 @@ pub enum NatsDecodeError {
     BadHeaderSize { header: u64, total: u64 },
     /// The announced payload is not followed by CRLF.
     MissingPayloadTerminator,
-    /// A malformed header block.
-    BadHeaders { reason: &'static str },
     /// INFO arguments that are not the JSON object INFO must carry.
     InvalidInfo { reason: String },
 }
@@ -172,7 +185,6 @@ impl fmt::Display for NatsDecodeError {
             PayloadTooLarge { size, max } => write!(f, "payload of {size} bytes over {max}"),
             BadHeaderSize { header, total } => write!(f, "header size {header} of {total}"),
             MissingPayloadTerminator => write!(f, "payload not followed by CRLF"),
-            BadHeaders { reason } => write!(f, "bad HMSG headers: {reason}"),
             InvalidInfo { reason } => write!(f, "invalid INFO: {reason}"),
         }
     }
@@ -319,7 +331,16 @@ impl NatsDecoder {
                 payload: body,
             }));
         };
-        let block = parse_header_block(body.get(..header_len).unwrap_or_default())?;
+        let block = match parse_header_block(body.get(..header_len).unwrap_or_default()) {
+            Ok(block) => block,
+            Err(reason) => {
+                return Ok(Some(ServerOp::Unreadable {
+                    subject,
+                    sid,
+                    reason,
+                }))
+            }
+        };
         Ok(Some(ServerOp::HMsg {
             subject,
             sid,
@@ -336,26 +357,41 @@ impl NatsDecoder {
     /// The length is judged before the CR, so that whatever the split, a line that passes the
     /// bound is always `ControlLineTooLong` and never first something else.
     fn find_line_end(&mut self) -> Result<Option<usize>, NatsDecodeError> {
-        let too_long = NatsDecodeError::ControlLineTooLong {
-            max: self.limits.max_control_line,
-        };
+        let max = self.line_limit();
+        let too_long = NatsDecodeError::ControlLineTooLong { max };
         let unscanned = self.buf.get(self.scanned..).unwrap_or_default();
         let Some(found) = unscanned.iter().position(|b| *b == b'\n') else {
             self.scanned = self.buf.len();
-            if line_len(&self.buf) > self.limits.max_control_line {
+            if line_len(&self.buf) > max {
                 return Err(too_long);
             }
             return Ok(None);
         };
         let newline = self.scanned + found;
         let before = self.buf.get(..newline).unwrap_or_default();
-        if line_len(before) > self.limits.max_control_line {
+        if line_len(before) > max {
             return Err(too_long);
         }
         if before.last() != Some(&b'\r') {
             return Err(NatsDecodeError::BareLineFeed);
         }
         Ok(Some(newline))
+    }
+}
+
+impl NatsDecoder {
+    /// The bound on the pending control line: INFO's when it starts with `INFO` (a line
+    /// shorter than four bytes is within either bound, so the split does not matter).
+    fn line_limit(&self) -> usize {
+        let info = self
+            .buf
+            .get(..4)
+            .is_some_and(|op| op.eq_ignore_ascii_case(b"INFO"));
+        if info {
+            self.limits.max_info_line.max(self.limits.max_control_line)
+        } else {
+            self.limits.max_control_line
+        }
     }
 }
 
@@ -535,8 +571,9 @@ struct HeaderBlock {
 }
 
 /// `NATS/1.0[ status[ description]]\r\n(Key: Value\r\n)*\r\n`, exactly the declared length.
-fn parse_header_block(block: &[u8]) -> Result<HeaderBlock, NatsDecodeError> {
-    let bad = |reason| NatsDecodeError::BadHeaders { reason };
+/// The header block of an HMSG, or why it is malformed.
+fn parse_header_block(block: &[u8]) -> Result<HeaderBlock, &'static str> {
+    let bad = |reason: &'static str| reason;
     let mut lines = CrlfLines { rest: block };
     let version = lines
         .next()

@@ -26,7 +26,7 @@
 //!
 //! Where gateway.md is silent the session does what nats.go does, as noted at each place.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
@@ -39,6 +39,7 @@ use crate::nats_codec::{
 };
 pub use crate::nats_config::{NatsConfig, NatsStats, SessionAction, SessionState};
 use crate::nats_pool::{ServerPool, ServerUrl};
+use crate::nats_requests::{Pending, Place, RequestBook};
 use crate::rng::Rng;
 use crate::router_envelope::build_router_request;
 use crate::time::Instant;
@@ -80,26 +81,6 @@ impl Link {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    Buffered,
-    /// Queued for the socket; its frame starts at this offset of the output stream.
-    Written {
-        start: u64,
-    },
-}
-
-#[derive(Debug)]
-struct Pending {
-    seq: u64,
-    deadline: Instant,
-    body: Bytes,
-    headers: Vec<(&'static str, String)>,
-    /// What it costs in the reconnect buffer.
-    size: usize,
-    place: Place,
-}
-
 /// The NATS session.
 ///
 /// Call order (the shell, or the gateway's pump for the [`Upstream`] half):
@@ -127,13 +108,8 @@ pub struct NatsSession {
     decoder: NatsDecoder,
     /// `_INBOX.<random>`; replies come to `<inbox>.<token>`.
     inbox: String,
-    requests: BTreeMap<RequestId, Pending>,
-    /// Buffered requests in submit order.
-    buffer: BTreeMap<u64, RequestId>,
-    buffered_bytes: usize,
-    next_seq: u64,
-    recent: VecDeque<u64>,
-    recent_set: BTreeSet<u64>,
+    /// Requests held, the reconnect buffer, recently answered tokens.
+    requests: RequestBook,
     out: VecDeque<Bytes>,
     out_offset: usize,
     /// Bytes ever queued / ever written on the current connection.
@@ -166,6 +142,7 @@ impl NatsSession {
             .collect();
         let pool = ServerPool::new(config.servers.clone(), config.backoff, &mut rng);
         NatsSession {
+            requests: RequestBook::new(config.recent_answers),
             decoder: NatsDecoder::new(config.decoder_limits),
             config,
             rng,
@@ -181,12 +158,6 @@ impl NatsSession {
             lame_duck: None,
             draining: None,
             inbox: format!("_INBOX.{nuid}"),
-            requests: BTreeMap::new(),
-            buffer: BTreeMap::new(),
-            buffered_bytes: 0,
-            next_seq: 0,
-            recent: VecDeque::new(),
-            recent_set: BTreeSet::new(),
             out: VecDeque::new(),
             out_offset: 0,
             queued_total: 0,
@@ -309,7 +280,7 @@ impl NatsSession {
         if self.link == Link::Closed {
             return;
         }
-        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        let ids = self.requests.ids();
         for id in ids {
             self.fail(
                 id,
@@ -373,12 +344,12 @@ impl NatsSession {
 
     /// Bytes held in the reconnect buffer.
     pub fn buffered_bytes(&self) -> usize {
-        self.buffered_bytes
+        self.requests.buffered_bytes()
     }
 
     /// Tokens remembered as recently answered (bounded by `recent_answers`).
     pub fn recent_answers(&self) -> usize {
-        self.recent.len()
+        self.requests.recent_len()
     }
 
     // ----- internals: connection lifecycle --------------------------------------------------
@@ -446,27 +417,15 @@ impl NatsSession {
         self.lame_duck = None;
         self.decoder = NatsDecoder::new(self.config.decoder_limits);
         // Frames the shell never began to write are not on the wire: they may go again.
-        let written: Vec<(RequestId, u64)> = self
-            .requests
-            .iter()
-            .filter_map(|(id, p)| match p.place {
-                Place::Written { start } => Some((*id, start)),
-                Place::Buffered => None,
-            })
-            .collect();
         let mut failed = 0u64;
-        for (id, start) in written {
+        for (id, start) in self.requests.written() {
             let unsent = start >= self.written_total;
             let fits = self.draining.is_none()
-                && self.requests.get(&id).is_some_and(|p| {
-                    self.buffered_bytes + p.size <= self.config.reconnect_buffer_bytes
+                && self.requests.get(id).is_some_and(|p| {
+                    self.requests.buffered_bytes() + p.size <= self.config.reconnect_buffer_bytes
                 });
             if unsent && fits {
-                if let Some(p) = self.requests.get_mut(&id) {
-                    p.place = Place::Buffered;
-                    self.buffered_bytes += p.size;
-                    self.buffer.insert(p.seq, id);
-                }
+                self.requests.rebuffer(id);
             } else {
                 failed += 1;
                 self.fail(
@@ -504,15 +463,12 @@ impl NatsSession {
     }
 
     fn check_drain(&mut self) {
-        let idle = !self
-            .requests
-            .values()
-            .any(|p| matches!(p.place, Place::Written { .. }));
-        if self.draining.is_some()
-            && matches!(self.link, Link::Up { .. })
-            && idle
-            && self.out.is_empty()
+        // Called on every flush: the scan of the requests is left for when it can matter.
+        if self.draining.is_none() || !matches!(self.link, Link::Up { .. }) || !self.out.is_empty()
         {
+            return;
+        }
+        if !self.requests.any_written() {
             self.finish_close();
         }
     }
@@ -522,10 +478,7 @@ impl NatsSession {
         let Some(deadline) = self.lame_duck else {
             return;
         };
-        let awaiting = self
-            .requests
-            .values()
-            .any(|p| matches!(p.place, Place::Written { .. }));
+        let awaiting = self.requests.any_written();
         if matches!(self.link, Link::Up { .. }) && (!awaiting || now >= deadline) {
             self.stats.lame_duck_switches += 1;
             self.lose(now, "lame duck", true);
@@ -547,7 +500,7 @@ impl NatsSession {
         self.ever_connected = true;
         info!(event = "nats_connected", component = "nats_resilience",
               server = %self.server_text(), headers = self.server_headers,
-              buffered = self.buffer.len());
+              buffered = self.requests.buffered_count());
         if self.lame_duck.is_some() {
             self.check_lame_duck(now);
         } else {
@@ -572,6 +525,13 @@ impl NatsSession {
             }
             ServerOp::Ok => {}
             ServerOp::Err(text) => self.handle_err(&text, now),
+            ServerOp::Unreadable {
+                subject, reason, ..
+            } => {
+                self.stats.unknown_replies += 1;
+                warn!(event = "nats_reply_unreadable", component = "nats_resilience",
+                      subject = %subject, reason);
+            }
             op @ (ServerOp::Msg { .. } | ServerOp::HMsg { .. }) => {
                 if let Link::AwaitInfo { .. } = self.link {
                     warn!(event = "nats_protocol_error", component = "nats_resilience",
@@ -686,10 +646,10 @@ impl NatsSession {
         let id = RequestId(token);
         let written = self
             .requests
-            .get(&id)
-            .is_some_and(|p| matches!(p.place, Place::Written { .. }));
+            .get(id)
+            .is_some_and(|p| matches!(p.place(), Place::Written { .. }));
         if !written {
-            if self.recent_set.contains(&token) {
+            if self.requests.is_recent(token) {
                 self.stats.duplicate_replies += 1;
             } else {
                 self.stats.late_replies += 1;
@@ -698,12 +658,12 @@ impl NatsSession {
                 event = "nats_reply_dropped",
                 component = "nats_resilience",
                 request_id = token,
-                duplicate = self.recent_set.contains(&token)
+                duplicate = self.requests.is_recent(token)
             );
             return;
         }
-        self.requests.remove(&id);
-        self.remember(token);
+        self.requests.remove(id);
+        self.requests.remember(token);
         if no_responders {
             self.stats.no_responders += 1;
             self.events.push_back(UpstreamEvent::Failed {
@@ -716,19 +676,6 @@ impl NatsSession {
         }
         self.check_drain();
         self.check_lame_duck(now);
-    }
-
-    fn remember(&mut self, token: u64) {
-        if self.config.recent_answers == 0 {
-            return;
-        }
-        if self.recent.len() >= self.config.recent_answers {
-            if let Some(old) = self.recent.pop_front() {
-                self.recent_set.remove(&old);
-            }
-        }
-        self.recent.push_back(token);
-        self.recent_set.insert(token);
     }
 
     // ----- internals: requests --------------------------------------------------------------
@@ -770,7 +717,7 @@ impl NatsSession {
     }
 
     fn write_request(&mut self, id: RequestId) {
-        let Some(p) = self.requests.get(&id) else {
+        let Some(p) = self.requests.get(id) else {
             return;
         };
         let reply = format!("{}.{}", self.inbox, to_base36(id.0));
@@ -792,23 +739,19 @@ impl NatsSession {
             let message = format!("Internal error: cannot publish the Router request: {e}");
             return self.fail(id, ErrorCode::Internal, &message);
         }
-        let start = self.queued_total;
-        if let Some(p) = self.requests.get_mut(&id) {
-            p.place = Place::Written { start };
-        }
+        self.requests.mark_written(id, self.queued_total);
         self.push_out(b.freeze());
     }
 
     /// Sends the reconnect buffer in submit order (after the SUB, already queued).
     fn flush_buffer(&mut self, now: Instant) {
         while self.can_publish() {
-            let Some((_, id)) = self.buffer.pop_first() else {
+            let Some(id) = self.requests.pop_buffered() else {
                 break;
             };
-            let Some(p) = self.requests.get(&id) else {
+            let Some(p) = self.requests.get(id) else {
                 continue;
             };
-            self.buffered_bytes -= p.size;
             if p.deadline <= now {
                 self.fail(
                     id,
@@ -825,10 +768,7 @@ impl NatsSession {
 
     /// Removes a request (wherever it is) and reports it failed.
     fn fail(&mut self, id: RequestId, code: ErrorCode, message: &str) {
-        if let Some(p) = self.requests.remove(&id) {
-            if p.place == Place::Buffered && self.buffer.remove(&p.seq).is_some() {
-                self.buffered_bytes -= p.size;
-            }
+        if self.requests.remove(id).is_some() {
             self.events.push_back(UpstreamEvent::Failed {
                 id,
                 code,
@@ -838,7 +778,7 @@ impl NatsSession {
     }
 
     fn fail_buffered(&mut self, code: ErrorCode, message: &str) {
-        let ids: Vec<RequestId> = self.buffer.values().copied().collect();
+        let ids = self.requests.buffered_ids();
         for id in ids {
             self.fail(id, code, message);
         }
@@ -860,7 +800,7 @@ impl Upstream for NatsSession {
                 "Shutting down: the NATS session is closing".to_owned(),
             );
         }
-        if self.requests.contains_key(&id) {
+        if self.requests.contains(id) {
             // Caller misuse (ids are never reused); the first request keeps its outcome.
             warn!(
                 event = "nats_duplicate_request_id",
@@ -883,43 +823,28 @@ impl Upstream for NatsSession {
             + header_block_len(&rr.headers)
             + rr.body.len()
             + 32;
-        let pending = Pending {
-            seq: self.next_seq,
-            deadline: request.deadline,
-            body: rr.body,
-            headers: rr.headers,
-            size,
-            place: Place::Buffered,
-        };
+        let pending = Pending::new(request.deadline, rr.body, rr.headers, size);
         if let Some(message) = self.too_large(&pending) {
             return refuse(self, ErrorCode::FrameTooLarge, message);
         }
-        if !self.can_publish() && self.buffered_bytes + size > self.config.reconnect_buffer_bytes {
+        if self.can_publish() {
+            self.requests.insert_written(id, pending, self.queued_total);
+            self.write_request(id);
+        } else if self.requests.buffered_bytes() + size > self.config.reconnect_buffer_bytes {
             self.stats.buffer_full_rejections += 1;
-            return refuse(
+            refuse(
                 self,
                 ErrorCode::RouterUnavailable,
                 "Router unavailable: NATS is disconnected and the reconnect buffer is full"
                     .to_owned(),
             );
-        }
-        self.next_seq += 1;
-        let seq = pending.seq;
-        self.requests.insert(id, pending);
-        if self.can_publish() {
-            self.write_request(id);
         } else {
-            self.buffered_bytes += size;
-            self.buffer.insert(seq, id);
+            self.requests.insert_buffered(id, pending);
         }
     }
 
     fn cancel(&mut self, id: RequestId) {
-        if let Some(p) = self.requests.remove(&id) {
-            if p.place == Place::Buffered && self.buffer.remove(&p.seq).is_some() {
-                self.buffered_bytes -= p.size;
-            }
-        }
+        self.requests.remove(id);
         // An outcome not yet polled is withdrawn too: the caller no longer wants it.
         self.events.retain(|e| match e {
             UpstreamEvent::Reply { id: e, .. } | UpstreamEvent::Failed { id: e, .. } => *e != id,

@@ -98,3 +98,23 @@ proptest! {
         fuzzing::nats_decoder(&parts.concat());
     }
 }
+
+/// Every saved NATS session script keeps the session's invariants.
+#[test]
+fn nats_session_corpus_replays() {
+    for (path, bytes) in corpus("nats_session_events") {
+        eprintln!("{}", path.display());
+        fuzzing::nats_session_events(&bytes);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// Random session scripts: at most one outcome per request, none after cancel, bounded
+    /// buffer, nothing held at the end.
+    #[test]
+    fn random_session_scripts_keep_the_invariants(script in proptest::collection::vec(any::<u8>(), 0..600)) {
+        fuzzing::nats_session_events(&script);
+    }
+}

@@ -409,12 +409,21 @@ fn malformed_input_fails_for_good() {
 /// A header block that does not match its declared length, or is not a NATS/1.0 block.
 #[test]
 fn bad_header_blocks() {
+    // The message is skipped and the stream goes on: its length was announced correctly.
     let reason = |block: &str| {
-        let wire = format!("HMSG a 1 {0} {0}\r\n{block}\r\n", block.len());
-        match error(wire.as_bytes()) {
-            NatsDecodeError::BadHeaders { reason } => reason,
+        let wire = format!("HMSG a 1 {0} {0}\r\n{block}\r\nPING\r\n", block.len());
+        let mut d = NatsDecoder::default();
+        d.push(wire.as_bytes());
+        let reason = match d.next_op() {
+            Ok(Some(ServerOp::Unreadable {
+                subject,
+                sid: 1,
+                reason,
+            })) if subject == "a" => reason,
             other => panic!("{block:?}: {other:?}"),
-        }
+        };
+        assert_eq!(d.next_op(), Ok(Some(ServerOp::Ping)), "{block:?}");
+        reason
     };
     assert!(reason("NATS/1.0\r\n\r\nxx").contains("before its declared length"));
     assert!(reason("NATS/1.0\r\nK: v\r\n").contains("empty line"));
@@ -479,6 +488,7 @@ fn payload_sizes_are_bounded_and_not_preallocated() {
 fn control_line_bound_is_exact() {
     let limits = DecoderLimits {
         max_control_line: 64,
+        max_info_line: 64,
         max_payload: 1024,
     };
     let line = format!("-ERR '{}'", "e".repeat(64 - 7));
@@ -501,6 +511,44 @@ fn control_line_bound_is_exact() {
     // A long line whose LF arrives in the same read fails the same way, never as BareLineFeed.
     let mut d = NatsDecoder::new(limits);
     d.push(format!("{line}xx\n").as_bytes());
+    assert_eq!(
+        d.next_op(),
+        Err(NatsDecodeError::ControlLineTooLong { max: 64 })
+    );
+}
+
+/// A large cluster's INFO (here 300 `connect_urls`, about 6 KB) is over the 4096-byte control
+/// line bound but decodes under INFO's own bound; other operations keep the tight one.
+#[test]
+fn info_has_its_own_larger_bound() {
+    let urls: Vec<String> = (0..300)
+        .map(|i| format!("10.1.{}.{}:4222", i / 250, i % 250))
+        .collect();
+    let line = format!("INFO {}\r\n", serde_json::json!({"connect_urls": urls}));
+    assert!(line.len() > DEFAULT_MAX_CONTROL_LINE);
+    let mut d = NatsDecoder::default();
+    for chunk in line.as_bytes().chunks(1000) {
+        d.push(chunk);
+    }
+    match d.next_op() {
+        Ok(Some(ServerOp::Info(i))) => assert_eq!(i.connect_urls.len(), 300),
+        other => panic!("{other:?}"),
+    }
+    let limits = DecoderLimits {
+        max_control_line: 64,
+        max_info_line: 128,
+        max_payload: 1024,
+    };
+    let mut d = NatsDecoder::new(limits);
+    d.push(format!("info {{\"x\":\"{}\"}}\r\n", "a".repeat(100)).as_bytes());
+    assert!(matches!(d.next_op(), Ok(Some(ServerOp::Info(_)))));
+    d.push(format!("INFO {{\"x\":\"{}\"}}", "a".repeat(130)).as_bytes());
+    assert_eq!(
+        d.next_op(),
+        Err(NatsDecodeError::ControlLineTooLong { max: 128 })
+    );
+    let mut d = NatsDecoder::new(limits);
+    d.push(format!("-ERR '{}'", "e".repeat(100)).as_bytes());
     assert_eq!(
         d.next_op(),
         Err(NatsDecodeError::ControlLineTooLong { max: 64 })
@@ -760,6 +808,17 @@ fn encode_server(op: &ServerOp, style: Style) -> Vec<u8> {
         ServerOp::Pong => out.extend(name("PONG").bytes()),
         ServerOp::Ok => out.extend(name("+OK").bytes()),
         ServerOp::Err(text) => out.extend(format!("{}{s}'{text}'", name("-ERR")).bytes()),
+        ServerOp::Unreadable { subject, sid, .. } => {
+            let block = "NATS/1.0 x\r\n\r\n";
+            let h = block.len();
+            out.extend(
+                format!(
+                    "{}{s}{subject}{s}{sid}{s}{h}{s}{h}\r\n{block}",
+                    name("HMSG")
+                )
+                .bytes(),
+            );
+        }
     }
     out.extend(b"\r\n");
     out
@@ -943,7 +1002,7 @@ proptest! {
         cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
         max_control_line in 4usize..64,
     ) {
-        let limits = DecoderLimits { max_control_line, max_payload: 64 };
+        let limits = DecoderLimits { max_control_line, max_info_line: max_control_line * 2, max_payload: 64 };
         let whole = decode_split(&stream, &[0, stream.len()], limits);
         let split = decode_split(&stream, &cut_points(&cuts, stream.len()), limits);
         prop_assert_eq!(whole, split);
@@ -963,7 +1022,7 @@ proptest! {
         let fails_at = 6 + (1..=body.len())
             .find(|k| k - usize::from(body[k - 1] == b'\r') > max)
             .expect("the body is longer than any bound tried");
-        let mut d = NatsDecoder::new(DecoderLimits { max_control_line: max, max_payload: 1024 });
+        let mut d = NatsDecoder::new(DecoderLimits { max_control_line: max, max_info_line: max, max_payload: 1024 });
         let (mut pushed, mut i, mut ops) = (0, 0, Vec::new());
         loop {
             let n = chunks[i % chunks.len()].min(stream.len() - pushed);

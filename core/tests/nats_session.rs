@@ -517,6 +517,24 @@ fn reply_mapping_and_counters() {
     assert_eq!(sh.s.pending(), 0);
 }
 
+/// A stray HMSG with a malformed header block on our inbox is skipped and counted; the
+/// connection, and the request the message names, stay as they were.
+#[test]
+fn unreadable_header_block_costs_nothing() {
+    let mut sh = connected(config("h:1"), &info(json!({"headers": true})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    let m = format!(
+        "HMSG {} 1 16 18\r\nNATS/1.0 5x3\r\n\r\n{{}}\r\n",
+        sh.reply_subject(1)
+    );
+    sh.server(m.as_bytes());
+    assert_eq!(sh.s.stats().unknown_replies, 1);
+    assert_eq!(sh.s.state(), SessionState::Connected);
+    assert!(sh.events.is_empty(), "{:?}", sh.events);
+    sh.msg(1, "{}");
+    assert_eq!(sh.events.len(), 1, "the real reply still reaches request 1");
+}
+
 /// The recent-answers ring is bounded: once an answer is forgotten, a repeat counts as late.
 #[test]
 fn recent_answers_ring_is_bounded() {

@@ -14,8 +14,10 @@ use ipc_gateway_core::breaker::BreakerConfig;
 use ipc_gateway_core::connection::ConnectionLimits;
 use ipc_gateway_core::frame::{HEADER_LEN, MAX_FRAME_BYTES};
 use ipc_gateway_core::gateway::{AllowedUids, GatewayConfig};
+use ipc_gateway_core::nats_config::NatsConfig;
 use ipc_gateway_core::nats_pool::ServerUrl;
-use ipc_gateway_core::router_envelope::EnvelopeMode;
+use ipc_gateway_core::router_envelope::{EnvelopeDefaults, EnvelopeMode};
+use ipc_gateway_core::upstream::instance_prefix;
 
 /// The kernel's limit on a Unix socket path (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -84,8 +86,7 @@ pub struct Cli {
           value_parser = whole("CGW_IPC_TIMEOUT_MS", 1, 86_400_000))]
     pub timeout_ms: u64,
 
-    /// Forward tasks to the Router over NATS (1) or answer them with the embedded stub (0).
-    /// This build has only the stub: 1 is refused at start
+    /// Forward tasks to the Router over NATS (1) or answer them with the embedded stub (0)
     #[arg(long, env = "CGW_IPC_NATS_ENABLE", default_value = "0",
           value_parser = flag("CGW_IPC_NATS_ENABLE"), action = clap::ArgAction::Set)]
     pub nats_enable: bool,
@@ -114,6 +115,26 @@ pub struct Cli {
     #[arg(long, env = "CGW_IPC_POLICY_ID", default_value = "default",
           value_parser = identifier("CGW_IPC_POLICY_ID"))]
     pub policy_id: String,
+
+    /// NATS: how long one TCP connect may take, in ms
+    #[arg(long, env = "CGW_IPC_NATS_CONNECT_TIMEOUT_MS", default_value = "2000",
+          value_parser = whole("CGW_IPC_NATS_CONNECT_TIMEOUT_MS", 1, 600_000))]
+    pub nats_connect_timeout_ms: u64,
+
+    /// NATS: keepalive ping interval (reset by incoming traffic), in ms
+    #[arg(long, env = "CGW_IPC_NATS_PING_INTERVAL_MS", default_value = "20000",
+          value_parser = whole("CGW_IPC_NATS_PING_INTERVAL_MS", 10, 86_400_000))]
+    pub nats_ping_interval_ms: u64,
+
+    /// NATS: unanswered pings after which the connection is declared dead
+    #[arg(long, env = "CGW_IPC_NATS_MAX_PINGS_OUT", default_value = "2",
+          value_parser = whole("CGW_IPC_NATS_MAX_PINGS_OUT", 1, 1_000))]
+    pub nats_max_pings_out: u64,
+
+    /// NATS: bytes of requests held while disconnected; beyond it requests get error 8
+    #[arg(long, env = "CGW_IPC_NATS_RECONNECT_BUFFER_BYTES", default_value = "8388608",
+          value_parser = whole("CGW_IPC_NATS_RECONNECT_BUFFER_BYTES", 0, 1 << 32))]
+    pub nats_reconnect_buffer_bytes: u64,
 
     /// Delay of the embedded stub Router's answers, in ms (to try timeouts and draining)
     #[arg(long, env = "CGW_IPC_STUB_DELAY_MS", default_value = "0",
@@ -167,7 +188,7 @@ pub struct Settings {
     pub socket_mode: u32,
     pub stub_delay: Duration,
     pub log_level: String,
-    /// Read and checked now so that a mistake shows at start; used once NATS is wired in.
+    /// Read and checked even in stub mode, so that a mistake shows at start.
     pub nats: NatsSettings,
     pub gateway: GatewayConfig,
 }
@@ -179,7 +200,12 @@ pub struct NatsServers(pub Vec<ServerUrl>);
 /// The NATS settings of gateway.md section 7.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
+    pub enabled: bool,
     pub servers: Vec<ServerUrl>,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    pub max_pings_outstanding: u32,
+    pub reconnect_buffer_bytes: usize,
     pub subject: String,
     pub envelope: EnvelopeMode,
     pub tenant_id: String,
@@ -193,14 +219,6 @@ pub struct ConfigError(pub String);
 impl Cli {
     /// Checks what single values cannot, and builds the settings.
     pub fn settings(&self, own_uid: u32, seed: u64) -> Result<Settings, ConfigError> {
-        if self.nats_enable {
-            return Err(ConfigError(
-                "CGW_IPC_NATS_ENABLE=1: this build answers tasks with the embedded stub Router \
-                 only; the NATS upstream is not wired in yet. Unset CGW_IPC_NATS_ENABLE (or set \
-                 it to 0) to run in stub mode"
-                    .to_string(),
-            ));
-        }
         if self.breaker_max_open_ms < self.breaker_open_ms {
             return Err(ConfigError(format!(
                 "CGW_IPC_BREAKER_MAX_OPEN_MS ({}) must not be below CGW_IPC_BREAKER_OPEN_MS ({})",
@@ -219,7 +237,12 @@ impl Cli {
             stub_delay: Duration::from_millis(self.stub_delay_ms),
             log_level: self.log_level.clone(),
             nats: NatsSettings {
+                enabled: self.nats_enable,
                 servers: self.nats_url.0.clone(),
+                connect_timeout: Duration::from_millis(self.nats_connect_timeout_ms),
+                ping_interval: Duration::from_millis(self.nats_ping_interval_ms),
+                max_pings_outstanding: clamp32(self.nats_max_pings_out),
+                reconnect_buffer_bytes: clamp(self.nats_reconnect_buffer_bytes),
                 subject: self.router_subject.clone(),
                 envelope: self.envelope,
                 tenant_id: self.tenant_id.clone(),
@@ -252,6 +275,33 @@ impl Cli {
 }
 
 impl Settings {
+    /// The NATS session's configuration. `seed` is the gateway's: the session derives its
+    /// inbox and jitter from a different stream of it, and the request id prefix from the
+    /// same draw as the gateway, so the Router sees the ids the clients see.
+    pub fn nats_config(&self, hostname: &str) -> NatsConfig {
+        let n = &self.nats;
+        NatsConfig {
+            servers: n.servers.clone(),
+            connect_timeout: n.connect_timeout,
+            ping_interval: n.ping_interval,
+            max_pings_outstanding: n.max_pings_outstanding,
+            reconnect_buffer_bytes: n.reconnect_buffer_bytes,
+            subject: n.subject.clone(),
+            envelope: EnvelopeDefaults {
+                mode: n.envelope,
+                tenant_id: n.tenant_id.clone(),
+                policy_id: n.policy_id.clone(),
+            },
+            client_name: format!("ipc-gateway@{hostname}"),
+            seed: self.gateway.seed ^ 0x6e61_7473_5f73_6573,
+            request_id_prefix: instance_prefix(self.gateway.seed),
+            // The gateway has answered every request when it hands over; what remains is
+            // output to flush.
+            drain_timeout: Duration::from_secs(2),
+            ..NatsConfig::default()
+        }
+    }
+
     /// The effective configuration as JSON, for `--check-config` and the `config_loaded` log.
     pub fn to_json(&self) -> serde_json::Value {
         let g = &self.gateway;
@@ -269,9 +319,9 @@ impl Settings {
             "read_timeout_ms": g.connection.read_timeout.as_millis() as u64,
             "max_unsent_bytes": g.connection.max_unsent_bytes,
             "allowed_uids": uids,
-            "upstream": "stub",
+            "upstream": if self.nats.enabled { "nats" } else { "stub" },
             "nats": {
-                "enabled": false,
+                "enabled": self.nats.enabled,
                 // Display masks credentials: secrets never reach --check-config or logs.
                 "servers": self.nats.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "subject": self.nats.subject,
@@ -281,6 +331,10 @@ impl Settings {
                 },
                 "tenant_id": self.nats.tenant_id,
                 "policy_id": self.nats.policy_id,
+                "connect_timeout_ms": self.nats.connect_timeout.as_millis() as u64,
+                "ping_interval_ms": self.nats.ping_interval.as_millis() as u64,
+                "max_pings_out": self.nats.max_pings_outstanding,
+                "reconnect_buffer_bytes": self.nats.reconnect_buffer_bytes,
             },
             "timeout_ms": g.request_timeout.as_millis() as u64,
             "stub_delay_ms": self.stub_delay.as_millis() as u64,
@@ -501,11 +555,52 @@ mod tests {
             assert!(err.to_string().contains(var), "{args:?}: {err}");
             assert_eq!(err.exit_code(), 2);
         }
-        let e = parse(&["--nats-enable", "1"])
-            .unwrap()
-            .settings(0, 0)
-            .unwrap_err();
-        assert!(e.0.contains("CGW_IPC_NATS_ENABLE"), "{}", e.0);
+        for (args, var) in [
+            (
+                &["--nats-ping-interval-ms", "5"][..],
+                "CGW_IPC_NATS_PING_INTERVAL_MS",
+            ),
+            (&["--nats-max-pings-out", "0"], "CGW_IPC_NATS_MAX_PINGS_OUT"),
+            (
+                &["--nats-connect-timeout-ms", "x"],
+                "CGW_IPC_NATS_CONNECT_TIMEOUT_MS",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.to_string().contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn nats_settings_reach_the_session() {
+        let s = parse(&[
+            "--nats-enable",
+            "1",
+            "--nats-url",
+            "nats://10.0.0.1:4333",
+            "--nats-ping-interval-ms",
+            "250",
+            "--nats-max-pings-out",
+            "3",
+            "--envelope",
+            "legacy",
+            "--tenant-id",
+            "acme",
+        ])
+        .unwrap()
+        .settings(0, 42)
+        .unwrap();
+        assert_eq!(s.to_json()["upstream"], "nats");
+        let c = s.nats_config("box");
+        assert_eq!(c.servers[0].host, "10.0.0.1");
+        assert_eq!(c.servers[0].port, 4333);
+        assert_eq!(c.ping_interval, Duration::from_millis(250));
+        assert_eq!(c.max_pings_outstanding, 3);
+        assert_eq!(c.envelope.mode, EnvelopeMode::Legacy);
+        assert_eq!(c.envelope.tenant_id, "acme");
+        assert_eq!(c.client_name, "ipc-gateway@box");
+        assert_eq!(c.request_id_prefix, instance_prefix(42));
+        assert_ne!(c.seed, 42, "the session draws from its own stream");
     }
 
     #[test]

@@ -18,25 +18,33 @@
 //!   `ResumeRead` it reads at once, because bytes already queued raise no new edge.
 //! - Rust ignores SIGPIPE for us, so a write to a vanished client is an `EPIPE` error, never a
 //!   dead process.
+//! - With NATS enabled, the session's socket is one more source here ([`NatsLink`]). What the
+//!   session queues during a turn is written once at the end of the turn, so requests from
+//!   many clients leave in one syscall.
+//! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
+//!   operator or a test can see that nothing leaks without an HTTP endpoint.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice, Read, Write};
 use std::time::Duration;
 
 use ipc_gateway_core::gateway::READ_SLACK;
-use ipc_gateway_core::upstream::Upstream;
+use ipc_gateway_core::nats_session::{NatsSession, SessionState};
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{error, info, warn};
 
 use crate::listener::BoundSocket;
+use crate::nats_link::{NatsLink, UpstreamIo};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-// Tokens 2..16 are kept for the NATS socket, the HTTP listener and a waker.
+const NATS: Token = Token(2);
+const RESOLVER: Token = Token(3);
+// Tokens 4..16 are kept for the HTTP listener and its connections.
 const FIRST_CLIENT: usize = 16;
 
 /// After `accept` fails (out of file descriptors, say), when to try again: edge-triggered
@@ -136,16 +144,24 @@ pub struct EventLoop<U> {
     read_again: BTreeSet<Token>,
     /// `accept` failed; the backlog is retried at this time.
     accept_again: Option<std::time::Instant>,
+    /// The NATS socket, with NATS enabled.
+    nats: Option<NatsLink>,
+    /// The gateway finished its drain; the loop ends once the NATS session has closed too.
+    gateway_done: bool,
 }
 
-impl<U: Upstream> EventLoop<U> {
+impl<U: UpstreamIo> EventLoop<U> {
     pub fn new(gateway: Gateway<U>, mut socket: BoundSocket) -> io::Result<EventLoop<U>> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket.listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let nats = match gateway.upstream().nats_ref() {
+            Some(_) => Some(NatsLink::new(poll.registry(), NATS, RESOLVER)?),
+            None => None,
+        };
         Ok(EventLoop {
             poll,
             gateway,
@@ -156,6 +172,8 @@ impl<U: Upstream> EventLoop<U> {
             read_buf: vec![0; READ_SLACK],
             read_again: BTreeSet::new(),
             accept_again: None,
+            nats,
+            gateway_done: false,
         })
     }
 
@@ -163,7 +181,8 @@ impl<U: Upstream> EventLoop<U> {
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.read_again.is_empty() {
+            let nats_read_again = self.nats.as_ref().is_some_and(NatsLink::wants_read_again);
+            let timeout = if self.read_again.is_empty() && !nats_read_again {
                 let core = self.gateway.poll_timeout().map(|t| {
                     // Round up to the next millisecond: epoll's resolution, and waking a
                     // little late is harmless while waking early spins.
@@ -190,6 +209,16 @@ impl<U: Upstream> EventLoop<U> {
                             return Ok(exit);
                         }
                     }
+                    NATS => {
+                        if let Some(link) = self.nats.as_mut() {
+                            link.on_event(event, &mut self.gateway, self.poll.registry(), now);
+                        }
+                    }
+                    RESOLVER => {
+                        if let Some(link) = self.nats.as_mut() {
+                            link.on_resolved(&mut self.gateway, self.poll.registry(), now);
+                        }
+                    }
                     token => {
                         if event.is_writable() || event.is_write_closed() {
                             if let Some(c) = self.clients.get_mut(token) {
@@ -211,6 +240,9 @@ impl<U: Upstream> EventLoop<U> {
             for token in std::mem::take(&mut self.read_again) {
                 self.read(token, now);
             }
+            if let Some(link) = self.nats.as_mut() {
+                link.read_postponed(&mut self.gateway, self.poll.registry(), now);
+            }
             if self
                 .accept_again
                 .is_some_and(|t| t <= std::time::Instant::now())
@@ -221,6 +253,14 @@ impl<U: Upstream> EventLoop<U> {
             let now = self.clock.now();
             if self.gateway.poll_timeout().is_some_and(|t| t <= now) {
                 self.gateway.handle_timeout(now);
+            }
+            if self.apply_actions(now) {
+                return Ok(Exit::Drained);
+            }
+            if let Some(link) = self.nats.as_mut() {
+                if link.has_pending_output() {
+                    link.flush(&mut self.gateway, self.poll.registry(), now);
+                }
             }
             if self.apply_actions(now) {
                 return Ok(Exit::Drained);
@@ -268,6 +308,10 @@ impl<U: Upstream> EventLoop<U> {
     fn on_signals(&mut self, now: Instant) -> Option<Exit> {
         let signals: Vec<i32> = self.signals.pending().collect();
         for signal in signals {
+            if signal == SIGUSR1 {
+                self.log_stats();
+                continue;
+            }
             if self.gateway.is_draining() {
                 warn!(
                     event = "shutdown_forced",
@@ -393,8 +437,12 @@ impl<U: Upstream> EventLoop<U> {
         }
     }
 
-    /// Carries out the core's actions; true when the drain is complete.
+    /// Carries out the core's actions; true when the drain is complete and the NATS
+    /// connection (if any) closed.
     fn apply_actions(&mut self, now: Instant) -> bool {
+        if let Some(link) = self.nats.as_mut() {
+            link.apply_actions(&mut self.gateway, self.poll.registry(), now);
+        }
         while let Some(action) = self.gateway.poll_action() {
             match action {
                 Action::Transmit(id) => {
@@ -416,10 +464,56 @@ impl<U: Upstream> EventLoop<U> {
                         }
                     }
                 }
-                Action::ShutdownComplete => return true,
+                Action::ShutdownComplete => {
+                    self.gateway_done = true;
+                    // Every request is answered by now: what the session still holds is
+                    // output to flush, then it closes (gateway.md section 8).
+                    self.gateway
+                        .handle_upstream(now, |u| u.nats().map(|s| s.begin_drain(now)));
+                    if let Some(link) = self.nats.as_mut() {
+                        link.apply_actions(&mut self.gateway, self.poll.registry(), now);
+                    }
+                }
             }
         }
-        false
+        self.gateway_done
+            && self
+                .gateway
+                .upstream()
+                .nats_ref()
+                .is_none_or(|s| s.state() == SessionState::Closed)
+    }
+
+    /// One line with what an operator (or a test) needs to see that nothing leaks.
+    fn log_stats(&self) {
+        let g = &self.gateway;
+        let stats = g.stats();
+        let nats = g.upstream().nats_ref();
+        let ns = nats.map(NatsSession::stats).cloned().unwrap_or_default();
+        info!(
+            event = "stats",
+            component = "ipc_bridge",
+            connections = g.connection_count(),
+            inflight = g.inflight_len(),
+            upstream_pending = g.upstream().pending(),
+            requests = stats.task_requests.iter().sum::<u64>(),
+            router_timeouts = stats.router_timeouts,
+            dropped_replies = stats.dropped_replies,
+            backpressure_rejections = stats.backpressure_rejections,
+            breaker = g.breaker_state().name(),
+            upstream = if nats.is_some() { "nats" } else { "stub" },
+            nats_state = nats.map_or("disabled", |s| s.state().name()),
+            nats_server = nats.and_then(NatsSession::server).unwrap_or_default(),
+            reply_buffer_bytes = nats.map_or(0, NatsSession::buffered_bytes),
+            late_replies = ns.late_replies,
+            duplicate_replies = ns.duplicate_replies,
+            unknown_replies = ns.unknown_replies,
+            no_responders = ns.no_responders,
+            failed_on_disconnect = ns.failed_on_disconnect,
+            connect_attempts = ns.connect_attempts,
+            reconnects = ns.reconnects,
+            "stats"
+        );
     }
 }
 

@@ -1,15 +1,18 @@
 //! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket, and
-//! runs the event loop around the core with the stub upstream.
+//! runs the event loop around the core with the stub upstream or, with NATS enabled, the
+//! NATS session.
 
 mod config;
 mod event_loop;
 mod listener;
 mod logging;
+mod nats_link;
 
 use std::hash::{BuildHasher, Hasher};
 use std::process::ExitCode;
 
 use clap::Parser;
+use ipc_gateway_core::nats_session::NatsSession;
 use ipc_gateway_core::stub::StubUpstream;
 use ipc_gateway_core::Gateway;
 use tracing::{error, info, warn};
@@ -17,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::Cli;
 use crate::event_loop::{EventLoop, Exit};
 use crate::listener::BoundSocket;
+use crate::nats_link::UpstreamIo;
 
 /// Exit code for a configuration the daemon refuses (clap uses 2 for its own errors too).
 const EXIT_CONFIG: u8 = 2;
@@ -58,13 +62,16 @@ fn main() -> ExitCode {
         }
     };
     info!(event = "listening", component = "ipc_bridge", path = %settings.socket_path.display(),
-          mode = format!("{:04o}", settings.socket_mode), upstream = "stub");
+          mode = format!("{:04o}", settings.socket_mode),
+          upstream = if settings.nats.enabled { "nats" } else { "stub" });
 
-    let gateway = Gateway::new(
-        settings.gateway.clone(),
-        StubUpstream::new(settings.stub_delay),
-    );
-    let result = EventLoop::new(gateway, socket).and_then(|mut event_loop| event_loop.run());
+    let result = if settings.nats.enabled {
+        let session = NatsSession::new(settings.nats_config(&hostname()));
+        run(Gateway::new(settings.gateway.clone(), session), socket)
+    } else {
+        let stub = StubUpstream::new(settings.stub_delay);
+        run(Gateway::new(settings.gateway.clone(), stub), socket)
+    };
     match result {
         Ok(Exit::Drained) => ExitCode::SUCCESS,
         Ok(Exit::Interrupted) => ExitCode::from(EXIT_INTERRUPTED),
@@ -73,6 +80,21 @@ fn main() -> ExitCode {
             eprintln!("ipc-gateway: event loop failed: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+fn run<U: UpstreamIo>(gateway: Gateway<U>, socket: BoundSocket) -> std::io::Result<Exit> {
+    EventLoop::new(gateway, socket).and_then(|mut event_loop| event_loop.run())
+}
+
+/// The CONNECT `name` suffix, so the server's connection list tells gateways apart.
+fn hostname() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().into_owned();
+    if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
     }
 }
 
