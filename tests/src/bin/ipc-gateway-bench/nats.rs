@@ -21,7 +21,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -42,6 +42,8 @@ use super::{
 const SUBJECT: &str = "beamline.router.v1.decide";
 /// The name of the direct runs, as printed in the results.
 const DIRECT: &str = "direct";
+/// The direct runs that send the gateway's own request (`--direct-envelope`).
+const DIRECT_ENV: &str = "direct-env";
 /// The stand-in's subscriptions share this queue group: each request reaches one of them.
 const STANDIN_QUEUE: &str = "bench-standin";
 /// The stand-in's answer to every request: a Router success reply (router.md section 4).
@@ -90,6 +92,13 @@ pub(super) struct NatsArgs {
     /// Run the direct path only: no daemon is started.
     #[arg(long)]
     direct_only: bool,
+
+    /// After each direct run, run "direct-env": the same direct load, but each request is the
+    /// gateway's own (its Router envelope and NATS headers, as the stand-in received it).
+    /// Against "direct" it is the cost of the larger request; against "gateway" it is the cost
+    /// of the hop through the daemon alone.
+    #[arg(long, conflicts_with = "direct_only")]
+    direct_envelope: bool,
 }
 
 impl NatsArgs {
@@ -108,6 +117,7 @@ impl NatsArgs {
         note(self.direct_threads.is_some(), "--direct-threads");
         note(self.repeat.is_some(), "--repeat");
         note(self.direct_only, "--direct-only");
+        note(self.direct_envelope, "--direct-envelope");
         given
     }
 }
@@ -340,17 +350,24 @@ impl StandInCount {
     }
 }
 
+/// A request as the stand-in received it: payload and NATS headers.
+type Captured = (Bytes, Option<async_nats::HeaderMap>);
+
 /// The Router stand-in: `conns` async-nats connections on the stand-in runtime, each with one
 /// subscription to the decide subject in one queue group, answering every request at once.
-/// Its tasks run until the runtime shuts down.
+/// Its tasks run until the runtime shuts down. It keeps the first request that came with NATS
+/// headers (the gateway's), for `--direct-envelope`.
 struct StandIn {
     counters: Vec<Arc<StandInCounters>>,
+    sample: Arc<Mutex<Option<Captured>>>,
 }
 
 impl StandIn {
     async fn start(url: &str, conns: usize) -> Result<StandIn> {
         let reply = Bytes::from_static(STANDIN_REPLY.as_bytes());
         let mut counters = Vec::with_capacity(conns);
+        let sample: Arc<Mutex<Option<Captured>>> = Arc::default();
+        let sampled = Arc::new(AtomicBool::new(false));
         for k in 0..conns {
             let client = async_nats::ConnectOptions::new()
                 .name(format!("bench-standin-{k}"))
@@ -365,6 +382,7 @@ impl StandIn {
             client.flush().await.context("stand-in flush")?;
             let count = Arc::new(StandInCounters::default());
             let (answer, seen, reply) = (client, Arc::clone(&count), reply.clone());
+            let (sample, sampled) = (Arc::clone(&sample), Arc::clone(&sampled));
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
                     seen.requests.fetch_add(1, Ordering::Relaxed);
@@ -372,6 +390,10 @@ impl StandIn {
                     seen.request_bytes.fetch_add(size, Ordering::Relaxed);
                     if msg.headers.is_some() {
                         seen.with_headers.fetch_add(1, Ordering::Relaxed);
+                        if !sampled.swap(true, Ordering::Relaxed) {
+                            let mut sample = sample.lock().unwrap_or_else(PoisonError::into_inner);
+                            *sample = Some((msg.payload.clone(), msg.headers.clone()));
+                        }
                     }
                     if let Some(inbox) = msg.reply {
                         if answer.publish(inbox, reply.clone()).await.is_err() {
@@ -382,7 +404,13 @@ impl StandIn {
             });
             counters.push(count);
         }
-        Ok(StandIn { counters })
+        Ok(StandIn { counters, sample })
+    }
+
+    /// The first request that came with NATS headers.
+    fn sample(&self) -> Option<Captured> {
+        let sample = self.sample.lock().unwrap_or_else(PoisonError::into_inner);
+        sample.clone()
     }
 
     fn count(&self) -> StandInCount {
@@ -561,6 +589,8 @@ struct CpuUse {
     client: f64,
     /// Every process of the machine, these included.
     machine: f64,
+    /// Between the two snapshots.
+    seconds: f64,
 }
 
 impl CpuUse {
@@ -648,6 +678,7 @@ impl CpuMeter {
             standin,
             client: (cores(a.bench, b.bench) - standin).max(0.0),
             machine: cores(a.machine, b.machine),
+            seconds: secs,
         }
     }
 }
@@ -677,18 +708,23 @@ fn record_request(
 /// replies still owed, until [`DRAIN_GRACE`] after the end. Returns whether it was cut off.
 async fn drive_direct(
     client: async_nats::Client,
-    payload: Bytes,
+    request: Captured,
     pipeline: usize,
     w: Window,
     mut out: ConnOutcome,
 ) -> (ConnOutcome, bool) {
     let client = &client;
-    let request = || {
-        let payload = payload.clone();
-        async move {
-            let written = Instant::now();
-            (written, client.request(SUBJECT, payload).await)
-        }
+    let (payload, headers) = (&request.0, &request.1);
+    let request = || async move {
+        let written = Instant::now();
+        let reply = match headers {
+            Some(h) => {
+                let (h, payload) = (h.clone(), payload.clone());
+                client.request_with_headers(SUBJECT, h, payload).await
+            }
+            None => client.request(SUBJECT, payload.clone()).await,
+        };
+        (written, reply)
     };
     let mut inflight = FuturesUnordered::new();
     for _ in 0..pipeline {
@@ -723,9 +759,15 @@ async fn drive_direct(
     }
 }
 
-/// The direct path: N fresh async-nats clients on `rt`, each driven by one task.
-fn run_direct(rt: &Runtime, url: &str, load: &Load) -> Result<RunResult> {
-    let payload = Bytes::from(load.payload.to_vec());
+/// The direct path: N fresh async-nats clients on `rt`, each driven by one task sending
+/// `request` (payload and headers) again and again.
+fn run_direct(
+    target: &'static str,
+    rt: &Runtime,
+    url: &str,
+    load: &Load,
+    request: &Captured,
+) -> Result<RunResult> {
     let clients = rt.block_on(async {
         let mut clients = Vec::with_capacity(load.connections);
         for i in 0..load.connections {
@@ -750,7 +792,7 @@ fn run_direct(rt: &Runtime, url: &str, load: &Load) -> Result<RunResult> {
             let out = ConnOutcome::new(hist);
             rt.spawn(drive_direct(
                 client,
-                payload.clone(),
+                request.clone(),
                 load.pipeline,
                 window,
                 out,
@@ -760,7 +802,7 @@ fn run_direct(rt: &Runtime, url: &str, load: &Load) -> Result<RunResult> {
     let outcomes = rt.block_on(futures::future::join_all(tasks));
 
     let mut result = RunResult {
-        target: DIRECT,
+        target,
         address: url.to_string(),
         latencies: new_histogram()?,
         ok: 0,
@@ -809,6 +851,20 @@ struct NatsRun {
     standin: StandInCount,
 }
 
+impl NatsRun {
+    /// CPU time per request (µs) of a share of cores: the stand-in answered every request of
+    /// the run, warmup and drain included, over the same span as the CPU figures.
+    fn per_request(&self, cores: f64) -> Option<f64> {
+        let answered = self.standin.requests();
+        (answered > 0).then(|| cores * self.cpu.seconds * 1e6 / answered as f64)
+    }
+
+    /// All the run's own processes together, µs of CPU per request.
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        self.per_request(self.cpu.total())
+    }
+}
+
 fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
     let r = &run.result;
     let (p, rep) = (run.pipeline, run.repeat);
@@ -848,6 +904,19 @@ fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
         c.total(),
         c.others()
     );
+    if let Some(total) = run.cpu_us_per_request() {
+        let us = |cores: f64| run.per_request(cores).unwrap_or(0.0);
+        let daemon = c
+            .daemon
+            .map_or(String::new(), |d| format!("daemon {:.1}, ", us(d)));
+        println!(
+            "  CPU us/request {daemon}nats-server {:.1}, stand-in {:.1}, load generator {:.1}; \
+             sum {total:.1}",
+            us(c.nats),
+            us(c.standin),
+            us(c.client)
+        );
+    }
     let s = &run.standin;
     let requests = s.requests();
     let mean = s.request_bytes.checked_div(requests).unwrap_or(0);
@@ -876,11 +945,12 @@ fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
     let daemon_cpu = c
         .daemon
         .map_or(String::new(), |d| format!(" cpu_daemon={d:.2}"));
+    let per_request = run.cpu_us_per_request().unwrap_or(0.0);
     println!(
         "RESULT mode=nats target={} connections={connections} pipeline={p} run={rep} rps={:.1} \
          requests={} errors={} p50_us={p50} p90_us={p90} p99_us={p99} p999_us={p999} \
          max_us={max}{daemon_cpu} cpu_nats={:.2} cpu_standin={:.2} cpu_client={:.2} \
-         cpu_others={:.2}",
+         cpu_others={:.2} cpu_us_per_request={per_request:.1}",
         r.target,
         r.rps(),
         r.ok,
@@ -890,6 +960,34 @@ fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
         c.client,
         c.others(),
     );
+}
+
+/// What the gateway publishes for one TASK_SUBMIT, as the stand-in received it.
+fn print_captured(sample: Option<&Captured>) {
+    const SHOW: usize = 600;
+    let Some((payload, headers)) = sample else {
+        println!("  (the stand-in received no request with NATS headers from the gateway)");
+        return;
+    };
+    let text = String::from_utf8_lossy(payload);
+    let shown: String = text.chars().take(SHOW).collect();
+    let more = if shown.len() < text.len() { "..." } else { "" };
+    println!(
+        "  the gateway's NATS request, as the stand-in received it: {} bytes of payload",
+        payload.len()
+    );
+    println!("    {shown}{more}");
+    if let Some(headers) = headers {
+        let mut list: Vec<String> = headers
+            .iter()
+            .map(|(name, values)| {
+                let values: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
+                format!("{name}: {}", values.join(", "))
+            })
+            .collect();
+        list.sort();
+        println!("    headers: {}", list.join("; "));
+    }
 }
 
 /// min–max of some figures, as text.
@@ -909,7 +1007,7 @@ fn range(values: &[f64], decimals: usize) -> String {
 fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
     println!();
     println!(
-        "{:<8} {:>4} {:<8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<8} {:>4} {:<10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10}",
         "setting",
         "run",
         "target",
@@ -918,13 +1016,17 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
         "p99_us",
         "p99.9_us",
         "max_us",
-        "errors"
+        "errors",
+        "cpu_us/req"
     );
     for run in runs {
         let r = &run.result;
         let [p50, _, p99, p999, max] = r.latency_us();
+        let cpu = run
+            .cpu_us_per_request()
+            .map_or("n/a".to_string(), |c| format!("{c:.1}"));
         println!(
-            "{:<8} {:>4} {:<8} {:>12.1} {p50:>8} {p99:>8} {p999:>8} {max:>8} {:>7}",
+            "{:<8} {:>4} {:<10} {:>12.1} {p50:>8} {p99:>8} {p999:>8} {max:>8} {:>7} {cpu:>10}",
             format!("{connections}x{}", run.pipeline),
             run.repeat,
             r.target,
@@ -932,57 +1034,67 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
             r.error_count()
         );
     }
-    println!();
     for &p in pipelines {
+        println!();
+        let setting = format!("{connections}x{p}");
         let of = |target: &str| -> Vec<&NatsRun> {
             let same = |run: &&NatsRun| run.pipeline == p && run.result.target == target;
             runs.iter().filter(same).collect()
         };
-        let (gateway, direct) = (of(GATEWAY), of(DIRECT));
         let rps = |v: &[&NatsRun]| v.iter().map(|r| r.result.rps()).collect::<Vec<_>>();
         let pct =
             |v: &[&NatsRun], q: f64| v.iter().map(|r| r.result.pct(q) as f64).collect::<Vec<_>>();
-        let setting = format!("{connections}x{p}");
-        for (name, v) in [(GATEWAY, &gateway), (DIRECT, &direct)] {
+        for name in [GATEWAY, DIRECT, DIRECT_ENV] {
+            let v = of(name);
             if !v.is_empty() {
                 println!(
-                    "{setting:<6} {name:<8} requests/s {:>17}   p50 us {:>11}   p99 us {:>11}",
-                    range(&rps(v), 0),
-                    range(&pct(v, 0.5), 0),
-                    range(&pct(v, 0.99), 0)
+                    "{setting:<6} {name:<10} requests/s {:>17}   p50 us {:>11}   p99 us {:>11}",
+                    range(&rps(&v), 0),
+                    range(&pct(&v, 0.5), 0),
+                    range(&pct(&v, 0.99), 0)
                 );
             }
         }
-        // Each gateway run against the direct run that followed it.
-        let ratios: Vec<f64> = gateway
-            .iter()
-            .filter_map(|g| {
-                let d = direct.iter().find(|d| d.repeat == g.repeat)?;
-                (d.result.rps() > 0.0).then(|| g.result.rps() / d.result.rps())
-            })
-            .collect();
-        if !ratios.is_empty() {
-            let all = ratios
+        // Each run of `a` against the run of `b` of the same round.
+        let ratios = |a: &str, b: &str| -> Vec<f64> {
+            of(a)
                 .iter()
-                .map(|x| format!("{x:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+                .filter_map(|x| {
+                    let y = of(b).into_iter().find(|y| y.repeat == x.repeat)?;
+                    (y.result.rps() > 0.0).then(|| x.result.rps() / y.result.rps())
+                })
+                .collect()
+        };
+        for (a, b) in [
+            (GATEWAY, DIRECT),
+            (GATEWAY, DIRECT_ENV),
+            (DIRECT_ENV, DIRECT),
+        ] {
+            let each = ratios(a, b);
+            if each.is_empty() {
+                continue;
+            }
+            let list: Vec<String> = each.iter().map(|x| format!("{x:.2}")).collect();
             println!(
-                "{setting:<6} ratio gateway/direct (requests/s) = {}   (each run: {all})",
-                range(&ratios, 2)
+                "{setting:<6} ratio {a}/{b} (requests/s) = {}   (each run: {})",
+                range(&each, 2),
+                list.join(", ")
             );
-            for (rep, x) in ratios.iter().enumerate() {
+            for (i, x) in each.iter().enumerate() {
                 println!(
-                    "RATIO connections={connections} pipeline={p} run={} gateway_over_direct={x:.3}",
-                    rep + 1
+                    "RATIO connections={connections} pipeline={p} run={} {}_over_{}={x:.3}",
+                    i + 1,
+                    a.replace('-', "_"),
+                    b.replace('-', "_")
                 );
             }
         }
-        let p50 = |v: &[&NatsRun]| pct(v, 0.5).iter().sum::<f64>() / v.len().max(1) as f64;
+        let mean_p50 = |v: &[&NatsRun]| pct(v, 0.5).iter().sum::<f64>() / v.len().max(1) as f64;
+        let (gateway, direct) = (of(GATEWAY), of(DIRECT));
         if !gateway.is_empty() && !direct.is_empty() {
             println!(
                 "{setting:<6} p50 latency ratio gateway/direct (mean p50s) = {}",
-                ratio(p50(&gateway), p50(&direct))
+                ratio(mean_p50(&gateway), mean_p50(&direct))
             );
         }
     }
@@ -1094,6 +1206,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
         daemon_pid: daemon.as_ref().map(GatewayDaemon::pid),
     };
     let mut runs: Vec<NatsRun> = Vec::new();
+    let mut shown_request = false;
     for repeat in 1..=s.repeat {
         for &pipeline in &s.pipelines {
             let outstanding = (HEADER_LEN + args.payload_size).saturating_mul(pipeline);
@@ -1123,8 +1236,25 @@ pub(super) fn run(args: &Args) -> Result<bool> {
             };
             if let Some(d) = &daemon {
                 measure(GATEWAY, &mut || run_load(GATEWAY, &d.socket, &load))?;
+                if !shown_request {
+                    shown_request = true;
+                    print_captured(standin.sample().as_ref());
+                }
             }
-            measure(DIRECT, &mut || run_direct(&direct_rt, &url, &load))?;
+            let bare: Captured = (Bytes::from(payload.clone()), None);
+            measure(DIRECT, &mut || {
+                run_direct(DIRECT, &direct_rt, &url, &load, &bare)
+            })?;
+            if args.nats.direct_envelope && daemon.is_some() {
+                let Some(envelope) = standin.sample() else {
+                    bail!(
+                        "--direct-envelope: the stand-in has not seen a request from the gateway"
+                    );
+                };
+                measure(DIRECT_ENV, &mut || {
+                    run_direct(DIRECT_ENV, &direct_rt, &url, &load, &envelope)
+                })?;
+            }
             if let Some(d) = &daemon {
                 print_memory(d.pid(), &format!("after {connections}x{pipeline}"));
             }
