@@ -656,26 +656,6 @@ impl<U: Upstream> Gateway<U> {
     fn drain_upstream(&mut self, now: Instant) {
         while let Some(event) = self.upstream.poll_event() {
             let (id, reply, code, outcome) = match event {
-                // A reply that cannot fit an IPC frame (a NATS server may allow up to 64 MiB)
-                // is answered with error 3 rather than a frame clients would refuse. The
-                // Router did answer, so the breaker counts a success.
-                UpstreamEvent::Reply { id, payload }
-                    if payload.len() > MAX_FRAME_BYTES - crate::frame::HEADER_LEN =>
-                {
-                    let rid = self.request_id_text(id);
-                    let message = format!(
-                        "Frame too large: the Router's reply is {} bytes, over the {} bytes \
-                         an IPC frame can carry",
-                        payload.len(),
-                        MAX_FRAME_BYTES - crate::frame::HEADER_LEN
-                    );
-                    (
-                        id,
-                        error_frame(ErrorCode::FrameTooLarge, &message, Some(&rid)),
-                        ErrorCode::FrameTooLarge.code(),
-                        Outcome::Success,
-                    )
-                }
                 UpstreamEvent::Reply { id, payload } => (
                     id,
                     ReplyFrame::new(kind::RESPONSE_OK, payload),

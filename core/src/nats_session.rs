@@ -45,6 +45,9 @@ use crate::router_envelope::build_router_request;
 use crate::time::Instant;
 use crate::upstream::{request_id_text, Upstream, UpstreamEvent, UpstreamRequest};
 
+/// The largest Router reply an IPC frame can carry (ipc-protocol.md section 2).
+pub const MAX_REPLY_BYTES: usize = crate::frame::MAX_FRAME_BYTES - crate::frame::HEADER_LEN;
+
 /// The subscription id of the reply inbox: the only subscription this client makes.
 const INBOX_SID: u64 = 1;
 
@@ -670,6 +673,19 @@ impl NatsSession {
                 id,
                 code: ErrorCode::RouterUnavailable,
                 message: "Router unavailable: no responders".to_owned(),
+            });
+        } else if payload.len() > MAX_REPLY_BYTES {
+            // A server may allow up to 64 MiB; an IPC frame carries 4 MiB. Error 3 for this
+            // request rather than a frame clients would refuse.
+            let message = format!(
+                "Frame too large: the Router's reply is {} bytes, over the {MAX_REPLY_BYTES} \
+                 bytes an IPC frame can carry",
+                payload.len()
+            );
+            self.events.push_back(UpstreamEvent::Failed {
+                id,
+                code: ErrorCode::FrameTooLarge,
+                message,
             });
         } else {
             self.events.push_back(UpstreamEvent::Reply { id, payload });

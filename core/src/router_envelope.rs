@@ -163,6 +163,12 @@ pub fn build_router_request(
     let span_id = random_hex(rng, 1);
     let traceparent = format!("00-{}-{span_id}-01", trace_id.replace('-', ""));
     let method = kind.method();
+    // The legacy envelope names the configured tenant, as the C gateway did; the header must
+    // say the same, or the Router's metrics would count the request under another tenant.
+    let tenant_id = match defaults.mode {
+        EnvelopeMode::RouterV1 => tenant_id,
+        EnvelopeMode::Legacy => &defaults.tenant_id,
+    };
     let body = match defaults.mode {
         EnvelopeMode::RouterV1 => {
             let default_type = format!("ide.{method}");
@@ -189,7 +195,7 @@ pub fn build_router_request(
             from: "ide@localhost",
             to: "router",
             message_id: request_id,
-            tenant_id: &defaults.tenant_id,
+            tenant_id,
             policy_id: &defaults.policy_id,
             ipc_message_type: method,
             input: raw,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ipc_gateway_core::error::ErrorCode;
 use ipc_gateway_core::inflight::RequestId;
 use ipc_gateway_core::nats_session::{
-    to_base36, NatsConfig, NatsSession, SessionAction, SessionState,
+    to_base36, NatsConfig, NatsSession, SessionAction, SessionState, MAX_REPLY_BYTES,
 };
 use ipc_gateway_core::payload::validate_task_payload;
 use ipc_gateway_core::router_envelope::EnvelopeMode;
@@ -514,6 +514,28 @@ fn reply_mapping_and_counters() {
     assert_eq!(sh.s.stats().unknown_replies, 1);
     assert_eq!(sh.s.stats().no_responders, 1);
     assert_eq!(sh.events.len(), 2);
+    assert_eq!(sh.s.pending(), 0);
+}
+
+/// A Router reply too large for an IPC frame becomes error 3 for that request alone: the
+/// largest that fits goes through verbatim, one byte more does not, and the connection stays.
+#[test]
+fn a_reply_over_the_frame_limit_is_error_3() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    sh.submit(2, TaskKind::Submit, "{}");
+    sh.msg(1, &"x".repeat(MAX_REPLY_BYTES));
+    sh.msg(2, &"x".repeat(MAX_REPLY_BYTES + 1));
+    let UpstreamEvent::Reply { payload, .. } = &sh.events[0] else {
+        panic!("{:?}", sh.events[0]);
+    };
+    assert_eq!(payload.len(), MAX_REPLY_BYTES);
+    let UpstreamEvent::Failed { id, code, message } = &sh.events[1] else {
+        panic!("{:?}", sh.events[1]);
+    };
+    assert_eq!((id.0, code.code()), (2, 3));
+    assert!(message.contains("4194299 bytes"), "{message}");
+    assert_eq!(sh.s.state(), SessionState::Connected);
     assert_eq!(sh.s.pending(), 0);
 }
 

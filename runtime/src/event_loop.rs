@@ -219,8 +219,12 @@ impl<U: UpstreamIo> EventLoop<U> {
                             link.on_resolved(&mut self.gateway, self.poll.registry(), now);
                         }
                     }
+                    // EPOLLHUP: the client closed both directions (a half-close raises only
+                    // RDHUP), so nobody will read replies. Its requests are cancelled now,
+                    // not when a reply write fails, which may be after the deadline.
+                    token if event.is_write_closed() => self.drop_client(token, now),
                     token => {
-                        if event.is_writable() || event.is_write_closed() {
+                        if event.is_writable() {
                             if let Some(c) = self.clients.get_mut(token) {
                                 c.write_blocked = false;
                             }

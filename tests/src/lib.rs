@@ -6,3 +6,6 @@
 
 pub mod daemon;
 pub mod frame;
+pub mod nats_load;
+pub mod nats_server;
+pub mod router_double;

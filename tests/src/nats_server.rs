@@ -1,0 +1,434 @@
+//! Real `nats-server` processes for the NATS tests: one server, or a cluster.
+//!
+//! Each server listens on loopback only, on a port picked free at start; it keeps that port
+//! across [`NatsServer::kill`] and [`NatsServer::restart`], so a client configured with its
+//! [`NatsServer::url`] reconnects to the same address. The binary is `nats-server` on `PATH`
+//! (Debian's package; `tests/run-all.sh` installs it), or `NATS_SERVER_BIN`. Dropping a
+//! server or cluster kills its processes; when a test panics, the drop prints the server's
+//! log (stderr) under the test output.
+//!
+//! ```no_run
+//! use ipc_gateway_tests::nats_server::{NatsCluster, NatsServer};
+//! let mut server = NatsServer::start();
+//! let url = server.url(); // nats://127.0.0.1:PORT
+//! server.kill(); // SIGKILL: clients see the connection drop, no goodbye
+//! server.restart(); // same port, waits until it accepts clients
+//!
+//! let mut cluster = NatsCluster::start(3);
+//! let all = cluster.urls(); // "nats://127.0.0.1:P1,nats://127.0.0.1:P2,..."
+//! cluster.kill(0);
+//! cluster.restart(0);
+//! ```
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Longest a server may take to accept clients (and a cluster to form its routes).
+pub const NATS_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `nats-server` binary: `NATS_SERVER_BIN` if set, otherwise `nats-server` on `PATH`.
+pub fn binary() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN").map_or_else(|| PathBuf::from("nats-server"), PathBuf::from)
+}
+
+/// A loopback TCP port that was free a moment ago (the kernel picked it). Another process may
+/// take it before it is used; [`NatsServer::start`] retries with a new one if so.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("binding 127.0.0.1:0: {e}"))
+}
+
+/// One `nats-server` process (or a stopped one that can be restarted on the same port).
+pub struct NatsServer {
+    port: u16,
+    /// Extra arguments (cluster settings), given again on every restart.
+    extra: Vec<String>,
+    child: Option<Child>,
+    /// The log of every run so far (stderr; nats-server logs there).
+    log: Arc<Mutex<Vec<u8>>>,
+    drains: Vec<JoinHandle<()>>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port and waits until it accepts clients.
+    pub fn start() -> NatsServer {
+        NatsServer::start_with_args(&[])
+    }
+
+    /// Like [`NatsServer::start`], with extra `nats-server` arguments (e.g. `["-c", path]` for
+    /// a configuration file; the port and address flags always win over the file).
+    pub fn start_with_args(args: &[&str]) -> NatsServer {
+        let extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut last = String::new();
+        // The port may be taken between picking it and the server binding it: try a few.
+        for _ in 0..5 {
+            let mut server = NatsServer {
+                port: free_port(),
+                extra: extra.clone(),
+                child: None,
+                log: Arc::new(Mutex::new(Vec::new())),
+                drains: Vec::new(),
+            };
+            server.spawn();
+            match server.wait_accepting() {
+                Ok(()) => return server,
+                Err(e) => last = format!("{e}\n{}", server.log()),
+            }
+        }
+        panic!("nats-server did not start: {last}");
+    }
+
+    /// Port-agnostic constructor for [`NatsCluster`]: not started yet.
+    fn unstarted(port: u16, extra: Vec<String>) -> NatsServer {
+        NatsServer {
+            port,
+            extra,
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            drains: Vec::new(),
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port (the same across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id of the running server; `None` after [`NatsServer::kill`].
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the server with SIGKILL (no lame-duck, no goodbye to clients) and waits for it
+    /// to be gone. Does nothing if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for drain in self.drains.drain(..) {
+            let _ = drain.join();
+        }
+    }
+
+    /// Starts the server again on the same port (after [`NatsServer::kill`]; kills it first
+    /// if it is still running) and waits until it accepts clients. Panics if it cannot.
+    pub fn restart(&mut self) {
+        self.kill();
+        // The port was ours a moment ago; nats-server binds with SO_REUSEADDR, so only another
+        // process taking it in between can stop it. Retry a few times before giving up.
+        let deadline = Instant::now() + NATS_START_TIMEOUT;
+        loop {
+            self.spawn();
+            match self.wait_accepting() {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    self.kill();
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!(
+                    "nats-server restart on port {}: {e}\n{}",
+                    self.port,
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// Everything the server logged so far, over all its runs.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut cmd = Command::new(binary());
+        cmd.args(&self.extra)
+            .args(["-a", "127.0.0.1", "-p", &port])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        self.drains.push(append_to(out, Arc::clone(&self.log)));
+        self.drains.push(append_to(err, Arc::clone(&self.log)));
+        self.child = Some(child);
+    }
+
+    /// Waits until the server answers a TCP client with its INFO line.
+    fn wait_accepting(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + NATS_START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("nats-server exited ({status})"));
+                }
+            }
+            if read_info(self.port).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server not accepting on port {} after {NATS_START_TIMEOUT:?}",
+                    self.port
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!(
+                "--- nats-server on port {} log: ---\n{}",
+                self.port,
+                self.log()
+            );
+        }
+    }
+}
+
+/// Connects to `port`, reads the server's first line and returns its INFO JSON.
+fn read_info(port: u16) -> io::Result<serde_json::Value> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let json = line
+        .strip_prefix("INFO ")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("not INFO: {line:?}")))?;
+    serde_json::from_str(json.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Copies a pipe into a shared buffer on a thread until end of stream.
+fn append_to(mut pipe: impl Read + Send + 'static, sink: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => sink
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// A cluster of `nats-server` nodes on loopback, fully meshed by routes.
+///
+/// Node `i` has a client port ([`NatsCluster::node`]`(i).port()`) and a cluster (route) port;
+/// every node lists every other node's route URL in `--routes`, so a restarted node rejoins.
+/// Interest travels between nodes asynchronously: a subscription made on one node is seen on
+/// another only shortly after the subscriber's flush.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until each accepts clients and knows every other node (its
+    /// INFO lists their client URLs in `connect_urls`).
+    pub fn start(n: usize) -> NatsCluster {
+        assert!(n >= 1, "a cluster has at least one node");
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "gw-test-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        );
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let routes = route_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut extra = vec![
+                    "-n".to_owned(),
+                    format!("{name}-node{i}"),
+                    "--cluster_name".to_owned(),
+                    name.clone(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{}", route_ports[i]),
+                ];
+                if !routes.is_empty() {
+                    extra.extend(["--routes".to_owned(), routes]);
+                }
+                NatsServer::unstarted(client_ports[i], extra)
+            })
+            .collect();
+        let mut cluster = NatsCluster { nodes };
+        for node in &mut cluster.nodes {
+            node.spawn();
+        }
+        for node in &mut cluster.nodes {
+            if let Err(e) = node.wait_accepting() {
+                panic!("cluster node on port {}: {e}\n{}", node.port, node.log());
+            }
+        }
+        cluster.wait_meshed();
+        cluster
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: a cluster has at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &NatsServer {
+        &self.nodes[i]
+    }
+
+    /// Node `i`, for [`NatsServer::kill`] / [`NatsServer::restart`] directly.
+    pub fn node_mut(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// Node `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// Every node's client URL, comma-separated (what `CGW_IPC_NATS_URL` accepts).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Restarts node `i` on its ports and waits until the running nodes are meshed again.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+        self.wait_meshed();
+    }
+
+    /// Waits until every running node's INFO lists the client URL of every other running node.
+    fn wait_meshed(&mut self) {
+        let deadline = Instant::now() + NATS_START_TIMEOUT;
+        loop {
+            let running: Vec<u16> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.is_running().then_some(n.port))
+                .collect();
+            let meshed = running.iter().all(|&port| {
+                let Ok(info) = read_info(port) else {
+                    return false;
+                };
+                let urls: Vec<&str> = info["connect_urls"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|u| u.as_str()).collect())
+                    .unwrap_or_default();
+                running
+                    .iter()
+                    .filter(|&&other| other != port)
+                    .all(|other| urls.iter().any(|u| u.ends_with(&format!(":{other}"))))
+            });
+            if meshed {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = self.nodes.iter().map(NatsServer::log).collect();
+                panic!(
+                    "nats cluster not meshed after {NATS_START_TIMEOUT:?}:\n{}",
+                    logs.join("\n---\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_starts_kills_and_restarts_on_its_port() {
+        let mut server = NatsServer::start();
+        let port = server.port();
+        assert_eq!(server.url(), format!("nats://127.0.0.1:{port}"));
+        let pid = server.pid().expect("running");
+        assert!(read_info(port).is_ok());
+        server.kill();
+        assert_eq!(server.pid(), None);
+        assert!(!server.is_running());
+        assert!(
+            read_info(port).is_err(),
+            "port {port} still answers after kill"
+        );
+        server.restart();
+        assert_eq!(server.port(), port);
+        assert_ne!(server.pid(), Some(pid));
+        assert!(read_info(port).is_ok());
+        let pid = server.pid().unwrap();
+        drop(server);
+        // Killed and reaped by the drop.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "nats-server {pid} survived the drop"
+        );
+    }
+
+    #[test]
+    fn cluster_meshes_and_survives_a_node() {
+        let mut cluster = NatsCluster::start(3);
+        assert_eq!(cluster.len(), 3);
+        assert_eq!(cluster.urls().split(',').count(), 3);
+        cluster.kill(1);
+        assert!(read_info(cluster.node(1).port()).is_err());
+        assert!(read_info(cluster.node(0).port()).is_ok());
+        cluster.restart(1);
+        let info = read_info(cluster.node(1).port()).unwrap();
+        assert_eq!(info["cluster"], cluster.nodes[0].extra[3].as_str());
+    }
+}

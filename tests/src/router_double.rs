@@ -1,0 +1,277 @@
+//! Running the `router-double` binary (src/bin/router-double.rs, router.md section 5) for
+//! black-box tests.
+//!
+//! [`RouterDouble::start`] spawns it against a NATS server and returns once it has subscribed
+//! (it prints `ready`). Everything it prints afterwards is one JSON object per line: a
+//! `"event":"request"` line per request it received (with `subject`, `reply`, `reply_prefix`,
+//! `headers`, `request` (parsed), `body` (exact text), `outcome`), a `"event":"replied"` line
+//! per reply it sent (`body` is the exact reply text), and
+//! `"disconnected"` / `"reconnected"` lines; [`RouterDouble::requests`] and
+//! [`RouterDouble::replies`] return them. Dropping it (or [`RouterDouble::kill`]) kills the
+//! process; when a test panics, the drop prints its output.
+//!
+//! ```no_run
+//! use ipc_gateway_tests::nats_server::NatsServer;
+//! use ipc_gateway_tests::router_double::RouterDouble;
+//! let server = NatsServer::start();
+//! let double = RouterDouble::start(&server.url());
+//! // ... drive the gateway; the client payload {"double":"slow_ms"...} picks the behaviour
+//! assert_eq!(double.request_count(), 0);
+//! ```
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The decide subject (router.md section 1).
+pub const DEFAULT_SUBJECT: &str = "beamline.router.v1.decide";
+/// Longest the double may take to connect and subscribe.
+pub const DOUBLE_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The double's binary: `ROUTER_DOUBLE_BIN` if set, otherwise built once per test process
+/// (`cargo build -p ipc-gateway-tests --bin router-double`, a no-op under `cargo test`, which
+/// has built it already).
+pub fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("ROUTER_DOUBLE_BIN") {
+            return PathBuf::from(bin);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ has a parent")
+            .to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        // `cargo test` runs this process with the package's CARGO_MANIFEST_DIR, CARGO_PKG_*
+        // etc. set. Build scripts that watch them (ring's watches CARGO_MANIFEST_DIR, and the
+        // `nats` crate pulls ring in) would see them change between the outer `cargo test`
+        // and this build, and every test run would rebuild ring and everything above it twice.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || matches!(
+                    &*key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_BIN_NAME"
+                )
+            {
+                cargo.env_remove(&*key);
+            }
+        }
+        let out = cargo
+            .args(["build", "-p", "ipc-gateway-tests", "--bin", "router-double"])
+            .current_dir(&workspace)
+            .output()
+            .expect("running cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build --bin router-double failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|dir| workspace.join(dir))
+            .unwrap_or_else(|| workspace.join("target"));
+        target.join("debug").join("router-double")
+    })
+}
+
+/// A running `router-double` process. Dropping it kills the process.
+pub struct RouterDouble {
+    child: Option<Child>,
+    pid: u32,
+    /// Held open: the double exits when its stdin closes (`--exit-on-stdin-eof`), so it
+    /// cannot outlive the test process even if this value is leaked.
+    _stdin: Option<ChildStdin>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    drains: Vec<JoinHandle<()>>,
+}
+
+impl RouterDouble {
+    /// Starts the double on [`DEFAULT_SUBJECT`] of the server(s) at `url` and waits until it
+    /// has subscribed.
+    pub fn start(url: &str) -> RouterDouble {
+        RouterDouble::start_with(url, DEFAULT_SUBJECT)
+    }
+
+    /// Starts the double on `subject` of the server(s) at `url` (comma-separated URLs are
+    /// accepted) and waits until it has subscribed.
+    pub fn start_with(url: &str, subject: &str) -> RouterDouble {
+        let mut child = Command::new(binary())
+            .args(["--url", url, "--subject", subject, "--exit-on-stdin-eof"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let out_drain = {
+            let lines = Arc::clone(&lines);
+            thread::spawn(move || {
+                let mut ready = Some(ready_tx);
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line == "ready" {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    lock(&lines).push(line);
+                }
+            })
+        };
+        let err_drain = {
+            let sink = Arc::clone(&stderr);
+            thread::spawn(move || {
+                let mut pipe = stderr_pipe;
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match pipe.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => lock(&sink).extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        let pid = child.id();
+        let mut double = RouterDouble {
+            child: Some(child),
+            pid,
+            _stdin: stdin,
+            lines,
+            stderr,
+            drains: vec![out_drain, err_drain],
+        };
+        match ready_rx.recv_timeout(DOUBLE_START_TIMEOUT) {
+            Ok(()) => double,
+            Err(_) => {
+                double.kill();
+                panic!(
+                    "router-double not ready on {url} ({subject}) after {DOUBLE_START_TIMEOUT:?}; stderr:\n{}",
+                    double.stderr()
+                );
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Kills the process (SIGKILL) and waits for it: from then on nobody answers on its
+    /// subject (once the server has noticed the connection is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self._stdin = None;
+        for drain in self.drains.drain(..) {
+            let _ = drain.join();
+        }
+    }
+
+    /// Every JSON line printed so far (requests, replies, connection events), in order.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.lines)
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The `"event":"request"` lines so far: one per request received, in arrival order.
+    pub fn requests(&self) -> Vec<Value> {
+        self.events_named("request")
+    }
+
+    /// The `"event":"replied"` lines so far: one per reply published.
+    pub fn replies(&self) -> Vec<Value> {
+        self.events_named("replied")
+    }
+
+    /// How many requests the double has received so far.
+    pub fn request_count(&self) -> usize {
+        self.requests().len()
+    }
+
+    /// Waits until the double has received at least `n` requests; returns them all. Panics
+    /// after `within`.
+    pub fn wait_requests(&self, n: usize, within: Duration) -> Vec<Value> {
+        self.wait_events("request", n, within)
+    }
+
+    /// Waits until the double has published at least `n` replies; returns them all. Panics
+    /// after `within`.
+    pub fn wait_replies(&self, n: usize, within: Duration) -> Vec<Value> {
+        self.wait_events("replied", n, within)
+    }
+
+    /// Everything the double wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.stderr)).into_owned()
+    }
+
+    fn events_named(&self, name: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == name)
+            .collect()
+    }
+
+    fn wait_events(&self, name: &str, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.events_named(name);
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router-double: {} {name} events after {within:?}, expected {n}",
+                got.len()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RouterDouble {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            let lines = lock(&self.lines);
+            let tail = &lines[lines.len().saturating_sub(50)..];
+            eprintln!(
+                "--- router-double (pid {}) stdout (last {} lines): ---\n{}\n--- stderr: ---\n{}",
+                self.pid,
+                tail.len(),
+                tail.join("\n"),
+                self.stderr()
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,290 @@
+//! The NATS server killed under load and restarted (gateway.md sections 1 and 2): a real
+//! nats-server, the Router double (src/router_double.rs) on it, the daemon in NATS mode, and
+//! pipelined clients.
+//!
+//! - One kill with SIGKILL (no lame duck, no goodbye) and a restart 2 s later: every request
+//!   gets exactly one reply, OK, 5 (its deadline passed while the server was away) or 8 (it
+//!   was on the wire when the connection dropped), none later than its deadline + 1 s; the
+//!   first success comes within 2.5 s of the server accepting connections again (gateway.md:
+//!   a server that returns is used within 2 s, the longest backoff, plus the handshake).
+//! - Twenty kill/restart cycles: afterwards, with traffic stopped, the daemon's open file
+//!   descriptors are exactly what they were and its RSS is back near where it was; nothing is
+//!   left in flight.
+//!
+//! The circuit breaker is kept out of the way (CGW_IPC_BREAKER_FAILURES very high): the
+//! requests on the wire at the kill fail together, the breaker would open and turn requests
+//! away for its 5 s open duration, well past the restart. That is the breaker's job (its own
+//! tests cover it), but here it would hide what the NATS session does.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipc_gateway_tests::daemon::{peak_rss_kb, rss_kb, wait_until, Daemon};
+use ipc_gateway_tests::nats_load::{
+    fd_count, fd_listing, nats_connected_count, router_double_success, stats, Load, Outcome, Record,
+};
+use ipc_gateway_tests::nats_server::NatsServer;
+use ipc_gateway_tests::router_double::RouterDouble;
+use serde_json::{json, Value};
+
+/// The request deadline. Longer than the outage, so a request buffered while the server is
+/// away may still succeed; short enough that the deadline bound below means something.
+const TIMEOUT_MS: u64 = 4000;
+/// How late after its deadline a reply may come (scheduling slack on a loaded 2-core machine).
+const LATE_SLACK: Duration = Duration::from_secs(1);
+/// The outage of the measured kill (the issue's scenario).
+const OUTAGE: Duration = Duration::from_secs(2);
+/// The first success after the server is back, at the latest: the longest backoff (2 s) plus
+/// the handshake and a round trip.
+const FIRST_SUCCESS_WITHIN: Duration = Duration::from_millis(2500);
+/// Generous bound for things that normally take milliseconds.
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn start_daemon(server: &NatsServer) -> Daemon {
+    let url = server.url();
+    let timeout = TIMEOUT_MS.to_string();
+    let daemon = Daemon::start(&[
+        ("CGW_IPC_NATS_ENABLE", "1"),
+        ("CGW_IPC_NATS_URL", &url),
+        ("CGW_IPC_TIMEOUT_MS", &timeout),
+        ("CGW_IPC_BREAKER_FAILURES", "1000000"),
+    ]);
+    wait_until("the daemon connects to NATS", WITHIN, || {
+        nats_connected_count(&daemon) >= 1
+    });
+    daemon
+}
+
+fn payload(client: usize, n: u64) -> Value {
+    json!({"task_type": "restart_test", "client": client, "n": n})
+}
+
+/// Every reply is OK, 5 or 8 and came by its deadline + [`LATE_SLACK`].
+fn check_outcomes_and_deadlines(records: &[Record]) {
+    let deadline = Duration::from_millis(TIMEOUT_MS) + LATE_SLACK;
+    for r in records {
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::Ok | Outcome::Error(5) | Outcome::Error(8)
+            ),
+            "client {} request {}: {:?} (expected OK, 5 or 8)",
+            r.client,
+            r.n,
+            r.outcome
+        );
+        assert!(
+            r.latency() <= deadline,
+            "client {} request {}: {:?} after {:?}, past its deadline + {LATE_SLACK:?}",
+            r.client,
+            r.n,
+            r.outcome,
+            r.latency()
+        );
+    }
+}
+
+fn summary(records: &[Record]) -> String {
+    let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();
+    format!(
+        "{} requests: {} OK, {} error 5, {} error 8; slowest reply {:?}",
+        records.len(),
+        count(Outcome::Ok),
+        count(Outcome::Error(5)),
+        count(Outcome::Error(8)),
+        records
+            .iter()
+            .map(Record::latency)
+            .max()
+            .unwrap_or_default()
+    )
+}
+
+/// Waits until traffic is over and the daemon holds nothing: no client connection, nothing
+/// in flight, nothing waiting for NATS or in its reconnect buffer, connected. Returns the
+/// last stats line.
+fn wait_settled(daemon: &Daemon) -> Value {
+    let mut last = Value::Null;
+    wait_until(
+        "the daemon settles (no connection, nothing in flight, connected)",
+        WITHIN,
+        || {
+            last = stats(daemon);
+            last["connections"] == json!(0)
+                && last["inflight"] == json!(0)
+                && last["upstream_pending"] == json!(0)
+                && last["reply_buffer_bytes"] == json!(0)
+                && last["nats_state"] == json!("connected")
+        },
+    );
+    last
+}
+
+/// SIGKILL under load (8 pipelined clients), restart after 2 s.
+#[test]
+fn sigkill_under_load_then_restart_after_two_seconds() {
+    let mut server = NatsServer::start();
+    let _double = RouterDouble::start(&server.url());
+    let daemon = start_daemon(&server);
+    let load = Load::start(
+        &daemon,
+        8,
+        8,
+        Duration::ZERO,
+        payload,
+        router_double_success(),
+    );
+    load.wait_more_oks(200, WITHIN);
+
+    let killed_at = Instant::now();
+    server.kill();
+    // The outage itself: the scenario, not a wait for a condition.
+    thread::sleep(OUTAGE);
+    let restart_begun = Instant::now();
+    server.restart();
+    // restart() returns once the server answers a client with INFO: it is accepting.
+    let back_at = Instant::now();
+    let first_ok = load.wait_ok_after(restart_begun, WITHIN);
+    load.wait_more_oks(200, WITHIN);
+    let records = load.stop();
+
+    eprintln!(
+        "{}; first success {:?} after the server accepted again (restart took {:?})",
+        summary(&records),
+        first_ok.saturating_duration_since(back_at),
+        back_at - restart_begun
+    );
+    check_outcomes_and_deadlines(&records);
+    // The kill really cut the Router off: no success from 1 s after the kill (replies read by
+    // the daemon just before it may still be on their way to the clients) until the restart.
+    let during = records.iter().find(|r| {
+        r.outcome == Outcome::Ok
+            && r.answered >= killed_at + Duration::from_secs(1)
+            && r.answered < restart_begun
+    });
+    assert!(
+        during.is_none(),
+        "a success while nats-server was down: {during:?}"
+    );
+    // 64 requests are outstanding at all times and the Router double is the slowest link, so
+    // some were written to the killed server and are waiting for a reply: they fail at once
+    // with error 8 (gateway.md section 2), they are neither sent again after the reconnect
+    // (they would succeed) nor left to their deadline (error 5).
+    let on_the_wire = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Error(8) && r.sent < killed_at)
+        .count();
+    assert!(
+        on_the_wire > 0,
+        "no request sent before the kill got error 8: were the requests on the wire sent \
+         again, or left to time out?"
+    );
+    // A request sent before the kill and not yet written waits in the reconnect buffer and is
+    // sent once the server is back, well within its 4 s deadline.
+    let timed_out = records
+        .iter()
+        .find(|r| r.outcome == Outcome::Error(5) && r.sent < killed_at);
+    assert!(
+        timed_out.is_none(),
+        "a request sent before the kill timed out instead of failing at once with error 8 or \
+         succeeding after the restart: {timed_out:?}"
+    );
+    assert!(
+        first_ok <= back_at + FIRST_SUCCESS_WITHIN,
+        "first success {:?} after nats-server accepted connections again (at most \
+         {FIRST_SUCCESS_WITHIN:?})",
+        first_ok - back_at
+    );
+    let last = wait_settled(&daemon);
+    assert_eq!(last["reconnects"], json!(1), "stats: {last}");
+}
+
+/// Twenty kill/restart cycles under light load, then everything is back where it was.
+///
+/// The 2 s gap of the issue is the measured case above; here the server comes back after
+/// 300 ms so that twenty cycles fit in well under a minute. The gateway still finds it gone
+/// on its immediate attempt and goes through its backoff each time.
+#[test]
+fn twenty_kill_restart_cycles_leak_nothing() {
+    const CYCLES: u64 = 20;
+    const GAP: Duration = Duration::from_millis(300);
+    let mut server = NatsServer::start();
+    let _double = RouterDouble::start(&server.url());
+    let daemon = start_daemon(&server);
+    let pid = daemon.pid();
+
+    // Each cycle: traffic flows, kill, restart after GAP, the daemon connects again.
+    let cycle = |server: &mut NatsServer, load: &Load| {
+        load.wait_more_oks(20, WITHIN);
+        let connections = nats_connected_count(&daemon);
+        server.kill();
+        thread::sleep(GAP);
+        server.restart();
+        wait_until(
+            "the daemon connects to the restarted server",
+            WITHIN,
+            || nats_connected_count(&daemon) > connections,
+        );
+    };
+    let light_load = || {
+        Load::start(
+            &daemon,
+            2,
+            4,
+            Duration::from_millis(10),
+            payload,
+            router_double_success(),
+        )
+    };
+
+    // Warm up, one cycle included, so the baseline has every buffer and table the cycles
+    // use at their working size.
+    let load = light_load();
+    cycle(&mut server, &load);
+    load.wait_more_oks(20, WITHIN);
+    let mut records = load.stop();
+    wait_settled(&daemon);
+    let fds_before = fd_count(pid);
+    let rss_before = rss_kb(pid);
+    let fd_listing_before = fd_listing(pid);
+
+    let load = light_load();
+    for _ in 0..CYCLES {
+        cycle(&mut server, &load);
+    }
+    load.wait_more_oks(20, WITHIN);
+    records.extend(load.stop());
+    let last = wait_settled(&daemon);
+
+    eprintln!("{}", summary(&records));
+    check_outcomes_and_deadlines(&records);
+    assert_eq!(
+        last["reconnects"],
+        json!(CYCLES + 1),
+        "one reconnect per cycle; stats: {last}"
+    );
+    // Closing a client or a NATS socket is asynchronous in the daemon: wait for the count to
+    // come back before judging it.
+    let fds_settled = (0..200).any(|_| {
+        thread::sleep(Duration::from_millis(10));
+        fd_count(pid) == fds_before
+    });
+    assert!(
+        fds_settled,
+        "open fds {} after {CYCLES} cycles, {fds_before} before\nbefore:\n{fd_listing_before}\n\
+         after:\n{}",
+        fd_count(pid),
+        fd_listing(pid)
+    );
+    let rss_after = rss_kb(pid);
+    let allowed = rss_before + (rss_before / 4).max(2048);
+    eprintln!(
+        "fds {fds_before} → {}; RSS {rss_before} kB → {rss_after} kB (peak {} kB)",
+        fd_count(pid),
+        peak_rss_kb(pid)
+    );
+    assert!(
+        rss_after <= allowed,
+        "RSS {rss_after} kB after {CYCLES} cycles, {rss_before} kB before (allowed {allowed} kB)"
+    );
+}
