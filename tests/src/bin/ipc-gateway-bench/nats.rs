@@ -227,7 +227,9 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// `nats-server -a 127.0.0.1 -p PORT`, killed on drop.
+/// `nats-server -a 127.0.0.1 -p PORT`, killed on drop. Not the test library's
+/// `nats_server::NatsServer`: that one panics on failure and takes its binary from the
+/// environment, where the bench reports errors and takes `--nats-server PATH`.
 struct NatsServer {
     child: Child,
     url: String,
