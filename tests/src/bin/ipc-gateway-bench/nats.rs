@@ -10,7 +10,10 @@
 //!   through the daemon, which wraps each payload in a Router envelope and publishes it with a
 //!   reply inbox;
 //! - `direct`: N async-nats clients, each keeping P `request()` calls in flight with the same
-//!   JSON payload, to the same stand-in through the same server.
+//!   JSON payload, to the same stand-in through the same server;
+//! - with `--direct-envelope`, `direct-env`: the direct load again, but every request is the
+//!   one the gateway publishes (its Router envelope and NATS headers, captured by the
+//!   stand-in), which splits the gap into "a larger request" and "the hop through the daemon".
 //!
 //! Both runs use the same window rules as stub mode (warmup, measured window, 2 s to drain).
 //! Every run reports the CPU that each process used, so that the limit can be seen: on a small
