@@ -12,6 +12,10 @@
 //! - `echo-1t`, one thread running an edge-triggered mio event loop, the gateway's own
 //!   architecture: `gateway/echo-1t` is the cost of the gateway's code alone, and
 //!   `echo-1t` against `echo` is the cost of serving everything from one thread.
+//!
+//! `--mode nats` (module `nats`, in `ipc-gateway-bench/nats.rs`) measures the daemon's NATS
+//! path instead: it starts nats-server, a Router stand-in and the daemon itself, and compares
+//! the gateway with the same load sent straight over NATS by async-nats clients.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
@@ -30,6 +34,10 @@ use hdrhistogram::Histogram;
 use ipc_gateway_tests::frame::{self, Frame, HEADER_LEN, RESPONSE_ERROR, RESPONSE_OK, TASK_SUBMIT};
 use mio::net::{UnixListener as MioListener, UnixStream as MioStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
+
+// A directory without main.rs is not a binary target: cargo leaves it alone.
+#[path = "ipc-gateway-bench/nats.rs"]
+mod nats;
 
 /// The names of the runs, as printed in the results.
 const GATEWAY: &str = "gateway";
@@ -71,6 +79,13 @@ const SINGLE_THREAD_MAX_BYTES: usize = 64 * 1024;
 /// replies are still missing 2 s later are cut off (reported as STALLED). The echo servers
 /// return each frame as it came, except for the type byte, set to RESPONSE_OK. The exit status
 /// is 1 if the gateway cannot be reached or a connection broke during a run, 2 for bad options.
+///
+/// --mode nats starts its own nats-server (on a free loopback port), a Router stand-in
+/// (async-nats, replying to every request with a small success JSON) and the daemon with
+/// CGW_IPC_NATS_ENABLE=1, then for each --pipeline setting runs the IPC load through the
+/// gateway and the same load sent directly with async-nats request(), N clients each with P
+/// requests in flight, and prints both, the ratio gateway/direct, the CPU each process used and
+/// the daemon's RSS. If the daemon cannot start, the direct path is still measured (exit 1).
 #[derive(Parser, Debug)]
 #[command(name = "ipc-gateway-bench", version)]
 struct Args {
@@ -84,10 +99,11 @@ struct Args {
     connections: u32,
 
     /// Requests kept outstanding on each connection: P are written at the start, then one new
-    /// request for every reply.
-    #[arg(long, value_name = "P", default_value_t = 16,
+    /// request for every reply [default: 16; with --mode nats, 1,16]. --mode nats takes a
+    /// comma-separated list and runs each setting in turn.
+    #[arg(long, value_name = "P", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pipeline: u32,
+    pipeline: Option<Vec<u32>>,
 
     /// Size in bytes of each TASK_SUBMIT payload, a JSON object padded to exactly this size
     /// (at least 25, the size of `{"task":"bench","pad":""}`). The frame adds a 6-byte header.
@@ -128,6 +144,24 @@ struct Args {
     /// could block in a write while the server blocks writing replies to it.
     #[arg(long)]
     split_io: bool,
+
+    /// `stub`: load an already running daemon (in its default stub mode) and the echo floors.
+    /// `nats`: start nats-server, a Router stand-in and the daemon in NATS mode, and compare the
+    /// gateway path with the same load sent directly over NATS (see the options below).
+    #[arg(long, value_enum, default_value_t = Mode::Stub)]
+    mode: Mode,
+
+    #[command(flatten)]
+    nats: nats::NatsArgs,
+}
+
+/// What the bench measures.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The daemon at --socket against the two echo floors.
+    Stub,
+    /// The gateway's NATS path against async-nats request-reply, both to the same stand-in.
+    Nats,
 }
 
 fn parse_payload_size(text: &str) -> Result<usize, String> {
@@ -316,17 +350,31 @@ impl ConnOutcome {
 
     /// Counts a reply read at `now` to a request written at `written`.
     fn record(&mut self, reply: &Frame, written: Instant, now: Instant, w: &Window) {
+        let ok = reply.kind == RESPONSE_OK;
+        self.record_with(ok, || describe_error(reply), written, now, w);
+    }
+
+    /// Counts a reply, successful or not (then `describe` names the error), read at `now` to a
+    /// request written at `written`.
+    fn record_with(
+        &mut self,
+        ok: bool,
+        describe: impl FnOnce() -> String,
+        written: Instant,
+        now: Instant,
+        w: &Window,
+    ) {
         self.replies += 1;
         self.last_reply = Some(now);
         if now < w.from || now >= w.end {
             return;
         }
-        if reply.kind == RESPONSE_OK {
+        if ok {
             let micros = u64::try_from(now.duration_since(written).as_micros());
             self.latencies.saturating_record(micros.unwrap_or(u64::MAX));
             self.ok += 1;
         } else {
-            *self.errors.entry(describe_error(reply)).or_default() += 1;
+            *self.errors.entry(describe()).or_default() += 1;
         }
     }
 
@@ -1251,12 +1299,21 @@ fn kernel_release() -> String {
 }
 
 fn run(args: Args) -> Result<bool> {
+    if args.mode == Mode::Nats {
+        return nats::run(&args);
+    }
+    nats::reject_nats_options(&args);
+    let pipeline = match args.pipeline.as_deref() {
+        None | Some([]) => 16,
+        Some(&[p]) => p as usize,
+        Some(_) => usage_error("--pipeline takes a single value unless --mode nats"),
+    };
     let payload = bench_payload(args.payload_size)?;
     let frame_len = HEADER_LEN + args.payload_size;
-    let outstanding = frame_len.saturating_mul(args.pipeline as usize);
+    let outstanding = frame_len.saturating_mul(pipeline);
     let load = Load {
         connections: args.connections as usize,
-        pipeline: args.pipeline as usize,
+        pipeline,
         payload: Arc::new(payload),
         warmup: args.warmup,
         duration: args.duration,
@@ -1349,6 +1406,14 @@ fn run(args: Args) -> Result<bool> {
         eprintln!("ipc-gateway-bench: some connections failed during the run (see FAILED above)");
     }
     Ok(!failed)
+}
+
+/// Reports a bad combination of options the way clap reports its own errors (exit status 2).
+fn usage_error(message: &str) -> ! {
+    let mut command = <Args as clap::CommandFactory>::command();
+    command
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
 }
 
 fn main() -> ExitCode {
