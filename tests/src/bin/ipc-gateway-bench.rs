@@ -1151,6 +1151,25 @@ fn print_memory(pid: u32, when: &str) {
     }
 }
 
+/// What went wrong in a run, if anything: unanswered, stalled and failed connections.
+fn print_run_notes(r: &RunResult) {
+    if r.unanswered > 0 {
+        println!(
+            "  note: {} requests were still unanswered when the run stopped (not counted)",
+            r.unanswered
+        );
+    }
+    for stalled in &r.stalled {
+        println!("  STALLED {stalled}");
+    }
+    for failure in &r.failures {
+        println!("  FAILED {failure}");
+    }
+    if r.ok == 0 {
+        println!("  WARNING: no successful reply in the measured window");
+    }
+}
+
 fn print_result(r: &RunResult) {
     println!();
     println!("== {} ({}) ==", r.target, r.address);
@@ -1167,21 +1186,7 @@ fn print_result(r: &RunResult) {
     println!("  latency us        p50       p90       p99     p99.9       max");
     let [p50, p90, p99, p999, max] = r.latency_us();
     println!("               {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}");
-    if r.unanswered > 0 {
-        println!(
-            "  note: {} requests were still unanswered when the run stopped (not counted)",
-            r.unanswered
-        );
-    }
-    for stalled in &r.stalled {
-        println!("  STALLED {stalled}");
-    }
-    for failure in &r.failures {
-        println!("  FAILED {failure}");
-    }
-    if r.ok == 0 {
-        println!("  WARNING: no RESPONSE_OK reply in the measured window");
-    }
+    print_run_notes(r);
     let [p50, p90, p99, p999, max] = r.latency_us();
     println!(
         "RESULT target={} rps={:.1} requests={} errors={} p50_us={p50} p90_us={p90} \

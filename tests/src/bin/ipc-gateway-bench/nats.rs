@@ -36,9 +36,9 @@ use rustix::process::{kill_process, Pid, Signal};
 use tokio::runtime::Runtime;
 
 use super::{
-    bench_payload, frame, kernel_release, new_histogram, print_memory, ratio, run_load,
-    usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY, HEADER_LEN,
-    RESPONSE_OK, SINGLE_THREAD_MAX_BYTES, TASK_SUBMIT,
+    bench_payload, frame, kernel_release, new_histogram, print_memory, print_run_notes, ratio,
+    run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY,
+    HEADER_LEN, RESPONSE_OK, SINGLE_THREAD_MAX_BYTES, TASK_SUBMIT,
 };
 
 /// The Router's decide subject (router.md section 1), the daemon's default.
@@ -932,21 +932,7 @@ fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
         per_conn.join(" / "),
         s.with_headers
     );
-    if r.unanswered > 0 {
-        println!(
-            "  note: {} requests were still unanswered when the run stopped (not counted)",
-            r.unanswered
-        );
-    }
-    for stalled in &r.stalled {
-        println!("  STALLED {stalled}");
-    }
-    for failure in &r.failures {
-        println!("  FAILED {failure}");
-    }
-    if r.ok == 0 {
-        println!("  WARNING: no successful reply in the measured window");
-    }
+    print_run_notes(r);
     let daemon_cpu = c
         .daemon
         .map_or(String::new(), |d| format!(" cpu_daemon={d:.2}"));
