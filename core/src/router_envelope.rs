@@ -169,40 +169,50 @@ pub fn build_router_request(
         EnvelopeMode::RouterV1 => tenant_id,
         EnvelopeMode::Legacy => &defaults.tenant_id,
     };
-    let body = match defaults.mode {
+    // Sized up front: growing from empty reallocated several times per request.
+    let mut body = Vec::with_capacity(json.len() + request_id.len() + 320);
+    let written = match defaults.mode {
         EnvelopeMode::RouterV1 => {
             let default_type = format!("ide.{method}");
             let task_type = text(&fields.task_type)
                 .or_else(|| text(&fields.task))
                 .unwrap_or(&default_type);
-            serde_json::to_vec(&V1 {
-                version: "1",
-                request_id,
-                tenant_id,
-                policy_id,
-                trace_id: &trace_id,
-                task: V1Task {
-                    kind: task_type,
-                    payload: raw,
+            serde_json::to_writer(
+                &mut body,
+                &V1 {
+                    version: "1",
+                    request_id,
+                    tenant_id,
+                    policy_id,
+                    trace_id: &trace_id,
+                    task: V1Task {
+                        kind: task_type,
+                        payload: raw,
+                    },
+                    metadata: V1Metadata {
+                        ipc_message_type: method,
+                        traceparent: &traceparent,
+                    },
                 },
-                metadata: V1Metadata {
-                    ipc_message_type: method,
-                    traceparent: &traceparent,
-                },
-            })
+            )
         }
-        EnvelopeMode::Legacy => serde_json::to_vec(&Legacy {
-            from: "ide@localhost",
-            to: "router",
-            message_id: request_id,
-            tenant_id,
-            policy_id: &defaults.policy_id,
-            ipc_message_type: method,
-            input: raw,
-        }),
+        EnvelopeMode::Legacy => serde_json::to_writer(
+            &mut body,
+            &Legacy {
+                from: "ide@localhost",
+                to: "router",
+                message_id: request_id,
+                tenant_id,
+                policy_id: &defaults.policy_id,
+                ipc_message_type: method,
+                input: raw,
+            },
+        ),
+    };
+    // Strings and an already-parsed raw value always serialize; the check guards misuse.
+    if written.is_err() {
+        body.clear();
     }
-    // Strings and an already-parsed raw value always serialize.
-    .unwrap_or_default();
     let headers = vec![
         ("version", "1".to_owned()),
         ("trace_id", trace_id.clone()),
@@ -225,11 +235,19 @@ fn empty_object() -> &'static RawValue {
 
 /// `n` random non-zero 64-bit words as lowercase hex (W3C forbids all-zero ids).
 fn random_hex(rng: &mut Rng, words: usize) -> String {
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(words * 16);
     loop {
-        let w: Vec<u64> = (0..words).map(|_| rng.next_u64()).collect();
-        if w.iter().any(|x| *x != 0) {
-            return w.iter().map(|x| format!("{x:016x}")).collect();
+        let mut any = false;
+        for _ in 0..words {
+            let w = rng.next_u64();
+            any |= w != 0;
+            let _ = write!(hex, "{w:016x}");
         }
+        if any {
+            return hex;
+        }
+        hex.clear();
     }
 }
 
