@@ -283,12 +283,10 @@ impl NatsLink {
                             s.handle_bytes(bytes, now);
                         }
                     });
-                    // The session may have dropped the connection over these bytes.
-                    if !matches!(self.phase, Phase::Open) {
-                        return;
-                    }
                     self.apply_actions(gateway, registry, now);
-                    if n < self.read_buf.len() {
+                    // The session may have dropped the connection over these bytes, and may
+                    // already have asked for the next one: that socket is not this stream.
+                    if !matches!(self.phase, Phase::Open) || n < self.read_buf.len() {
                         return;
                     }
                 }
