@@ -7,3 +7,4 @@
 
 pub mod nats_standin;
 pub mod router;
+pub mod tier1;
