@@ -88,7 +88,7 @@ fn full_sweep() -> bool {
 
 #[test]
 fn a_happy_path_pipelined() {
-    let seen = sweep_seen("a_happy_path_pipelined", Scenario::Happy, 300, &|w| {
+    let seen = sweep_seen("a_happy_path_pipelined", Scenario::Happy, 200, &|w| {
         let t = tally(w);
         let errors: u64 = t.iter().filter(|(k, _)| **k != 0).map(|(_, v)| v).sum();
         let mut f = Vec::new();
@@ -105,7 +105,7 @@ fn b_subjects_headers_and_envelope() {
     sweep(
         "b_subjects_headers_and_envelope",
         Scenario::Headers,
-        200,
+        150,
         &|w| {
             let mut f = Vec::new();
             let headers = w.opts.server_headers;
@@ -170,7 +170,7 @@ fn c_router_errors_no_responders_disconnects() {
     let seen = sweep_seen(
         "c_router_errors_no_responders_disconnects",
         Scenario::Errors,
-        300,
+        200,
         &|w| {
             let mut f = Vec::new();
             if w.opts.routers == 0 {
@@ -206,7 +206,7 @@ fn d_timeouts_and_late_replies() {
     let seen = sweep_seen(
         "d_timeouts_and_late_replies",
         Scenario::Timeouts,
-        300,
+        250,
         &|w| {
             let mut f = Vec::new();
             for (g, n) in w.nodes.iter().enumerate() {
@@ -247,7 +247,7 @@ const STORM_SHARE_BOUND: f64 = 0.35;
 
 #[test]
 fn e_reconnect_storm() {
-    sweep("e_reconnect_storm", Scenario::Storm, 12, &|w| {
+    sweep("e_reconnect_storm", Scenario::Storm, 10, &|w| {
         let mut f = Vec::new();
         let attempts: Vec<_> = w.server.attempts().iter().map(|a| a.at).collect();
         for (i, &r) in w.restarts.iter().enumerate() {
@@ -290,7 +290,7 @@ fn f_backpressure_shedding_and_paused_reads() {
     let seen = sweep_seen(
         "f_backpressure_shedding_and_paused_reads",
         Scenario::Backpressure,
-        300,
+        200,
         &|w| {
             let mut f = Vec::new();
             let t = tally(w);
@@ -325,7 +325,7 @@ fn f_backpressure_shedding_and_paused_reads() {
 
 #[test]
 fn g_breaker_lifecycle() {
-    sweep("g_breaker_lifecycle", Scenario::Breaker, 150, &|w| {
+    sweep("g_breaker_lifecycle", Scenario::Breaker, 120, &|w| {
         let mut f = Vec::new();
         for (g, n) in w.nodes.iter().enumerate() {
             let tr = &n.gw.stats().breaker_transitions;
@@ -350,7 +350,7 @@ fn h_vanished_machine_keepalive() {
     sweep(
         "h_vanished_machine_keepalive",
         Scenario::Vanish,
-        250,
+        150,
         &|w| {
             let mut f = Vec::new();
             let o = &w.opts;
