@@ -1,6 +1,10 @@
 //! Deterministic simulations of `ipc-gateway-core` (design.md section 4).
 //!
-//! This crate is empty until the simulation work (the Router end-to-end scenarios under a pure
-//! harness and turmoil) lands. Until then the stub-mode invariants of gateway.md section 1 are
-//! exercised by the core's event-script driver, `ipc_gateway_core::fuzzing::gateway_events`,
-//! from core's property tests and the fuzz corpus.
+//! - [`nats_standin`]: a sans-IO NATS server stand-in speaking the real client protocol.
+//! - [`router`]: Router behaviours (router.md section 5) as in-process subscribers of it.
+//!
+//! Keep this file a plain list of modules: each simulation tier adds its own line.
+
+pub mod nats_standin;
+pub mod router;
+pub mod tier1;
