@@ -350,6 +350,11 @@ impl NatsSession {
         self.requests.buffered_bytes()
     }
 
+    /// Requests waiting in the reconnect buffer (the rest of `pending()` is on the wire).
+    pub fn buffered_requests(&self) -> usize {
+        self.requests.buffered_count()
+    }
+
     /// Tokens remembered as recently answered (bounded by `recent_answers`).
     pub fn recent_answers(&self) -> usize {
         self.requests.recent_len()

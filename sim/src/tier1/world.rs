@@ -705,6 +705,16 @@ impl World {
             s.recent_answers() <= 4096,
             "recent-answers ring over its bound"
         );
+        // gateway.md section 2: requests already written fail at once when the connection
+        // drops; only requests never written may wait (in the buffer) while not connected.
+        if !matches!(s.state(), SessionState::Connected | SessionState::Draining) {
+            assert_eq!(
+                s.pending(),
+                s.buffered_requests(),
+                "g{g}: a written request outlived its connection ({:?})",
+                s.state()
+            );
+        }
     }
 
     /// A client got replies: it may leave, write more, or half-close.
