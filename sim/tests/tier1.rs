@@ -258,6 +258,10 @@ fn e_reconnect_storm() {
                 Duration::from_millis(100),
             );
             let share = most as f64 / total.max(1) as f64;
+            println!(
+                "  storm restart {i}: largest 100 ms window {most} of {total} attempts ({:.0}%)",
+                share * 100.0
+            );
             if total < w.opts.gateways {
                 f.push(format!(
                     "restart {i}: only {total} attempts for {} gateways",
