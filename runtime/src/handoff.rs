@@ -205,3 +205,118 @@ mod tests {
         assert_eq!(worker.answer(10), Err(10));
     }
 }
+
+/// Model checks of the hand-off: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// cargo test -p ipc-gateway --release loom_tests` (README.md, "Tests").
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::thread;
+
+    /// The loop's waker as the model sees it: a pending flag that the loop's "poll" waits for
+    /// and clears, as `epoll_wait` returns the eventfd's edge once per wake.
+    #[derive(Default)]
+    struct ModelWaker {
+        pending: Mutex<bool>,
+        woken: Condvar,
+    }
+
+    impl Wake for Arc<ModelWaker> {
+        fn wake(&self) {
+            *self.pending.lock().unwrap() = true;
+            self.woken.notify_one();
+        }
+    }
+
+    impl ModelWaker {
+        /// Sleeps until a wake is pending and consumes it. A lost wakeup leaves the loop here
+        /// forever with the worker blocked too, which loom reports as a deadlock.
+        fn poll(&self) {
+            let mut pending = self.pending.lock().unwrap();
+            while !*pending {
+                pending = self.woken.wait(pending).unwrap();
+            }
+            *pending = false;
+        }
+    }
+
+    /// The resolver thread's body, as in `nats_link::Resolver::start`.
+    fn spawn_worker(worker: WorkerSide<u64, u64, Arc<ModelWaker>>) -> thread::JoinHandle<u64> {
+        thread::spawn(move || {
+            let mut served = 0;
+            while let Some(generation) = worker.next_request() {
+                if worker.answer(generation).is_err() {
+                    break;
+                }
+                served += 1;
+            }
+            served
+        })
+    }
+
+    /// The loop asks twice (a reconnect bumps the generation while the first lookup runs),
+    /// sleeps on the waker and drains on each wake like `NatsLink::on_resolved`: both answers
+    /// arrive once each, in order, the stale one is skipped, and the thread ends on drop.
+    #[test]
+    fn every_answer_arrives_once_in_order_and_wakes_the_loop() {
+        loom::model(|| {
+            let waker = Arc::new(ModelWaker::default());
+            let (side, worker) = channel::<u64, u64, _>(waker.clone());
+            let thread = spawn_worker(worker);
+
+            side.submit(1).unwrap();
+            let mut current = 1;
+            let mut seen = Vec::new();
+            let mut acted_on = None;
+            while seen.len() < 2 {
+                if current == 1 {
+                    // The second request goes out while the first may be in flight.
+                    current = 2;
+                    side.submit(2).unwrap();
+                } else {
+                    waker.poll();
+                }
+                while let Some(generation) = side.take_answer() {
+                    seen.push(generation);
+                    if generation == current {
+                        assert_eq!(acted_on.replace(generation), None, "acted on twice");
+                    }
+                }
+            }
+            assert_eq!(seen, [1, 2], "lost, duplicated or reordered answers");
+            assert_eq!(acted_on, Some(2));
+            assert_eq!(side.take_answer(), None);
+            drop(side);
+            assert_eq!(thread.join().unwrap(), 2);
+        });
+    }
+
+    /// The loop goes away with a request queued or being served: the thread ends whichever
+    /// way the drop interleaves (a missed notification would leave it blocked: a deadlock).
+    #[test]
+    fn the_worker_ends_when_the_loop_side_is_dropped() {
+        loom::model(|| {
+            let waker = Arc::new(ModelWaker::default());
+            let (side, worker) = channel::<u64, u64, _>(waker);
+            let thread = spawn_worker(worker);
+            side.submit(1).unwrap();
+            drop(side);
+            assert!(thread.join().unwrap() <= 1);
+        });
+    }
+
+    /// The worker thread ends on its own (a panic in it unwinds the same way): a request
+    /// racing that end is either queued or refused, and once it has ended every request is
+    /// refused, so the loop can give up on the lookup instead of waiting for it.
+    #[test]
+    fn submit_is_refused_once_the_worker_is_gone() {
+        loom::model(|| {
+            let waker = Arc::new(ModelWaker::default());
+            let (side, worker) = channel::<u64, u64, _>(waker);
+            let thread = thread::spawn(move || drop(worker));
+            let _ = side.submit(1);
+            thread.join().unwrap();
+            assert_eq!(side.submit(2), Err(2));
+        });
+    }
+}
