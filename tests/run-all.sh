@@ -24,3 +24,9 @@ nats-server --version
 # here first keeps their first test from paying for the compile inside its timeout.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
+
+# The loom models of the resolver's thread hand-off (runtime/src/handoff.rs; design.md
+# section 5). `--cfg loom` changes every crate's flags, so they build in their own target
+# directory and leave the main build's cache alone.
+CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 \
+    cargo test -p ipc-gateway --release handoff::loom_tests

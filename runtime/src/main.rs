@@ -4,9 +4,11 @@
 
 mod config;
 mod event_loop;
+mod handoff;
 mod listener;
 mod logging;
 mod nats_link;
+mod sync;
 
 use std::hash::{BuildHasher, Hasher};
 use std::process::ExitCode;

@@ -21,8 +21,6 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::mpsc;
-use std::sync::Arc;
 
 use ipc_gateway_core::nats_session::{NatsSession, SessionAction};
 use ipc_gateway_core::stub::StubUpstream;
@@ -32,6 +30,8 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, warn};
+
+use crate::handoff;
 
 /// Reads of the NATS socket per turn before clients get theirs.
 const READS_PER_TURN: usize = 16;
@@ -96,7 +96,7 @@ impl NatsLink {
             stream: None,
             phase: Phase::Idle,
             generation: 0,
-            resolver: Resolver::start(Arc::new(Waker::new(registry, waker_token)?))?,
+            resolver: Resolver::start(Waker::new(registry, waker_token)?)?,
             read_buf: vec![0; READ_BUFFER],
             write_blocked: false,
             output_pending: false,
@@ -407,39 +407,37 @@ fn parse_ip(host: &str) -> Option<IpAddr> {
 
 type Resolution = (u64, io::Result<Vec<SocketAddr>>);
 
-/// One thread that runs `getaddrinfo` for the loop and wakes it with the answer.
+/// One thread that runs `getaddrinfo` for the loop and wakes it with the answer; the
+/// hand-off between the two is [`handoff`], model-checked with loom.
 struct Resolver {
-    requests: mpsc::Sender<(u64, String, u16)>,
-    answers: mpsc::Receiver<Resolution>,
+    side: handoff::LoopSide<(u64, String, u16), Resolution>,
 }
 
 impl Resolver {
-    fn start(waker: Arc<Waker>) -> io::Result<Resolver> {
-        let (requests, inbox) = mpsc::channel::<(u64, String, u16)>();
-        let (outbox, answers) = mpsc::channel::<Resolution>();
+    fn start(waker: Waker) -> io::Result<Resolver> {
+        let (side, worker) = handoff::channel::<(u64, String, u16), Resolution, _>(waker);
         std::thread::Builder::new()
             .name("nats-resolver".into())
             .spawn(move || {
-                // Ends when the loop drops its sender.
-                for (generation, host, port) in inbox {
+                // Ends when the loop drops its side.
+                while let Some((generation, host, port)) = worker.next_request() {
                     let result = (host.as_str(), port)
                         .to_socket_addrs()
                         .map(|addrs| addrs.collect());
-                    if outbox.send((generation, result)).is_err() {
+                    if worker.answer((generation, result)).is_err() {
                         return;
                     }
-                    let _ = waker.wake();
                 }
             })?;
-        Ok(Resolver { requests, answers })
+        Ok(Resolver { side })
     }
 
     fn resolve(&self, generation: u64, host: String, port: u16) -> Result<(), ()> {
-        self.requests.send((generation, host, port)).map_err(|_| ())
+        self.side.submit((generation, host, port)).map_err(|_| ())
     }
 
     fn answer(&self) -> Option<Resolution> {
-        self.answers.try_recv().ok()
+        self.side.take_answer()
     }
 }
 
