@@ -485,15 +485,7 @@ impl World {
                 for r in &mut self.routers {
                     r.lose_server();
                 }
-                for g in 0..self.nodes.len() {
-                    if let LinkState::Open(c) = self.nodes[g].link {
-                        if closed.contains(&c) {
-                            let gen = self.nodes[g].gen;
-                            let at = self.arrival(g, false);
-                            self.push(at, Ev::LinkClosed { gw: g, gen });
-                        }
-                    }
-                }
+                self.close_links(&closed);
                 self.push(now + *down, Ev::FaultEnd(f.clone()));
             }
             Fault::Vanish { away } => {
@@ -514,6 +506,19 @@ impl World {
                     r.leave(&mut self.server);
                 }
                 self.push(now + *away, Ev::FaultEnd(f.clone()));
+            }
+        }
+    }
+
+    /// The server closed these connections: each gateway on one learns it after the latency.
+    fn close_links(&mut self, closed: &[nats_standin::ConnId]) {
+        for g in 0..self.nodes.len() {
+            if let LinkState::Open(c) = self.nodes[g].link {
+                if closed.contains(&c) {
+                    let gen = self.nodes[g].gen;
+                    let at = self.arrival(g, false);
+                    self.push(at, Ev::LinkClosed { gw: g, gen });
+                }
             }
         }
     }
@@ -541,15 +546,7 @@ impl World {
                     r.lose_server();
                     r.resubscribe(&mut self.server);
                 }
-                for g in 0..self.nodes.len() {
-                    if let LinkState::Open(c) = self.nodes[g].link {
-                        if closed.contains(&c) {
-                            let gen = self.nodes[g].gen;
-                            let at = self.arrival(g, false);
-                            self.push(at, Ev::LinkClosed { gw: g, gen });
-                        }
-                    }
-                }
+                self.close_links(&closed);
             }
             Fault::Hold { .. } => {}
             Fault::RoutersAway { .. } => {
