@@ -1,0 +1,152 @@
+//! `ide-*` hosts: IPC clients that pipeline TASK_SUBMIT frames (at most `window` unanswered)
+//! and read one reply per request. v1 has no correlation id, so the reply read next belongs to
+//! the oldest request unanswered; the tests check it against the request's `tag`, which the
+//! Router echoes. A client that waits longer than `reply_deadline` for its oldest reply
+//! records a hang and stops.
+
+use std::time::Duration;
+
+use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder};
+use tokio::io::AsyncReadExt;
+use turmoil::net::TcpStream;
+
+use super::gateway_host::{write_now, IPC_PORT};
+use super::obs::{sim_now, Reply, Sent, SharedObs};
+
+/// One request: the behaviour the Router is asked for and, for `slow`, its delay.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub behaviour: &'static str,
+    pub ms: u64,
+    /// Extra client fields, e.g. `"trace_id":"…"`, spliced into the JSON object.
+    pub extra: String,
+}
+
+impl Req {
+    pub fn new(behaviour: &'static str, ms: u64) -> Req {
+        Req {
+            behaviour,
+            ms,
+            extra: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IdeSpec {
+    pub name: String,
+    pub gateway: String,
+    pub start_delay: Duration,
+    pub requests: Vec<Req>,
+    /// Requests sent before waiting for replies.
+    pub window: usize,
+    /// Gap between the starts of two requests (0: back to back).
+    pub gap: Duration,
+    /// How long the oldest request may wait for its reply.
+    pub reply_deadline: Duration,
+    /// Send everything, then hang up without reading (replies after the client left).
+    pub leave: bool,
+    /// Don't read for this long after sending everything (a slow reader).
+    pub read_pause: Duration,
+}
+
+fn payload(name: &str, i: usize, r: &Req) -> Vec<u8> {
+    format!(
+        "{{\"command\":\"task_submit\",\"task_type\":\"code_completion\",\"tag\":\"{name}/{i}\",\
+         \"sim\":{{\"b\":\"{}\",\"ms\":{}}},\"file\":\"a.py\",\"line\":{i}{}{}}}",
+        r.behaviour,
+        r.ms,
+        if r.extra.is_empty() { "" } else { "," },
+        r.extra
+    )
+    .into_bytes()
+}
+
+/// Runs one IDE host to completion; the outcome is in `obs.clients[name]`.
+pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
+    tokio::time::sleep(spec.start_delay).await;
+    let name = spec.name.clone();
+    obs.borrow_mut().clients.entry(name.clone()).or_default();
+    let mut stream = loop {
+        match TcpStream::connect((spec.gateway.as_str(), IPC_PORT)).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let mut decoder = FrameDecoder::new(ipc_gateway_core::frame::MAX_FRAME_BYTES);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut next = 0usize;
+    let mut answered = 0usize;
+    let total = spec.requests.len();
+    while answered < total {
+        // Send while the window allows.
+        while next < total && next - answered < spec.window {
+            let r = &spec.requests[next];
+            let frame = encode_frame(kind::TASK_SUBMIT, &payload(&name, next, r));
+            if write_now(&mut stream, &frame).is_err() {
+                obs.borrow_mut().clients.get_mut(&name).unwrap().lost_at = Some(sim_now());
+                return Ok(());
+            }
+            obs.borrow_mut().clients.get_mut(&name).unwrap().sent.push(Sent {
+                tag: format!("{name}/{next}"),
+                behaviour: r.behaviour.to_owned(),
+                at: sim_now(),
+                reply: None,
+            });
+            next += 1;
+            if !spec.gap.is_zero() && next < total && next - answered < spec.window {
+                tokio::time::sleep(spec.gap).await;
+            }
+        }
+        if spec.leave && next == total {
+            obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
+            return Ok(());
+        }
+        if next == total && !spec.read_pause.is_zero() {
+            tokio::time::sleep(spec.read_pause).await;
+        }
+        let oldest_at = obs.borrow().clients[&name].sent[answered].at;
+        let deadline = oldest_at + spec.reply_deadline;
+        let wait = deadline
+            .saturating_sub(sim_now())
+            .max(Duration::from_millis(1));
+        let n = match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Err(_) => {
+                // A hang: the test reports the request without a reply.
+                obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
+                return Ok(());
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                obs.borrow_mut().clients.get_mut(&name).unwrap().lost_at = Some(sim_now());
+                return Ok(());
+            }
+            Ok(Ok(n)) => n,
+        };
+        decoder.push(&buf[..n]);
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            let mut o = obs.borrow_mut();
+            let c = o.clients.get_mut(&name).unwrap();
+            if answered < c.sent.len() {
+                c.sent[answered].reply = Some(Reply {
+                    kind: frame.kind,
+                    payload: frame.payload.to_vec(),
+                    at: sim_now(),
+                });
+                answered += 1;
+            } else {
+                c.extra_replies += 1;
+            }
+        }
+    }
+    // Anything more would be a reply without a request.
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+        if n > 0 {
+            decoder.push(&buf[..n]);
+            while let Ok(Some(_)) = decoder.next_frame() {
+                obs.borrow_mut().clients.get_mut(&name).unwrap().extra_replies += 1;
+            }
+        }
+    }
+    obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
+    Ok(())
+}
