@@ -39,13 +39,43 @@ fn replies(run: &Run, client: &str) -> Vec<(u8, serde_json::Value)> {
         .iter()
         .map(|s| {
             let r = s.reply.as_ref().expect("a reply");
-            (r.kind, serde_json::from_slice(&r.payload).unwrap_or_default())
+            (
+                r.kind,
+                serde_json::from_slice(&r.payload).unwrap_or_default(),
+            )
         })
         .collect()
 }
 
 const OK: u8 = 0x10;
 const ERR: u8 = 0x11;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Asserts a reply is the error frame with `code`.
+fn assert_error(reply: &(u8, serde_json::Value), code: u64, what: &str) {
+    assert_eq!(
+        reply.0, ERR,
+        "{what}: expected error {code}, got {}",
+        reply.1
+    );
+    assert_eq!(reply.1["error"]["code"], code, "{what}: {}", reply.1);
+}
+
+/// Asserts a reply is the Router's answer (RESPONSE_OK), `ok` or the Router error `class`.
+fn assert_router(reply: &(u8, serde_json::Value), class: Option<&str>, what: &str) {
+    assert_eq!(
+        reply.0, OK,
+        "{what}: expected a Router reply, got {}",
+        reply.1
+    );
+    match class {
+        None => assert_eq!(reply.1["ok"], true, "{what}: {}", reply.1),
+        Some(c) => assert_eq!(reply.1["error"]["code"], c, "{what}: {}", reply.1),
+    }
+}
 
 /// (a) Pipelined clients on two gateways all get their Router replies, in order.
 #[test]
@@ -58,10 +88,17 @@ fn happy_path_pipelined() {
         let clients = 2 + rng.below(3) as usize;
         let per = 10 + rng.below(20) as usize;
         let window = 1 + rng.below(10) as usize;
-        println!("tier2 happy_path_pipelined: clients={clients} requests_each={per} window={window}");
+        println!(
+            "tier2 happy_path_pipelined: clients={clients} requests_each={per} window={window}"
+        );
         let mut run = Run::new(opts, ServerConfig::default());
         for c in 0..clients {
-            run.ide(ide(&format!("ide-{c}"), c % 2, (0..per).map(|_| Req::new("ok", 0)).collect(), window));
+            run.ide(ide(
+                &format!("ide-{c}"),
+                c % 2,
+                (0..per).map(|_| Req::new("ok", 0)).collect(),
+                window,
+            ));
         }
         run.finish(Duration::from_secs(2));
         run.summary();
@@ -72,5 +109,287 @@ fn happy_path_pipelined() {
                 assert_eq!(v["ok"], true);
             }
         }
+    });
+}
+
+/// (c) Every Router error class reaches the client verbatim as RESPONSE_OK; no responders is
+/// error 8 at once; a Router that drops its connection instead of answering is a timeout
+/// (error 5); a request over the server's max_payload is error 3 before anything is sent.
+#[test]
+fn router_errors() {
+    run_seeds("router_errors", 2, |seed| {
+        let mut opts = Options::from_seed(seed);
+        opts.router_start = ms(1500);
+        let server = ServerConfig {
+            max_payload: 4096,
+            ..ServerConfig::default()
+        };
+        let mut run = Run::new(opts.clone(), server);
+        // Before any Router subscribed: no responders.
+        run.ide(ide(
+            "ide-early",
+            0,
+            vec![Req::new("ok", 0), Req::new("ok", 0)],
+            2,
+        ));
+        let big = format!("\"blob\":\"{}\"", "x".repeat(5000));
+        let mut main = ide(
+            "ide-main",
+            0,
+            vec![
+                Req::new("policy_not_found", 0),
+                Req::new("decision_failed", 0),
+                Req::new("internal", 0),
+                Req::new("ok", 0),
+                Req::new("disconnect", 0),
+                // The Router reconnects 100 ms after dropping; wait for it.
+                Req::new("ok", 0).after(ms(300)),
+                Req::new("ok", 0).with(&big),
+                Req::new("ok", 0),
+            ],
+            1,
+        );
+        main.start_delay = ms(2500);
+        run.ide(main);
+        run.finish(Duration::from_secs(2));
+        run.summary();
+        run.check_invariants();
+        let early = replies(&run, "ide-early");
+        for (i, r) in early.iter().enumerate() {
+            assert_error(r, 8, &format!("no responders {i}"));
+            assert!(
+                r.1["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("no responders"),
+                "{}",
+                r.1
+            );
+        }
+        let sent = &run.obs.borrow().clients["ide-early"].sent;
+        for s in sent {
+            let took = s.reply.as_ref().unwrap().at - s.at;
+            assert!(
+                took < opts.request_timeout / 2,
+                "no responders must answer at once, took {took:?}"
+            );
+        }
+        let main = replies(&run, "ide-main");
+        assert_router(&main[0], Some("policy_not_found"), "policy_not_found");
+        assert_router(&main[1], Some("decision_failed"), "decision_failed");
+        assert_router(&main[2], Some("internal"), "internal");
+        assert_router(&main[3], None, "ok");
+        assert_error(&main[4], 5, "Router dropped its connection");
+        assert_router(&main[5], None, "ok after the Router reconnected");
+        assert_error(&main[6], 3, "over max_payload");
+        assert_router(&main[7], None, "ok after error 3");
+        let g = run.shell(0);
+        let g = g.gateway.borrow();
+        assert!(g.upstream().stats().no_responders >= 2);
+        let seen = run
+            .obs
+            .borrow()
+            .router_seen
+            .iter()
+            .filter(|r| r.body.len() > 4096)
+            .count();
+        assert_eq!(seen, 0, "the oversized request must not be published");
+    });
+}
+
+/// (d) Timeouts and late replies: a slow Router's reply after the deadline, a silent Router,
+/// a duplicate reply, replies after the client left, and a reply that arrives after the
+/// gateway reconnected are all dropped and counted; none reaches a client.
+#[test]
+fn timeouts_and_late_replies() {
+    run_seeds("timeouts_and_late_replies", 2, |seed| {
+        let opts = Options::from_seed(seed);
+        let mut run = Run::new(opts.clone(), ServerConfig::default());
+        run.ide(ide(
+            "ide-a",
+            0,
+            vec![
+                Req::new("slow", 1500),
+                Req::new("silent", 0),
+                Req::new("dup", 0),
+                Req::new("ok", 0),
+            ],
+            4,
+        ));
+        // Hangs up right after sending: the first reply's write meets a closed socket, the
+        // second's fails, and the third reply arrives for a client already forgotten.
+        let mut leaver = ide(
+            "ide-leaver",
+            0,
+            vec![
+                Req::new("slow", 100),
+                Req::new("slow", 400),
+                Req::new("slow", 700),
+            ],
+            3,
+        );
+        leaver.leave = true;
+        run.ide(leaver);
+        run.lenient_clients.push("ide-leaver".into());
+        // A slow request in flight when nats restarts: error 8 at once; the Router sends its
+        // reply after both reconnected, to the same inbox.
+        let mut c = ide(
+            "ide-c",
+            0,
+            vec![Req::new("slow", 600), Req::new("ok", 0).after(ms(1000))],
+            1,
+        );
+        c.start_delay = ms(3000);
+        run.ide(c);
+        run.run_until(ms(3200));
+        run.sim.bounce("nats");
+        run.finish(Duration::from_secs(3));
+        run.summary();
+        run.check_invariants();
+        let a = replies(&run, "ide-a");
+        assert_error(&a[0], 5, "slow past the deadline");
+        assert_error(&a[1], 5, "silent");
+        assert_router(&a[2], None, "dup");
+        assert_router(&a[3], None, "ok");
+        let c = replies(&run, "ide-c");
+        assert_error(&c[0], 8, "in flight when nats restarted");
+        assert_router(&c[1], None, "after the reconnect");
+        let took = {
+            let o = run.obs.borrow();
+            let s = &o.clients["ide-c"].sent[0];
+            s.reply.as_ref().unwrap().at - s.at
+        };
+        assert!(
+            took < ms(600),
+            "a request on a lost connection fails at once, took {took:?}"
+        );
+        let g = run.shell(0);
+        let g = g.gateway.borrow();
+        let st = g.upstream().stats();
+        println!(
+            "tier2 nats stats: {st:?}; gateway dropped_replies={}",
+            g.stats().dropped_replies
+        );
+        // ide-a's slow reply, the leaver's last one, ide-c's after the reconnect.
+        assert!(st.late_replies >= 3, "late replies counted: {st:?}");
+        assert!(st.duplicate_replies >= 1, "duplicate counted: {st:?}");
+        assert!(st.failed_on_disconnect >= 1, "{st:?}");
+        assert!(st.reconnects >= 1, "{st:?}");
+    });
+}
+
+/// (g) The breaker's whole lifecycle: five timeouts open it; while open, requests get error 8
+/// at once and nothing is published; after the open time one probe goes through (HalfOpen); a
+/// failed probe re-opens it for twice as long; two successful probes close it.
+#[test]
+fn breaker_lifecycle() {
+    run_seeds("breaker_lifecycle", 2, |seed| {
+        let opts = Options::from_seed(seed);
+        let open = opts.breaker.open_duration;
+        let mut run = Run::new(opts.clone(), ServerConfig::default());
+        let mut reqs: Vec<Req> = (0..5).map(|_| Req::new("silent", 0)).collect();
+        reqs.push(Req::new("ok", 0)); // 5: open → error 8 at once
+        reqs.push(Req::new("silent", 0).after(open + ms(100))); // 6: probe fails → re-open (2×)
+        reqs.push(Req::new("ok", 0).after(open + ms(100))); // 7: still open (2× not over)
+        reqs.push(Req::new("ok", 0).after(open + ms(100))); // 8: probe succeeds
+        reqs.push(Req::new("ok", 0)); // 9: second success closes
+        reqs.push(Req::new("ok", 0)); // 10: closed
+        run.ide(ide("ide-0", 0, reqs, 1));
+        run.finish(Duration::from_secs(2));
+        run.summary();
+        run.check_invariants();
+        let r = replies(&run, "ide-0");
+        for (i, reply) in r.iter().enumerate().take(5) {
+            assert_error(reply, 5, &format!("silent {i}"));
+        }
+        assert_error(&r[5], 8, "breaker open");
+        assert!(
+            r[5].1["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_lowercase()
+                .contains("breaker"),
+            "{}",
+            r[5].1
+        );
+        assert_error(&r[6], 5, "failed probe");
+        assert_error(&r[7], 8, "re-opened for twice as long");
+        assert_router(&r[8], None, "probe 1");
+        assert_router(&r[9], None, "probe 2");
+        assert_router(&r[10], None, "closed");
+        let o = run.obs.borrow();
+        let published = o.router_seen.len();
+        assert_eq!(published, 5 + 1 + 3, "nothing is published while open");
+        let g = o.gateways["gateway-0"].gateway.borrow();
+        let t = &g.stats().breaker_transitions;
+        assert_eq!(t.get("open"), Some(&2), "{t:?}");
+        assert_eq!(t.get("half_open"), Some(&2), "{t:?}");
+        assert_eq!(t.get("closed"), Some(&1), "{t:?}");
+        assert_eq!(g.breaker_state().name(), "closed");
+    });
+}
+
+/// (h) A vanished machine: the gateway is partitioned from nats, then nats is crashed, so no
+/// FIN ever arrives; only the keepalive notices, within ping interval × (max pings + 1). A
+/// request in flight then fails with error 8; once nats is back the gateway recovers.
+#[test]
+fn vanished_machine_keepalive() {
+    run_seeds("vanished_machine_keepalive", 2, |seed| {
+        let mut opts = Options::from_seed(seed);
+        let mut rng = opts.rng(8);
+        opts.ping_interval = ms(200 + rng.below(300));
+        opts.max_pings_out = 1 + rng.below(3) as u32;
+        opts.request_timeout = ms(5000);
+        let bound = opts.ping_interval * (opts.max_pings_out + 1);
+        println!("tier2 vanished_machine_keepalive: detection bound {bound:?}");
+        let mut run = Run::new(opts.clone(), ServerConfig::default());
+        let mut inflight = ide(
+            "ide-0",
+            0,
+            vec![Req::new("ok", 0), Req::new("slow", 4000).after(ms(600))],
+            1,
+        );
+        inflight.start_delay = ms(300);
+        run.ide(inflight);
+        let mut later = ide("ide-1", 0, vec![Req::new("ok", 0), Req::new("ok", 0)], 2);
+        later.start_delay = ms(1000) + bound * 3 + ms(2000);
+        run.ide(later);
+        run.run_until(ms(1000));
+        let shell = run.shell(0);
+        assert_eq!(
+            shell.gateway.borrow().upstream().state().name(),
+            "connected"
+        );
+        let cut = run.now();
+        run.sim.partition("gateway-0", "nats");
+        run.sim.crash("nats");
+        while shell.gateway.borrow().upstream().state().name() == "connected" {
+            assert!(
+                run.now() < cut + bound * 4,
+                "the gateway never noticed the vanished server"
+            );
+            run.run_until(run.now() + ms(1));
+        }
+        let noticed = run.now() - cut;
+        println!("tier2 vanished_machine_keepalive: noticed after {noticed:?} (bound {bound:?})");
+        assert!(
+            noticed <= bound + ms(5),
+            "noticed after {noticed:?} > {bound:?}"
+        );
+        run.sim.repair("gateway-0", "nats");
+        run.sim.bounce("nats");
+        run.finish(Duration::from_secs(2));
+        run.summary();
+        run.check_invariants();
+        let r = replies(&run, "ide-0");
+        assert_router(&r[0], None, "before");
+        assert_error(&r[1], 8, "in flight when the server vanished");
+        for (i, r) in replies(&run, "ide-1").iter().enumerate() {
+            assert_router(r, None, &format!("after recovery {i}"));
+        }
+        assert_eq!(
+            shell.gateway.borrow().upstream().state().name(),
+            "connected"
+        );
     });
 }

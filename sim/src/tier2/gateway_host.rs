@@ -176,11 +176,10 @@ impl Shell {
                 self.record(format_args!("nats_connect {host}:{port}"));
                 let generation = self.close_nats();
                 let shell = self.clone();
-                let task = spawn_watched(
-                    &self.obs,
-                    format!("{}: nats link", self.name),
-                    async move { shell.nats_link(generation, host, port).await },
-                );
+                let task =
+                    spawn_watched(&self.obs, format!("{}: nats link", self.name), async move {
+                        shell.nats_link(generation, host, port).await
+                    });
                 self.nats.borrow_mut().task = Some(task);
             }
             SessionAction::Disconnect => {
@@ -293,7 +292,13 @@ impl Shell {
         }
     }
 
-    async fn client_reader(self: Rc<Self>, id: ConnId, mut read: OwnedReadHalf, kick: Rc<Notify>, closed: Rc<Cell<bool>>) {
+    async fn client_reader(
+        self: Rc<Self>,
+        id: ConnId,
+        mut read: OwnedReadHalf,
+        kick: Rc<Notify>,
+        closed: Rc<Cell<bool>>,
+    ) {
         let mut buf = vec![0u8; READ_BUFFER];
         loop {
             if closed.get() {
@@ -358,11 +363,7 @@ impl Shell {
 }
 
 /// Runs one gateway host until the simulation ends.
-pub async fn run(
-    name: String,
-    gateway: Gateway<NatsSession>,
-    obs: SharedObs,
-) -> turmoil::Result {
+pub async fn run(name: String, gateway: Gateway<NatsSession>, obs: SharedObs) -> turmoil::Result {
     let listener = TcpListener::bind(("0.0.0.0", IPC_PORT)).await?;
     let shell = Rc::new(Shell {
         name: name.clone(),
@@ -373,7 +374,9 @@ pub async fn run(
         base: tokio::time::Instant::now(),
         obs: obs.clone(),
     });
-    obs.borrow_mut().gateways.insert(name.clone(), shell.clone());
+    obs.borrow_mut()
+        .gateways
+        .insert(name.clone(), shell.clone());
     let timer = shell.clone();
     spawn_watched(&obs, format!("{name}: timer"), timer.timer());
     loop {

@@ -20,6 +20,8 @@ pub struct Req {
     pub ms: u64,
     /// Extra client fields, e.g. `"trace_id":"…"`, spliced into the JSON object.
     pub extra: String,
+    /// Wait this long before sending it (with `window` 1: after the previous reply).
+    pub pause: Duration,
 }
 
 impl Req {
@@ -28,7 +30,18 @@ impl Req {
             behaviour,
             ms,
             extra: String::new(),
+            pause: Duration::ZERO,
         }
+    }
+
+    pub fn after(mut self, pause: Duration) -> Req {
+        self.pause = pause;
+        self
+    }
+
+    pub fn with(mut self, extra: &str) -> Req {
+        self.extra = extra.to_owned();
+        self
     }
 }
 
@@ -50,7 +63,8 @@ pub struct IdeSpec {
     pub read_pause: Duration,
 }
 
-fn payload(name: &str, i: usize, r: &Req) -> Vec<u8> {
+/// The JSON object the client sends for request `i`.
+pub fn payload(name: &str, i: usize, r: &Req) -> Vec<u8> {
     format!(
         "{{\"command\":\"task_submit\",\"task_type\":\"code_completion\",\"tag\":\"{name}/{i}\",\
          \"sim\":{{\"b\":\"{}\",\"ms\":{}}},\"file\":\"a.py\",\"line\":{i}{}{}}}",
@@ -82,17 +96,25 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
         // Send while the window allows.
         while next < total && next - answered < spec.window {
             let r = &spec.requests[next];
+            if !r.pause.is_zero() {
+                tokio::time::sleep(r.pause).await;
+            }
             let frame = encode_frame(kind::TASK_SUBMIT, &payload(&name, next, r));
             if write_now(&mut stream, &frame).is_err() {
                 obs.borrow_mut().clients.get_mut(&name).unwrap().lost_at = Some(sim_now());
                 return Ok(());
             }
-            obs.borrow_mut().clients.get_mut(&name).unwrap().sent.push(Sent {
-                tag: format!("{name}/{next}"),
-                behaviour: r.behaviour.to_owned(),
-                at: sim_now(),
-                reply: None,
-            });
+            obs.borrow_mut()
+                .clients
+                .get_mut(&name)
+                .unwrap()
+                .sent
+                .push(Sent {
+                    tag: format!("{name}/{next}"),
+                    behaviour: r.behaviour.to_owned(),
+                    at: sim_now(),
+                    reply: None,
+                });
             next += 1;
             if !spec.gap.is_zero() && next < total && next - answered < spec.window {
                 tokio::time::sleep(spec.gap).await;
@@ -100,6 +122,10 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
         }
         if spec.leave && next == total {
             obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
+            // The host stays up: a finished turmoil client receives nothing, and the
+            // gateway must meet a closed socket (RST), not a silent void.
+            drop(stream);
+            tokio::time::sleep(Duration::from_secs(3)).await;
             return Ok(());
         }
         if next == total && !spec.read_pause.is_zero() {
@@ -139,11 +165,16 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
         }
     }
     // Anything more would be a reply without a request.
-    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await
+    {
         if n > 0 {
             decoder.push(&buf[..n]);
             while let Ok(Some(_)) = decoder.next_frame() {
-                obs.borrow_mut().clients.get_mut(&name).unwrap().extra_replies += 1;
+                obs.borrow_mut()
+                    .clients
+                    .get_mut(&name)
+                    .unwrap()
+                    .extra_replies += 1;
             }
         }
     }

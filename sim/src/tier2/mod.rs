@@ -123,8 +123,10 @@ impl Run {
     /// Builds the hosts `nats`, `gateway-*`, `router-*` (IDE hosts are added by the scenario).
     pub fn new(opts: Options, server: ServerConfig) -> Run {
         println!("tier2 options: {opts:?}");
-        println!("tier2 nats server: headers={} max_payload={} connect_urls={:?} ping_interval={:?}",
-                 server.headers, server.max_payload, server.connect_urls, server.ping_interval);
+        println!(
+            "tier2 nats server: headers={} max_payload={} connect_urls={:?} ping_interval={:?}",
+            server.headers, server.max_payload, server.connect_urls, server.ping_interval
+        );
         let mut builder = turmoil::Builder::new();
         builder
             .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
@@ -157,7 +159,9 @@ impl Run {
                 reconnect_delay: Duration::from_millis(100),
             };
             let o = obs.clone();
-            sim.host(spec.name.clone().as_str(), move || router::run(spec.clone(), o.clone()));
+            sim.host(spec.name.clone().as_str(), move || {
+                router::run(spec.clone(), o.clone())
+            });
         }
         Run {
             sim,
@@ -226,12 +230,24 @@ impl Run {
             assert_eq!(c.extra_replies, 0, "{name}: replies without a request");
             assert!(c.done || c.lost_at.is_some(), "{name}: never finished");
             if !lenient {
-                assert!(c.lost_at.is_none(), "{name}: connection lost at {:?}", c.lost_at);
+                assert!(
+                    c.lost_at.is_none(),
+                    "{name}: connection lost at {:?}",
+                    c.lost_at
+                );
             }
-            let windows = c.sent.len().div_ceil(self.opts.per_conn_inflight.max(1)).max(1) as u32;
+            let windows = c
+                .sent
+                .len()
+                .div_ceil(self.opts.per_conn_inflight.max(1))
+                .max(1) as u32;
             for (i, s) in c.sent.iter().enumerate() {
                 let Some(r) = &s.reply else {
-                    assert!(lenient, "{name}: request {i} ({}) sent at {:?} got no reply (hang)", s.behaviour, s.at);
+                    assert!(
+                        lenient,
+                        "{name}: request {i} ({}) sent at {:?} got no reply (hang)",
+                        s.behaviour, s.at
+                    );
                     continue;
                 };
                 // 3. No mix-up: a Router reply carries the tag of the request it answers.
@@ -241,9 +257,17 @@ impl Run {
                     let tag = v["decision"]["metadata"]["tag"]
                         .as_str()
                         .or(v["error"]["details"]["tag"].as_str());
-                    assert_eq!(tag, Some(s.tag.as_str()), "{name}: reply {i} answers another request: {v}");
+                    assert_eq!(
+                        tag,
+                        Some(s.tag.as_str()),
+                        "{name}: reply {i} answers another request: {v}"
+                    );
                 } else {
-                    assert_eq!(r.kind, ipc_gateway_core::frame::kind::RESPONSE_ERROR, "{name}: reply {i} kind");
+                    assert_eq!(
+                        r.kind,
+                        ipc_gateway_core::frame::kind::RESPONSE_ERROR,
+                        "{name}: reply {i} kind"
+                    );
                 }
                 // 2. No hang: answered by its deadline (+ slack; a pipelined request waits
                 // for a free in-flight slot before its deadline starts).
@@ -269,15 +293,25 @@ impl Run {
             );
             // 5. Bounded memory.
             let s = g.upstream();
-            assert!(s.buffered_bytes() == 0, "{name}: reconnect buffer holds bytes");
-            assert!(s.recent_answers() <= 4096, "{name}: recent answers unbounded");
+            assert!(
+                s.buffered_bytes() == 0,
+                "{name}: reconnect buffer holds bytes"
+            );
+            assert!(
+                s.recent_answers() <= 4096,
+                "{name}: recent answers unbounded"
+            );
         }
     }
 
     /// Prints the run's summary line.
     pub fn summary(&self) {
         let obs = self.obs.borrow();
-        let replies: usize = obs.clients.values().map(|c| c.sent.iter().filter(|s| s.reply.is_some()).count()).sum();
+        let replies: usize = obs
+            .clients
+            .values()
+            .map(|c| c.sent.iter().filter(|s| s.reply.is_some()).count())
+            .sum();
         println!(
             "tier2 seed={} t={:?} trace_lines={} digest={:016x} replies={} router_requests={} nats_accepts={}",
             self.opts.seed,
@@ -312,6 +346,7 @@ pub fn gateway_configs(opts: &Options, i: usize) -> (GatewayConfig, NatsConfig) 
         request_id_prefix: ipc_gateway_core::upstream::instance_prefix(seed),
         ..NatsConfig::default()
     };
-    nc.set_servers("nats://nats:4222").expect("a valid server list");
+    nc.set_servers("nats://nats:4222")
+        .expect("a valid server list");
     (gc, nc)
 }

@@ -73,7 +73,9 @@ pub async fn run(config: ServerConfig, obs: SharedObs) -> turmoil::Result {
             let next = keepalive.standin.borrow().poll_timeout();
             match next {
                 Some(t) => {
-                    let wait = std::time::Duration::from_nanos(t.as_nanos().saturating_sub(now().as_nanos()));
+                    let wait = std::time::Duration::from_nanos(
+                        t.as_nanos().saturating_sub(now().as_nanos()),
+                    );
                     tokio::select! {
                         biased;
                         _ = keepalive.wake.notified() => {}
@@ -98,23 +100,27 @@ pub async fn run(config: ServerConfig, obs: SharedObs) -> turmoil::Result {
         server.writes.borrow_mut().insert(id, write);
         server.flush();
         let conn = server.clone();
-        spawn_watched(&obs, format!("nats: conn {} from {who}", id.0), async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match read.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if !conn.standin.borrow().is_open(id) {
-                            break;
+        spawn_watched(
+            &obs,
+            format!("nats: conn {} from {who}", id.0),
+            async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if !conn.standin.borrow().is_open(id) {
+                                break;
+                            }
+                            conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());
+                            conn.flush();
                         }
-                        conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());
-                        conn.flush();
                     }
                 }
-            }
-            conn.standin.borrow_mut().close(id);
-            conn.writes.borrow_mut().remove(&id);
-            conn.flush();
-        });
+                conn.standin.borrow_mut().close(id);
+                conn.writes.borrow_mut().remove(&id);
+                conn.flush();
+            },
+        );
     }
 }

@@ -248,7 +248,8 @@ pub fn validate(r: &Value) -> Result<(), &'static str> {
     if r["version"] != "1" {
         return Err("version must be \"1\"");
     }
-    let bounded = |v: &Value, max: usize| v.as_str().is_some_and(|s| !s.is_empty() && s.len() <= max);
+    let bounded =
+        |v: &Value, max: usize| v.as_str().is_some_and(|s| !s.is_empty() && s.len() <= max);
     if !bounded(&r["tenant_id"], 128) {
         return Err("tenant_id");
     }
@@ -267,7 +268,9 @@ pub fn validate(r: &Value) -> Result<(), &'static str> {
     }
     if let Some(t) = obj.get("trace_id") {
         let s = t.as_str().unwrap_or("");
-        let hex32 = s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex32 = s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex32 && !is_uuid_v4(s) {
             return Err("trace_id");
         }

@@ -42,7 +42,10 @@ pub fn seeds(scenario: &str, default_count: usize, regression: &[u64]) -> Vec<u6
         return vec![seed];
     }
     let mut out = regression.to_vec();
-    match std::env::var("SIM_SEEDS").ok().and_then(|s| s.trim().parse::<usize>().ok()) {
+    match std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
         Some(n) => {
             let base = std::env::var("SIM_SEED_BASE")
                 .ok()

@@ -31,7 +31,12 @@ impl Trace {
     /// Records one event at `nanos` of virtual time on `host`.
     pub fn record(&mut self, nanos: u64, host: &str, event: std::fmt::Arguments<'_>) {
         let mut line = String::new();
-        let _ = write!(line, "{}.{:06} {host} {event}", nanos / 1_000_000_000, (nanos / 1000) % 1_000_000);
+        let _ = write!(
+            line,
+            "{}.{:06} {host} {event}",
+            nanos / 1_000_000_000,
+            (nanos / 1000) % 1_000_000
+        );
         for b in line.bytes().chain(std::iter::once(b'\n')) {
             self.hash ^= u64::from(b);
             self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
