@@ -171,6 +171,30 @@ impl Run {
         }
     }
 
+    /// Many IDE clients on one host (one connection each): hosts cost a runtime tick each
+    /// per simulated millisecond, connections almost nothing.
+    pub fn ide_fleet(&mut self, host: &str, specs: Vec<IdeSpec>) {
+        let o = self.obs.clone();
+        self.sim.client(host, async move {
+            let tasks: Vec<_> = specs
+                .into_iter()
+                .map(|spec| {
+                    let what = format!("fleet: {}", spec.name);
+                    obs::spawn_watched(&o, what, {
+                        let o = o.clone();
+                        async move {
+                            let _ = ide::run(spec, o).await;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+            Ok(())
+        });
+    }
+
     pub fn ide(&mut self, spec: IdeSpec) {
         let o = self.obs.clone();
         let name = spec.name.clone();
