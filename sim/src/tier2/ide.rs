@@ -53,14 +53,10 @@ pub struct IdeSpec {
     pub requests: Vec<Req>,
     /// Requests sent before waiting for replies.
     pub window: usize,
-    /// Gap between the starts of two requests (0: back to back).
-    pub gap: Duration,
     /// How long the oldest request may wait for its reply.
     pub reply_deadline: Duration,
     /// Send everything, then hang up without reading (replies after the client left).
     pub leave: bool,
-    /// Don't read for this long after sending everything (a slow reader).
-    pub read_pause: Duration,
 }
 
 /// The JSON object the client sends for request `i`.
@@ -92,13 +88,18 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
     let mut next = 0usize;
     let mut answered = 0usize;
     let total = spec.requests.len();
+    // When request `next` may go: set once the window has room for it, `pause` later.
+    let mut due: Option<Duration> = None;
     while answered < total {
-        // Send while the window allows.
+        // Send what is due while the window allows. Reading never waits for a pause, so a
+        // reply's time is when it arrived.
         while next < total && next - answered < spec.window {
             let r = &spec.requests[next];
-            if !r.pause.is_zero() {
-                tokio::time::sleep(r.pause).await;
+            let at = *due.get_or_insert(sim_now() + r.pause);
+            if sim_now() < at {
+                break;
             }
+            due = None;
             let frame = encode_frame(kind::TASK_SUBMIT, &payload(&name, next, r));
             if write_now(&mut stream, &frame).is_err() {
                 obs.borrow_mut().clients.get_mut(&name).unwrap().lost_at = Some(sim_now());
@@ -116,9 +117,6 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
                     reply: None,
                 });
             next += 1;
-            if !spec.gap.is_zero() && next < total && next - answered < spec.window {
-                tokio::time::sleep(spec.gap).await;
-            }
         }
         if spec.leave && next == total {
             obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
@@ -128,20 +126,18 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
             tokio::time::sleep(Duration::from_secs(3)).await;
             return Ok(());
         }
-        if next == total && !spec.read_pause.is_zero() {
-            tokio::time::sleep(spec.read_pause).await;
-        }
-        let oldest_at = obs.borrow().clients[&name].sent[answered].at;
-        let deadline = oldest_at + spec.reply_deadline;
-        let wait = deadline
-            .saturating_sub(sim_now())
-            .max(Duration::from_millis(1));
+        let now = sim_now();
+        let deadline = (answered < next)
+            .then(|| obs.borrow().clients[&name].sent[answered].at + spec.reply_deadline);
+        let wake = [deadline, due].into_iter().flatten().min().unwrap_or(now);
+        let wait = wake.saturating_sub(now).max(Duration::from_millis(1));
         let n = match tokio::time::timeout(wait, stream.read(&mut buf)).await {
-            Err(_) => {
+            Err(_) if deadline.is_some_and(|d| sim_now() >= d) => {
                 // A hang: the test reports the request without a reply.
                 obs.borrow_mut().clients.get_mut(&name).unwrap().done = true;
                 return Ok(());
             }
+            Err(_) => continue,
             Ok(Ok(0)) | Ok(Err(_)) => {
                 obs.borrow_mut().clients.get_mut(&name).unwrap().lost_at = Some(sim_now());
                 return Ok(());
@@ -151,6 +147,14 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
         decoder.push(&buf[..n]);
         while let Ok(Some(frame)) = decoder.next_frame() {
             let mut o = obs.borrow_mut();
+            let nanos = sim_now().as_nanos() as u64;
+            let line = format_args!(
+                "reply {} kind {:#x} {} bytes",
+                answered,
+                frame.kind,
+                frame.payload.len()
+            );
+            o.trace.record(nanos, &name, line);
             let c = o.clients.get_mut(&name).unwrap();
             if answered < c.sent.len() {
                 c.sent[answered].reply = Some(Reply {

@@ -130,7 +130,8 @@ async fn session(state: &Rc<State>) -> std::io::Result<()> {
                     payload,
                     ..
                 } => {
-                    if !on_request(state, subject, reply_to, Vec::new(), payload.to_vec()) {
+                    let keep = on_request(state, subject, reply_to, Vec::new(), payload.to_vec());
+                    if !keep {
                         return Ok(());
                     }
                 }
@@ -141,7 +142,8 @@ async fn session(state: &Rc<State>) -> std::io::Result<()> {
                     payload,
                     ..
                 } => {
-                    if !on_request(state, subject, reply_to, headers, payload.to_vec()) {
+                    let keep = on_request(state, subject, reply_to, headers, payload.to_vec());
+                    if !keep {
                         return Ok(());
                     }
                 }
