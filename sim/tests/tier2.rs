@@ -662,3 +662,183 @@ fn same_seed_same_digest() {
 fn seeds_mix(seed: u64) -> u64 {
     sim::tier2::seeds::mix(seed ^ 1)
 }
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn has_null(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.iter().any(has_null),
+        serde_json::Value::Object(o) => o.values().any(has_null),
+        _ => false,
+    }
+}
+
+/// (b) Subjects, headers and envelope: what the Router hosts received on the wire, field by
+/// field against router.md sections 2 and 3, for a server with headers (HPUB with `version`,
+/// `trace_id`, `span_id`, `tenant_id`, `traceparent`) and one without (plain PUB); and the
+/// CONNECT the gateway sent (headers and no_responders exactly when the server has headers).
+#[test]
+fn subjects_headers_envelope() {
+    const TRACE: &str = "0123456789abcdef0123456789abcdef";
+    const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const UUID: &str = "123e4567-e89b-42d3-a456-426614174000";
+    run_seeds("subjects_headers_envelope", 2, |seed| {
+        for headers in [true, false] {
+            let opts = Options::from_seed(seed);
+            let server = ServerConfig {
+                headers,
+                ..ServerConfig::default()
+            };
+            let mut run = Run::new(opts.clone(), server);
+            let long_tenant = format!("\"tenant_id\":\"{}\"", "t".repeat(200));
+            let reqs = vec![
+                Req::new("ok", 0),
+                Req::new("ok", 0).with("\"tenant_id\":\"acme\",\"policy_id\":\"p7\""),
+                Req::new("ok", 0).with(&format!("\"trace_id\":\"{TRACE}\"")),
+                Req::new("ok", 0).with("\"trace_id\":\"NOT-A-TRACE\""),
+                Req::new("ok", 0).with(&format!(
+                    "\"traceparent\":\"00-{PARENT_TRACE}-00f067aa0ba902b7-01\""
+                )),
+                Req::new("ok", 0).with(&format!("\"trace_id\":\"{UUID}\"")),
+                Req::new("ok", 0).with("\"tenant_id\":\"\",\"policy_id\":\"\""),
+                Req::new("ok", 0).with(&long_tenant),
+                Req::new("ok", 0).raw(
+                    "{\"task\":\"code_completion\",\"file\":\"test.py\",\"line\":42,\"context\":\"def hello_world():\",\"tag\":\"{tag}\"}",
+                ),
+                Req::new("ok", 0).raw("{\"tag\":\"{tag}\",\"file\":\"x.rs\",\"note\":\"no type\"}"),
+            ];
+            let expect_tenant = [
+                "default", "acme", "default", "default", "default", "default", "default",
+                "default", "default", "default",
+            ];
+            let expect_policy = [
+                "default", "p7", "default", "default", "default", "default", "default", "default",
+                "default", "default",
+            ];
+            let expect_type = ["code_completion"; 8]
+                .into_iter()
+                .chain(["code_completion", "ide.task_submit"])
+                .collect::<Vec<_>>();
+            let n = reqs.len();
+            run.ide(ide("ide-0", 0, reqs.clone(), 3));
+            run.finish(Duration::from_secs(2));
+            run.summary();
+            run.check_invariants();
+            let o = run.obs.borrow();
+            // The CONNECT.
+            let connect: Vec<_> = o
+                .nats_connects
+                .iter()
+                .filter(|(w, _)| w == "gateway-0")
+                .collect();
+            assert!(!connect.is_empty());
+            for (_, c) in connect {
+                assert_eq!(
+                    (c.headers, c.no_responders),
+                    (headers, headers),
+                    "CONNECT {}",
+                    c.raw
+                );
+                assert!(!c.verbose, "CONNECT {}", c.raw);
+                assert_eq!(
+                    c.name.as_deref(),
+                    Some("ipc-gateway@gateway-0"),
+                    "CONNECT {}",
+                    c.raw
+                );
+            }
+            let prefix = ipc_gateway_core::upstream::instance_prefix(opts.gateway_seed(0));
+            let mut ids = std::collections::BTreeSet::new();
+            let seen: Vec<_> = o.router_seen.iter().collect();
+            assert_eq!(seen.len(), n, "one Router request per client request");
+            for (i, r) in seen.iter().enumerate() {
+                let what = format!("request {i} (headers={headers})");
+                assert_eq!(r.subject, "beamline.router.v1.decide", "{what}");
+                let reply = r.reply_to.as_deref().unwrap_or("");
+                let parts: Vec<&str> = reply.split('.').collect();
+                assert!(
+                    parts.len() == 3 && parts[0] == "_INBOX" && parts[1].len() == 22,
+                    "{what}: reply subject {reply}"
+                );
+                let body: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON body");
+                sim::tier2::router::validate(&body)
+                    .unwrap_or_else(|e| panic!("{what}: the Router rejects it: {e}: {body}"));
+                assert!(!has_null(&body), "{what}: null in {body}");
+                let client: serde_json::Value =
+                    serde_json::from_slice(&sim::tier2::ide::payload("ide-0", i, &reqs[i]))
+                        .unwrap();
+                assert_eq!(
+                    body["task"]["payload"], client,
+                    "{what}: payload embedded unchanged"
+                );
+                assert_eq!(body["version"], "1", "{what}");
+                let rid = body["request_id"].as_str().unwrap();
+                assert!(
+                    rid.starts_with(&format!("{prefix:08x}-")),
+                    "{what}: request id {rid}"
+                );
+                assert!(
+                    ids.insert(rid.to_owned()),
+                    "{what}: request id {rid} reused"
+                );
+                assert_eq!(body["tenant_id"], expect_tenant[i], "{what}");
+                assert_eq!(body["policy_id"], expect_policy[i], "{what}");
+                assert_eq!(body["task"]["type"], expect_type[i], "{what}");
+                assert_eq!(
+                    body["metadata"]["ipc_message_type"], "task_submit",
+                    "{what}"
+                );
+                let trace = body["trace_id"].as_str().unwrap();
+                match i {
+                    2 => assert_eq!(trace, TRACE, "{what}"),
+                    4 => assert_eq!(trace, PARENT_TRACE, "{what}"),
+                    5 => assert_eq!(trace, UUID, "{what}"),
+                    _ => assert!(is_hex(trace, 32), "{what}: generated trace id {trace}"),
+                }
+                let tp = body["metadata"]["traceparent"].as_str().unwrap();
+                let tp_parts: Vec<&str> = tp.split('-').collect();
+                assert_eq!(tp_parts.len(), 4, "{what}: traceparent {tp}");
+                assert_eq!((tp_parts[0], tp_parts[3]), ("00", "01"), "{what}: {tp}");
+                assert_eq!(tp_parts[1], trace.replace('-', ""), "{what}: {tp}");
+                assert!(is_hex(tp_parts[2], 16), "{what}: span id in {tp}");
+                let h = |name: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                };
+                if headers {
+                    assert_eq!(h("version"), Some("1"), "{what}: {:?}", r.headers);
+                    assert_eq!(h("trace_id"), Some(trace), "{what}: {:?}", r.headers);
+                    assert_eq!(h("span_id"), Some(tp_parts[2]), "{what}: {:?}", r.headers);
+                    assert_eq!(
+                        h("tenant_id"),
+                        body["tenant_id"].as_str(),
+                        "{what}: {:?}",
+                        r.headers
+                    );
+                    assert_eq!(h("traceparent"), Some(tp), "{what}: {:?}", r.headers);
+                } else {
+                    assert!(
+                        r.headers.is_empty(),
+                        "{what}: plain PUB without headers: {:?}",
+                        r.headers
+                    );
+                }
+            }
+            drop(o);
+            for (i, r) in replies(&run, "ide-0").iter().enumerate() {
+                assert_router(r, None, &format!("reply {i}"));
+                // The Router's reply comes back verbatim: its context echoes our request id.
+                assert!(r.1["context"]["request_id"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{prefix:08x}-"))));
+            }
+        }
+    });
+}

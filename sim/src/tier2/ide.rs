@@ -22,6 +22,8 @@ pub struct Req {
     pub extra: String,
     /// Wait this long before sending it (with `window` 1: after the previous reply).
     pub pause: Duration,
+    /// The whole JSON object instead of the usual one; `{tag}` is replaced by the tag.
+    pub raw: Option<&'static str>,
 }
 
 impl Req {
@@ -31,7 +33,13 @@ impl Req {
             ms,
             extra: String::new(),
             pause: Duration::ZERO,
+            raw: None,
         }
+    }
+
+    pub fn raw(mut self, raw: &'static str) -> Req {
+        self.raw = Some(raw);
+        self
     }
 
     pub fn after(mut self, pause: Duration) -> Req {
@@ -61,6 +69,9 @@ pub struct IdeSpec {
 
 /// The JSON object the client sends for request `i`.
 pub fn payload(name: &str, i: usize, r: &Req) -> Vec<u8> {
+    if let Some(raw) = r.raw {
+        return raw.replace("{tag}", &format!("{name}/{i}")).into_bytes();
+    }
     format!(
         "{{\"command\":\"task_submit\",\"task_type\":\"code_completion\",\"tag\":\"{name}/{i}\",\
          \"sim\":{{\"b\":\"{}\",\"ms\":{}}},\"file\":\"a.py\",\"line\":{i}{}{}}}",
@@ -148,8 +159,12 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
         while let Ok(Some(frame)) = decoder.next_frame() {
             let mut o = obs.borrow_mut();
             let nanos = sim_now().as_nanos() as u64;
+            // The payload's hash: request and trace ids in it come from the gateway's seed.
+            let hash = frame.payload.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
             let line = format_args!(
-                "reply {} kind {:#x} {} bytes",
+                "reply {} kind {:#x} {} bytes {hash:016x}",
                 answered,
                 frame.kind,
                 frame.payload.len()

@@ -100,27 +100,33 @@ pub async fn run(config: ServerConfig, obs: SharedObs) -> turmoil::Result {
         server.writes.borrow_mut().insert(id, write);
         server.flush();
         let conn = server.clone();
-        spawn_watched(
-            &obs,
-            format!("nats: conn {} from {who}", id.0),
-            async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match read.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if !conn.standin.borrow().is_open(id) {
-                                break;
-                            }
-                            conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());
-                            conn.flush();
+        let what = format!("nats: conn {} from {who}", id.0);
+        let o = obs.clone();
+        spawn_watched(&obs, what, async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if !conn.standin.borrow().is_open(id) {
+                            break;
                         }
+                        let had_connect = conn.standin.borrow().connect_info(id).is_some();
+                        conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());
+                        if !had_connect {
+                            if let Some(info) = conn.standin.borrow().connect_info(id) {
+                                o.borrow_mut()
+                                    .nats_connects
+                                    .push((who.clone(), info.clone()));
+                            }
+                        }
+                        conn.flush();
                     }
                 }
-                conn.standin.borrow_mut().close(id);
-                conn.writes.borrow_mut().remove(&id);
-                conn.flush();
-            },
-        );
+            }
+            conn.standin.borrow_mut().close(id);
+            conn.writes.borrow_mut().remove(&id);
+            conn.flush();
+        });
     }
 }

@@ -57,6 +57,8 @@ pub struct Obs {
     pub router_seen: Vec<RouterSeen>,
     /// Connections the nats host accepted: (virtual time, peer host name).
     pub nats_accepts: Vec<(Duration, String)>,
+    /// The CONNECT of every connection to the nats host: (peer host name, what it said).
+    pub nats_connects: Vec<(String, crate::nats_standin::ConnectInfo)>,
     /// Times the nats host (re)started.
     pub nats_starts: Vec<Duration>,
     /// A task of some host panicked (tokio swallows panics of spawned tasks).
