@@ -9,7 +9,7 @@ use std::time::Duration;
 use sim::nats_standin::ServerConfig;
 use sim::tier2::ide::{IdeSpec, Req};
 use sim::tier2::seeds::{for_each_seed, regressions, seeds};
-use sim::tier2::{Options, Run};
+use sim::tier2::{slack, Options, Run};
 
 const REGRESSIONS: &str = include_str!("tier2_seeds.txt");
 
@@ -840,5 +840,104 @@ fn subjects_headers_envelope() {
                     .is_some_and(|s| s.starts_with(&format!("{prefix:08x}-"))));
             }
         }
+    });
+}
+
+/// (f) Backpressure: a client pipelining far past the per-connection in-flight limit is read
+/// only as slots free up (the core pauses reading and resumes it), gets every reply in order,
+/// and never has more than the limit at the Router; past the global in-flight limit, requests
+/// get error 7 at once (load shedding) while those admitted are answered normally.
+#[test]
+fn backpressure() {
+    run_seeds("backpressure", 2, |seed| {
+        let mut opts = Options::from_seed(seed);
+        let mut rng = opts.rng(6);
+        opts.per_conn_inflight = 2 + rng.below(3) as usize;
+        let n = 20 + rng.below(20) as usize;
+        println!(
+            "tier2 backpressure: per_conn_inflight={} requests={n}",
+            opts.per_conn_inflight
+        );
+        let mut run = Run::new(opts.clone(), ServerConfig::default());
+        run.ide(ide(
+            "ide-pipeline",
+            0,
+            (0..n).map(|_| Req::new("slow", 50)).collect(),
+            n,
+        ));
+        run.finish(Duration::from_secs(2));
+        run.summary();
+        run.check_invariants();
+        for (i, r) in replies(&run, "ide-pipeline").iter().enumerate() {
+            assert_router(r, None, &format!("pipelined {i}"));
+        }
+        let o = run.obs.borrow();
+        // At the Router, never more than the limit outstanding: request k+limit can only
+        // arrive after reply k left the gateway.
+        let seen: Vec<Duration> = o.router_seen.iter().map(|r| r.at).collect();
+        let answered: Vec<Duration> = o.clients["ide-pipeline"]
+            .sent
+            .iter()
+            .map(|s| s.reply.as_ref().unwrap().at)
+            .collect();
+        let limit = opts.per_conn_inflight;
+        for k in 0..n - limit {
+            assert!(
+                seen[k + limit] + opts.max_latency * 2 >= answered[k] - opts.max_latency * 2,
+                "request {} reached the Router at {:?}, before request {k} was answered at {:?}",
+                k + limit,
+                seen[k + limit],
+                answered[k]
+            );
+        }
+        let g = o.gateways["gateway-0"].gateway.borrow();
+        assert_eq!(g.stats().backpressure_rejections, 0);
+        drop(g);
+        drop(o);
+
+        // Global limit: 4 in flight for the whole gateway.
+        let mut opts = Options::from_seed(seed);
+        opts.max_inflight = 4;
+        let mut run = Run::new(opts.clone(), ServerConfig::default());
+        run.ide(ide(
+            "ide-a",
+            0,
+            (0..4).map(|_| Req::new("slow", 400)).collect(),
+            4,
+        ));
+        let mut b = ide("ide-b", 0, (0..4).map(|_| Req::new("ok", 0)).collect(), 4);
+        b.start_delay = ms(400);
+        run.ide(b);
+        let mut c = ide("ide-c", 0, (0..4).map(|_| Req::new("ok", 0)).collect(), 4);
+        c.start_delay = ms(1500);
+        run.ide(c);
+        run.finish(Duration::from_secs(2));
+        run.summary();
+        run.check_invariants();
+        for (i, r) in replies(&run, "ide-a").iter().enumerate() {
+            assert_router(r, None, &format!("admitted {i}"));
+        }
+        for (i, r) in replies(&run, "ide-b").iter().enumerate() {
+            assert_error(r, 7, &format!("shed {i}"));
+        }
+        for (i, r) in replies(&run, "ide-c").iter().enumerate() {
+            assert_router(r, None, &format!("after the load {i}"));
+        }
+        let o = run.obs.borrow();
+        for s in &o.clients["ide-b"].sent {
+            let took = s.reply.as_ref().unwrap().at - s.at;
+            assert!(
+                took <= slack(&opts),
+                "shedding answers at once, took {took:?}"
+            );
+        }
+        assert_eq!(
+            o.gateways["gateway-0"]
+                .gateway
+                .borrow()
+                .stats()
+                .backpressure_rejections,
+            4
+        );
     });
 }
