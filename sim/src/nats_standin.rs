@@ -238,9 +238,11 @@ impl NatsStandin {
     }
 
     /// The server process stops: every connection is closed and connects are refused until
-    /// [`NatsStandin::go_up`]. Returns the closed connections.
+    /// [`NatsStandin::go_up`]. In-process subscribers lose their subscriptions too (they
+    /// were connections of the same process). Returns the closed connections.
     pub fn go_down(&mut self) -> Vec<ConnId> {
         self.up = false;
+        self.local.clear();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         self.conns.clear();
         ids

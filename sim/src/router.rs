@@ -156,6 +156,13 @@ impl Router {
         self.sub = None;
     }
 
+    /// The Router leaves NATS (its requests find no responders) until `resubscribe`.
+    pub fn leave(&mut self, server: &mut NatsStandin) {
+        if let Some(sub) = self.sub.take() {
+            server.unsubscribe_local(sub);
+        }
+    }
+
     pub fn resubscribe(&mut self, server: &mut NatsStandin) {
         if self.sub.is_none() && self.away_until.is_none() {
             self.sub = Some(server.subscribe_local(&self.subject));

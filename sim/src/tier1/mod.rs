@@ -1,0 +1,401 @@
+//! Tier 1: the pure in-process harness (design.md section 4).
+//!
+//! One `u64` seed decides everything of a run, TigerBeetle-VOPR "swarm" style: how many
+//! gateways, Routers and clients, pipeline depths, latencies, the Router behaviour mix and
+//! the fault schedule ([`Options::swarm`]). [`sweep`] runs a scenario over the committed
+//! regression seeds and a default number of fresh seeds (`SIM_SEEDS=N` for more), or one
+//! seed (`SIM_SEED=…`); each run prints its seed and options on one line, and a failure
+//! prints the seed, the options, the end of the action trace and the command that replays
+//! it.
+
+pub mod client;
+pub mod world;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use ipc_gateway_core::breaker::BreakerConfig;
+use ipc_gateway_core::nats_pool::Backoff;
+use ipc_gateway_core::rng::Rng;
+use ipc_gateway_core::Instant;
+
+use crate::router::{Behaviour, ERROR_CLASSES};
+pub use world::{Fault, Options, World};
+
+/// The scenarios of the issue, (a) to (h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Happy,
+    Headers,
+    Errors,
+    Timeouts,
+    Storm,
+    Backpressure,
+    Breaker,
+    Vanish,
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn between(rng: &mut Rng, lo: u64, hi: u64) -> u64 {
+    lo + rng.below(hi - lo + 1)
+}
+
+fn at_ms(n: u64) -> Instant {
+    Instant::ZERO + ms(n)
+}
+
+impl Options {
+    /// Every option of a run, from its seed.
+    pub fn swarm(scenario: Scenario, seed: u64) -> Options {
+        let mut r = Rng::new(seed);
+        let per_conn = between(&mut r, 2, 10) as usize;
+        let timeout = between(&mut r, 200, 800);
+        let lat_hi = between(&mut r, 0, 20);
+        let mut o = Options {
+            seed,
+            gateways: between(&mut r, 1, 3) as usize,
+            routers: between(&mut r, 1, 2) as usize,
+            clients_per_gateway: between(&mut r, 1, 5) as usize,
+            requests_per_client: between(&mut r, 3, 25) as usize,
+            pipeline: between(&mut r, 1, per_conn as u64) as usize,
+            leave_permille: 0,
+            mix: vec![(Behaviour::Ok, 1)],
+            ping_frames_permille: between(&mut r, 0, 100),
+            net_latency: (ms(0), ms(lat_hi)),
+            router_latency: (ms(between(&mut r, 0, 5)), ms(between(&mut r, 5, 40))),
+            client_spread: ms(between(&mut r, 0, 500)),
+            think: ms(0),
+            request_timeout: ms(timeout),
+            max_inflight: 1000,
+            per_conn_inflight: per_conn,
+            // Breaker out of the way unless the scenario is about it.
+            breaker: BreakerConfig {
+                failures_to_open: 1_000_000,
+                ..BreakerConfig::default()
+            },
+            ping_interval: ms(between(&mut r, 300, 2000)),
+            max_pings_out: between(&mut r, 1, 3) as u32,
+            connect_timeout: ms(between(&mut r, 50, 300)),
+            backoff: Backoff {
+                initial: ms(between(&mut r, 10, 100)),
+                max: ms(between(&mut r, 200, 1000)),
+            },
+            server_headers: true,
+            faults: Vec::new(),
+        };
+        let slow_short = Behaviour::Slow(ms(between(&mut r, 1, timeout / 2)));
+        let slow_late = Behaviour::Slow(ms(timeout + between(&mut r, 1, timeout)));
+        match scenario {
+            Scenario::Happy => {}
+            Scenario::Headers => {
+                o.server_headers = r.below(3) != 0;
+            }
+            Scenario::Errors => {
+                o.mix = vec![(Behaviour::Ok, 4)];
+                for c in ERROR_CLASSES {
+                    o.mix.push((Behaviour::Error(c.to_owned()), 2));
+                }
+                o.mix
+                    .push((Behaviour::Disconnect(ms(between(&mut r, 50, 400))), 1));
+                match r.below(3) {
+                    0 => o.routers = 0, // nobody subscribed: every request meets a 503
+                    1 => {
+                        let at = at_ms(between(&mut r, 100, 1500));
+                        let away = ms(between(&mut r, 100, 1000));
+                        o.faults.push((at, Fault::RoutersAway { away }));
+                    }
+                    _ => {}
+                }
+                o.think = ms(between(&mut r, 0, 50));
+            }
+            Scenario::Timeouts => {
+                o.mix = vec![
+                    (Behaviour::Ok, 4),
+                    (slow_short, 2),
+                    (slow_late, 2),
+                    (Behaviour::Silent, 1),
+                    (Behaviour::Duplicate, 1),
+                ];
+                o.leave_permille = between(&mut r, 0, 400);
+                o.think = ms(between(&mut r, 0, 100));
+                if r.below(2) == 0 {
+                    let at = at_ms(between(&mut r, 100, 1500));
+                    let down = ms(between(&mut r, 10, 500));
+                    o.faults.push((at, Fault::Bounce { down }));
+                }
+                if r.below(3) == 0 {
+                    let at = at_ms(between(&mut r, 100, 1500));
+                    let hold = ms(between(&mut r, 10, timeout * 2));
+                    o.faults.push((at, Fault::Hold { hold }));
+                }
+            }
+            Scenario::Storm => {
+                o.gateways = between(&mut r, 50, 60) as usize;
+                o.routers = 1;
+                o.clients_per_gateway = 1;
+                o.requests_per_client = between(&mut r, 4, 10) as usize;
+                o.pipeline = 2.min(per_conn);
+                o.think = ms(between(&mut r, 200, 600));
+                o.ping_frames_permille = 0;
+                o.client_spread = ms(300);
+                // gateway.md's schedule: 100 ms doubling to 2 s, jittered.
+                o.backoff = Backoff::default();
+                o.ping_interval = ms(5000);
+                o.connect_timeout = ms(500);
+                let mut t = between(&mut r, 500, 1000);
+                for _ in 0..between(&mut r, 3, 4) {
+                    let down = between(&mut r, 1500, 3500);
+                    o.faults.push((at_ms(t), Fault::Bounce { down: ms(down) }));
+                    t += down + between(&mut r, 3000, 4000);
+                }
+            }
+            Scenario::Backpressure => {
+                o.max_inflight = between(&mut r, 2, 8) as usize;
+                o.per_conn_inflight = between(&mut r, 1, 3) as usize;
+                o.clients_per_gateway = between(&mut r, 3, 8) as usize;
+                o.pipeline = between(&mut r, o.per_conn_inflight as u64 + 1, 8) as usize;
+                o.router_latency = (ms(between(&mut r, 5, 30)), ms(between(&mut r, 30, 120)));
+                o.client_spread = ms(between(&mut r, 0, 50));
+            }
+            Scenario::Breaker => {
+                o.breaker = BreakerConfig {
+                    failures_to_open: between(&mut r, 2, 5) as u32,
+                    open_duration: ms(between(&mut r, 100, 400)),
+                    max_open_duration: ms(between(&mut r, 400, 1500)),
+                    max_probes: between(&mut r, 1, 3) as u32,
+                    successes_to_close: between(&mut r, 1, 3) as u32,
+                };
+                o.think = ms(between(&mut r, 40, 60));
+                o.pipeline = 1;
+                o.client_spread = ms(50);
+                let at = between(&mut r, 300, 800);
+                let away = between(&mut r, 800, 2000);
+                o.faults
+                    .push((at_ms(at), Fault::RoutersAway { away: ms(away) }));
+                // Traffic goes on well past the Routers' return and the longest open spell.
+                let busy = at + away + o.breaker.max_open_duration.as_millis() as u64 + 1500;
+                o.requests_per_client = (busy / 40) as usize + 10;
+                o.ping_frames_permille = 0;
+            }
+            Scenario::Vanish => {
+                o.ping_interval = ms(between(&mut r, 200, 600));
+                o.requests_per_client = between(&mut r, 10, 30) as usize;
+                o.think = ms(between(&mut r, 50, 200));
+                let at = at_ms(between(&mut r, 500, 1500));
+                let away = o.ping_interval * (o.max_pings_out + 2) + ms(between(&mut r, 0, 2000));
+                o.faults.push((at, Fault::Vanish { away }));
+            }
+        }
+        o
+    }
+
+    /// One line: the seed and every option derived from it.
+    pub fn summary(&self) -> String {
+        let mix: Vec<String> = self
+            .mix
+            .iter()
+            .map(|(b, w)| format!("{}x{w}", b.text()))
+            .collect();
+        format!(
+            "seed={} gws={} routers={} clients={}x{} pipe={} leave={}‰ ping={}‰ mix=[{}] \
+             net={:?}..{:?} router={:?}..{:?} spread={:?} think={:?} timeout={:?} \
+             inflight={}/{} breaker={}/{:?}/{:?}/{}/{} keepalive={:?}x{} connect={:?} \
+             backoff={:?}..{:?} headers={} faults={:?}",
+            self.seed,
+            self.gateways,
+            self.routers,
+            self.clients_per_gateway,
+            self.requests_per_client,
+            self.pipeline,
+            self.leave_permille,
+            self.ping_frames_permille,
+            mix.join(","),
+            self.net_latency.0,
+            self.net_latency.1,
+            self.router_latency.0,
+            self.router_latency.1,
+            self.client_spread,
+            self.think,
+            self.request_timeout,
+            self.max_inflight,
+            self.per_conn_inflight,
+            self.breaker.failures_to_open,
+            self.breaker.open_duration,
+            self.breaker.max_open_duration,
+            self.breaker.max_probes,
+            self.breaker.successes_to_close,
+            self.ping_interval,
+            self.max_pings_out,
+            self.connect_timeout,
+            self.backoff.initial,
+            self.backoff.max,
+            self.server_headers,
+            self.faults
+        )
+    }
+}
+
+/// The next request of a client's plan.
+pub fn plan_request(o: &Options, rng: &mut Rng, marker: String) -> client::ReqSpec {
+    if rng.below(1000) < o.ping_frames_permille {
+        return client::ReqSpec {
+            kind: client::PING,
+            behaviour: Behaviour::Ok,
+            marker,
+        };
+    }
+    let total: u32 = o.mix.iter().map(|(_, w)| w).sum();
+    let mut pick = rng.below(u64::from(total)) as u32;
+    let mut behaviour = Behaviour::Ok;
+    for (b, w) in &o.mix {
+        if pick < *w {
+            behaviour = b.clone();
+            break;
+        }
+        pick -= w;
+    }
+    client::ReqSpec {
+        kind: 1 + rng.below(3) as u8,
+        behaviour,
+        marker,
+    }
+}
+
+/// The committed regression seeds: lines `<test name> <seed>`, `#` comments.
+const REGRESSION_SEEDS: &str = include_str!("../../regression-seeds.txt");
+
+pub fn regression_seeds(test: &str) -> Vec<u64> {
+    REGRESSION_SEEDS
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .filter(|(t, _)| *t == test)
+        .filter_map(|(_, s)| s.trim().parse().ok())
+        .collect()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// The seeds a test runs: `SIM_SEED` alone, else the regression seeds and `SIM_SEEDS` (or
+/// `default`) fresh ones derived from the test name.
+pub fn seeds(test: &str, default: u64) -> Vec<u64> {
+    if let Some(s) = env_u64("SIM_SEED") {
+        return vec![s];
+    }
+    let n = env_u64("SIM_SEEDS").unwrap_or(default);
+    let base = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = Rng::new(base);
+    let mut all = regression_seeds(test);
+    all.extend((0..n).map(|_| rng.next_u64() >> 1));
+    all
+}
+
+/// Runs one seed of a scenario: the world, then the general invariants, then `check`.
+/// Returns the world; panics with the replay command on any failure.
+pub fn run_one(
+    test: &str,
+    scenario: Scenario,
+    seed: u64,
+    tweak: &dyn Fn(&mut Options),
+    check: &dyn Fn(&World) -> Vec<String>,
+) -> World {
+    let mut opts = Options::swarm(scenario, seed);
+    tweak(&mut opts);
+    let summary = opts.summary();
+    let verbose = std::env::var_os("SIM_VERBOSE").is_some();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let mut w = World::new(opts);
+        w.run();
+        w.check_quiescent();
+        let more = check(&w);
+        w.failures.extend(more);
+        w
+    }));
+    let replay = format!("SIM_SEED={seed} cargo test -p sim --test tier1 {test}");
+    match outcome {
+        Ok(w) if w.failures.is_empty() => {
+            println!(
+                "tier1 {test} seed={seed} digest={:016x} steps={} t={:?}{}",
+                w.digest(),
+                w.steps,
+                w.now,
+                if verbose {
+                    format!(" {summary}")
+                } else {
+                    String::new()
+                }
+            );
+            w
+        }
+        Ok(w) => {
+            eprintln!("tier1 {test} FAILED {summary}");
+            eprintln!("last actions:");
+            for l in w.trace_tail() {
+                eprintln!("  {l}");
+            }
+            for f in w.failures.iter().take(20) {
+                eprintln!("  failure: {f}");
+            }
+            panic!(
+                "{test}: seed {seed} failed ({} failures, first: {}); replay: {replay}",
+                w.failures.len(),
+                w.failures[0]
+            );
+        }
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            eprintln!("tier1 {test} PANICKED {summary}");
+            panic!("{test}: seed {seed} panicked: {msg}; replay: {replay}");
+        }
+    }
+}
+
+/// Runs a scenario over its seeds (see [`seeds`]); returns the worlds' summaries for
+/// scenario-wide checks.
+pub fn sweep(
+    test: &str,
+    scenario: Scenario,
+    default_seeds: u64,
+    check: &dyn Fn(&World) -> Vec<String>,
+) -> usize {
+    let seeds = seeds(test, default_seeds);
+    for &seed in &seeds {
+        run_one(test, scenario, seed, &|_| {}, check);
+    }
+    seeds.len()
+}
+
+/// The largest number of `times` within any `window`, among those in `[from, to)`.
+pub fn max_in_window(
+    times: &[Instant],
+    from: Instant,
+    to: Instant,
+    window: Duration,
+) -> (usize, usize) {
+    let mut t: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|t| *t >= from && *t < to)
+        .collect();
+    t.sort();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..t.len() {
+        while t[i] - t[j] >= window {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    (best, t.len())
+}

@@ -1,0 +1,791 @@
+//! The tier-1 world: gateways (the production core, `Gateway<NatsSession>`), the NATS
+//! stand-in, Router behaviours and IDE clients as plain structs, joined by byte queues with
+//! latency, under a virtual clock that jumps to the next deadline.
+//!
+//! The shell is modelled on the mio one: a session's bytes are written only after
+//! `Transmit`, a client's bytes are read only on a readiness edge (new bytes, `ResumeRead`)
+//! and only while the gateway wants to read; socket outcomes are reported only for the
+//! socket the session asked for (a generation number drops stale ones).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ipc_gateway_core::breaker::BreakerConfig;
+use ipc_gateway_core::connection::ConnectionLimits;
+use ipc_gateway_core::frame::MAX_FRAME_BYTES;
+use ipc_gateway_core::gateway::AllowedUids;
+use ipc_gateway_core::nats_config::{NatsConfig, SessionAction, SessionState};
+use ipc_gateway_core::nats_pool::Backoff;
+use ipc_gateway_core::nats_session::NatsSession;
+use ipc_gateway_core::rng::Rng;
+use ipc_gateway_core::upstream::{instance_prefix, Upstream};
+use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
+
+use super::client::{Client, Expect};
+use crate::nats_standin::{self, NatsStandin, ServerConfig};
+use crate::router::Router;
+
+pub const SUBJECT: &str = "beamline.router.v1.decide";
+
+/// A fault and when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The server process restarts: connections closed, connects refused for `down`.
+    Bounce { down: Duration },
+    /// The server machine vanishes: nothing is delivered either way and connects hang, for
+    /// `away`; then it comes back as a fresh process.
+    Vanish { away: Duration },
+    /// Every byte on the network is held (not lost) until the hold ends.
+    Hold { hold: Duration },
+    /// Every Router leaves NATS for `away` (requests meet no responders).
+    RoutersAway { away: Duration },
+}
+
+/// Everything a run depends on, all derived from the seed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub gateways: usize,
+    pub routers: usize,
+    pub clients_per_gateway: usize,
+    pub requests_per_client: usize,
+    pub pipeline: usize,
+    /// Share (per mille) of clients that hang up with requests in flight.
+    pub leave_permille: u64,
+    /// Router behaviours and weights, as `sim` texts.
+    pub mix: Vec<(crate::router::Behaviour, u32)>,
+    pub ping_frames_permille: u64,
+    pub net_latency: (Duration, Duration),
+    pub router_latency: (Duration, Duration),
+    pub client_spread: Duration,
+    /// A client's pause between a reply and its next request.
+    pub think: Duration,
+    pub request_timeout: Duration,
+    pub max_inflight: usize,
+    pub per_conn_inflight: usize,
+    pub breaker: BreakerConfig,
+    pub ping_interval: Duration,
+    pub max_pings_out: u32,
+    pub connect_timeout: Duration,
+    pub backoff: Backoff,
+    pub server_headers: bool,
+    pub faults: Vec<(Instant, Fault)>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    ConnectDone { gw: usize, gen: u64 },
+    ToServer { gw: usize, gen: u64, bytes: Vec<u8> },
+    ToGw { gw: usize, gen: u64, bytes: Vec<u8> },
+    LinkClosed { gw: usize, gen: u64 },
+    ClientStart { client: usize },
+    ClientWake { client: usize },
+    Fault(Fault),
+    FaultEnd(Fault),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    Idle,
+    Connecting,
+    Open(nats_standin::ConnId),
+}
+
+pub struct Node {
+    pub gw: Gateway<NatsSession>,
+    link: LinkState,
+    gen: u64,
+    transmit: bool,
+    clients: BTreeMap<ConnId, usize>,
+    /// When the session last stopped being Connected (for keepalive checks).
+    pub lost_at: Option<Instant>,
+    /// Every time the session stopped being Connected.
+    pub lost_times: Vec<Instant>,
+    pub reconnected_at: Vec<Instant>,
+    /// Whether the session was Connected when each vanish began.
+    pub up_at_vanish: Vec<bool>,
+}
+
+/// What a run produced, for the per-scenario checks.
+pub struct World {
+    pub opts: Options,
+    pub now: Instant,
+    pub nodes: Vec<Node>,
+    pub server: NatsStandin,
+    pub routers: Vec<Router>,
+    pub clients: Vec<Client>,
+    queue: BTreeMap<(Instant, u64), Ev>,
+    seq: u64,
+    rng: Rng,
+    /// Per-direction FIFO: the last delivery time of each gateway's stream, each way.
+    last_up: Vec<Instant>,
+    last_down: Vec<Instant>,
+    vanished: bool,
+    hold_until: Instant,
+    pub restarts: Vec<Instant>,
+    /// Which gateway each stand-in connection belonged to.
+    pub conn_owner: BTreeMap<nats_standin::ConnId, usize>,
+    pub resume_reads: u64,
+    pub vanished_at: Vec<Instant>,
+    pub faults_done: usize,
+    digest: u64,
+    pub steps: u64,
+    pub failures: Vec<String>,
+    trace_tail: Vec<String>,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Hard stop on virtual time: a run still busy then has hung.
+const HORIZON: Duration = Duration::from_secs(900);
+
+impl World {
+    pub fn new(opts: Options) -> World {
+        let mut rng = Rng::new(opts.seed ^ 0x5157_0001);
+        let mut server = NatsStandin::new(ServerConfig {
+            headers: opts.server_headers,
+            ..ServerConfig::default()
+        });
+        let routers = (0..opts.routers)
+            .map(|i| {
+                Router::new(
+                    &format!("router{i}"),
+                    SUBJECT,
+                    opts.router_latency,
+                    rng.next_u64(),
+                    &mut server,
+                )
+            })
+            .collect();
+        let expect = Expect {
+            request_timeout: opts.request_timeout,
+            per_conn_limit: opts.per_conn_inflight,
+            slack: Duration::from_millis(50) + opts.net_latency.1 * 4,
+        };
+        let mut nodes = Vec::new();
+        let mut clients = Vec::new();
+        for g in 0..opts.gateways {
+            let gw_seed = rng.next_u64();
+            let config = GatewayConfig {
+                max_connections: 64,
+                max_inflight: opts.max_inflight,
+                connection: ConnectionLimits {
+                    max_frame_bytes: MAX_FRAME_BYTES,
+                    max_inflight: opts.per_conn_inflight,
+                    read_timeout: Duration::from_secs(10),
+                    max_unsent_bytes: 8 * 1024 * 1024,
+                },
+                request_timeout: opts.request_timeout,
+                drain_timeout: Duration::from_secs(5),
+                breaker: opts.breaker,
+                allowed_uids: AllowedUids::Any,
+                seed: gw_seed,
+                version: "sim".to_owned(),
+            };
+            let mut nats = NatsConfig {
+                connect_timeout: opts.connect_timeout,
+                handshake_timeout: opts.connect_timeout * 2,
+                ping_interval: opts.ping_interval,
+                max_pings_outstanding: opts.max_pings_out,
+                backoff: opts.backoff,
+                seed: gw_seed.rotate_left(17) ^ 0xA5A5,
+                request_id_prefix: instance_prefix(gw_seed),
+                client_name: format!("ipc-gateway@sim{g}"),
+                subject: SUBJECT.to_owned(),
+                ..NatsConfig::default()
+            };
+            nats.set_servers("nats://nats.sim:4222").expect("valid url");
+            nodes.push(Node {
+                gw: Gateway::new(config, NatsSession::new(nats)),
+                link: LinkState::Idle,
+                gen: 0,
+                transmit: false,
+                clients: BTreeMap::new(),
+                lost_at: None,
+                lost_times: Vec::new(),
+                reconnected_at: Vec::new(),
+                up_at_vanish: Vec::new(),
+            });
+            for c in 0..opts.clients_per_gateway {
+                let name = format!("g{g}c{c}");
+                let plan = (0..opts.requests_per_client)
+                    .map(|r| super::plan_request(&opts, &mut rng, format!("{name}r{r}")))
+                    .collect();
+                let start = Instant::ZERO
+                    + Duration::from_millis(20)
+                    + Duration::from_nanos(rng.below(opts.client_spread.as_nanos() as u64 + 1));
+                let leave = (rng.below(1000) < opts.leave_permille)
+                    .then(|| rng.below(opts.requests_per_client as u64) as usize);
+                clients.push(Client::new(
+                    name,
+                    g,
+                    start,
+                    plan,
+                    opts.pipeline,
+                    leave,
+                    expect,
+                ));
+            }
+        }
+        let n = nodes.len();
+        let mut w = World {
+            opts,
+            now: Instant::ZERO,
+            nodes,
+            server,
+            routers,
+            clients,
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng,
+            last_up: vec![Instant::ZERO; n],
+            last_down: vec![Instant::ZERO; n],
+            vanished: false,
+            hold_until: Instant::ZERO,
+            restarts: Vec::new(),
+            conn_owner: BTreeMap::new(),
+            resume_reads: 0,
+            vanished_at: Vec::new(),
+            faults_done: 0,
+            digest: FNV_OFFSET,
+            steps: 0,
+            failures: Vec::new(),
+            trace_tail: Vec::new(),
+        };
+        for i in 0..w.clients.len() {
+            let at = w.clients[i].start_at;
+            w.push(at, Ev::ClientStart { client: i });
+        }
+        for (at, f) in w.opts.faults.clone() {
+            w.push(at, Ev::Fault(f));
+        }
+        w
+    }
+
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// The last trace lines, for a failure report.
+    pub fn trace_tail(&self) -> &[String] {
+        &self.trace_tail
+    }
+
+    fn trace(&mut self, line: String) {
+        for b in line.as_bytes().iter().chain(b"\n") {
+            self.digest = (self.digest ^ u64::from(*b)).wrapping_mul(FNV_PRIME);
+        }
+        if self.trace_tail.len() >= 40 {
+            self.trace_tail.remove(0);
+        }
+        self.trace_tail.push(line);
+    }
+
+    fn push(&mut self, at: Instant, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), ev);
+    }
+
+    fn latency(&mut self) -> Duration {
+        let (lo, hi) = self.opts.net_latency;
+        lo + Duration::from_nanos(self.rng.below(hi.saturating_sub(lo).as_nanos() as u64 + 1))
+    }
+
+    /// When bytes sent now on this stream arrive: after the latency, after what was sent
+    /// before (TCP keeps order), and after a hold.
+    fn arrival(&mut self, gw: usize, up: bool) -> Instant {
+        let at = (self.now + self.latency()).max(self.hold_until);
+        let last = if up {
+            &mut self.last_up[gw]
+        } else {
+            &mut self.last_down[gw]
+        };
+        let at = at.max(*last);
+        *last = at;
+        at
+    }
+
+    /// Runs until traffic has stopped and every deadline has passed.
+    pub fn run(&mut self) {
+        let quiet = self.opts.request_timeout * 3
+            + self.opts.ping_interval * (self.opts.max_pings_out + 2)
+            + Duration::from_secs(2)
+            + self
+                .opts
+                .mix
+                .iter()
+                .map(|(b, _)| match b {
+                    crate::router::Behaviour::Slow(d) | crate::router::Behaviour::Disconnect(d) => {
+                        *d
+                    }
+                    _ => Duration::ZERO,
+                })
+                .max()
+                .unwrap_or_default();
+        let mut traffic_end: Option<Instant> = None;
+        for g in 0..self.nodes.len() {
+            self.nodes[g].gw.handle_timeout(self.now);
+            self.pump(g);
+        }
+        loop {
+            self.steps += 1;
+            let next = [
+                self.queue.keys().next().map(|k| k.0),
+                self.nodes.iter().filter_map(|n| n.gw.poll_timeout()).min(),
+                self.routers.iter().filter_map(Router::poll_timeout).min(),
+                self.server.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(next) = next else { break };
+            self.now = self.now.max(next);
+            if self.now > Instant::ZERO + HORIZON {
+                self.failures.push(format!(
+                    "hang: virtual time passed {HORIZON:?} with traffic still going"
+                ));
+                break;
+            }
+            if traffic_end.is_none()
+                && self.clients.iter().all(Client::finished)
+                && self.faults_done == self.opts.faults.len()
+            {
+                traffic_end = Some(self.now);
+            }
+            if traffic_end.is_some_and(|t| self.now > t + quiet) {
+                break;
+            }
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let ev = entry.remove();
+                self.handle(ev);
+            }
+            for g in 0..self.nodes.len() {
+                if self.nodes[g]
+                    .gw
+                    .poll_timeout()
+                    .is_some_and(|t| t <= self.now)
+                {
+                    self.nodes[g].gw.handle_timeout(self.now);
+                    self.pump(g);
+                }
+            }
+            let mut router_moved = false;
+            for r in 0..self.routers.len() {
+                if self.routers[r]
+                    .poll_timeout()
+                    .is_some_and(|t| t <= self.now)
+                {
+                    self.routers[r].handle_timeout(self.now, &mut self.server);
+                    router_moved = true;
+                }
+            }
+            if self.server.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.server.handle_timeout(self.now);
+                router_moved = true;
+            }
+            if router_moved {
+                self.route_server();
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::ClientStart { client } => {
+                let g = self.clients[client].gw;
+                let conn = self.nodes[g]
+                    .gw
+                    .handle_client_opened(PeerCredentials::default(), now);
+                self.trace(format!("{now:?} g{g} client {client} opened {conn:?}"));
+                self.clients[client].conn = Some(conn);
+                self.nodes[g].clients.insert(conn, client);
+                self.clients[client].fill(now);
+                self.pump(g);
+                self.client_edge(client);
+            }
+            Ev::ClientWake { client } => {
+                self.clients[client].fill(now);
+                self.client_edge(client);
+            }
+            Ev::ConnectDone { gw, gen } => {
+                if self.nodes[gw].gen != gen || self.nodes[gw].link != LinkState::Connecting {
+                    return;
+                }
+                if self.vanished {
+                    return; // the SYN goes nowhere: the session's connect timeout decides
+                }
+                match self.server.open(now) {
+                    Some(c) => {
+                        self.nodes[gw].link = LinkState::Open(c);
+                        self.conn_owner.insert(c, gw);
+                        self.trace(format!("{now:?} g{gw} tcp up {c:?}"));
+                        self.nodes[gw]
+                            .gw
+                            .handle_upstream(now, |s| s.handle_connected(now));
+                        self.pump(gw);
+                        self.route_server();
+                    }
+                    None => {
+                        self.nodes[gw].link = LinkState::Idle;
+                        self.trace(format!("{now:?} g{gw} tcp refused"));
+                        self.nodes[gw]
+                            .gw
+                            .handle_upstream(now, |s| s.handle_connect_failed(now));
+                        self.pump(gw);
+                    }
+                }
+            }
+            Ev::ToServer { gw, gen, bytes } => {
+                if self.nodes[gw].gen != gen || self.vanished {
+                    return;
+                }
+                if let LinkState::Open(c) = self.nodes[gw].link {
+                    self.server.handle_bytes(c, &bytes, now);
+                    self.route_server();
+                }
+            }
+            Ev::ToGw { gw, gen, bytes } => {
+                if self.nodes[gw].gen != gen || !matches!(self.nodes[gw].link, LinkState::Open(_)) {
+                    return;
+                }
+                self.trace(format!("{now:?} g{gw} rx {}", bytes.len()));
+                self.nodes[gw]
+                    .gw
+                    .handle_upstream(now, |s| s.handle_bytes(&bytes, now));
+                self.pump(gw);
+            }
+            Ev::LinkClosed { gw, gen } => {
+                if self.nodes[gw].gen != gen {
+                    return;
+                }
+                self.nodes[gw].link = LinkState::Idle;
+                self.nodes[gw].transmit = false;
+                self.trace(format!("{now:?} g{gw} link closed"));
+                self.nodes[gw]
+                    .gw
+                    .handle_upstream(now, |s| s.handle_closed(now));
+                self.pump(gw);
+            }
+            Ev::Fault(f) => self.fault(f),
+            Ev::FaultEnd(f) => self.fault_end(f),
+        }
+    }
+
+    fn fault(&mut self, f: Fault) {
+        let now = self.now;
+        self.trace(format!("{now:?} fault {f:?}"));
+        match &f {
+            Fault::Bounce { down } => {
+                let closed = self.server.go_down();
+                for r in &mut self.routers {
+                    r.lose_server();
+                }
+                for g in 0..self.nodes.len() {
+                    if let LinkState::Open(c) = self.nodes[g].link {
+                        if closed.contains(&c) {
+                            let gen = self.nodes[g].gen;
+                            let at = self.arrival(g, false);
+                            self.push(at, Ev::LinkClosed { gw: g, gen });
+                        }
+                    }
+                }
+                self.push(now + *down, Ev::FaultEnd(f.clone()));
+            }
+            Fault::Vanish { away } => {
+                self.vanished = true;
+                self.vanished_at.push(now);
+                for n in &mut self.nodes {
+                    let up = n.gw.upstream().state() == SessionState::Connected;
+                    n.up_at_vanish.push(up);
+                }
+                self.push(now + *away, Ev::FaultEnd(f.clone()));
+            }
+            Fault::Hold { hold } => {
+                self.hold_until = self.hold_until.max(now + *hold);
+                self.push(now + *hold, Ev::FaultEnd(f.clone()));
+            }
+            Fault::RoutersAway { away } => {
+                for r in &mut self.routers {
+                    r.leave(&mut self.server);
+                }
+                self.push(now + *away, Ev::FaultEnd(f.clone()));
+            }
+        }
+    }
+
+    fn fault_end(&mut self, f: Fault) {
+        let now = self.now;
+        self.trace(format!("{now:?} fault over {f:?}"));
+        self.faults_done += 1;
+        match f {
+            Fault::Bounce { .. } => {
+                self.server.go_up();
+                self.restarts.push(now);
+                for r in &mut self.routers {
+                    r.resubscribe(&mut self.server);
+                }
+            }
+            Fault::Vanish { .. } => {
+                // A fresh process on the same address: old connections are gone, and the
+                // next segment a gateway sends on one gets a reset.
+                self.vanished = false;
+                let closed = self.server.go_down();
+                self.server.go_up();
+                self.restarts.push(now);
+                for r in &mut self.routers {
+                    r.lose_server();
+                    r.resubscribe(&mut self.server);
+                }
+                for g in 0..self.nodes.len() {
+                    if let LinkState::Open(c) = self.nodes[g].link {
+                        if closed.contains(&c) {
+                            let gen = self.nodes[g].gen;
+                            let at = self.arrival(g, false);
+                            self.push(at, Ev::LinkClosed { gw: g, gen });
+                        }
+                    }
+                }
+            }
+            Fault::Hold { .. } => {}
+            Fault::RoutersAway { .. } => {
+                for r in &mut self.routers {
+                    r.resubscribe(&mut self.server);
+                }
+            }
+        }
+    }
+
+    /// After the server took input: Routers get their requests, and server bytes go out.
+    fn route_server(&mut self) {
+        let now = self.now;
+        loop {
+            let msgs = self.server.take_local();
+            if msgs.is_empty() {
+                break;
+            }
+            for m in msgs {
+                if let Some(r) = self.routers.iter().position(|r| r.sub() == Some(m.sub)) {
+                    self.routers[r].on_request(&m, now, &mut self.server);
+                }
+            }
+        }
+        for g in 0..self.nodes.len() {
+            let LinkState::Open(c) = self.nodes[g].link else {
+                continue;
+            };
+            if self.server.has_output(c) && !self.vanished {
+                let bytes = self.server.take_output(c);
+                let gen = self.nodes[g].gen;
+                let at = self.arrival(g, false);
+                self.push(at, Ev::ToGw { gw: g, gen, bytes });
+            }
+        }
+        for c in self.server.take_server_closed() {
+            let bytes = self.server.take_closed_output(c);
+            if let Some(g) = self.nodes.iter().position(|n| n.link == LinkState::Open(c)) {
+                let gen = self.nodes[g].gen;
+                let at = self.arrival(g, false);
+                self.push(at, Ev::ToGw { gw: g, gen, bytes });
+                let at = self.arrival(g, false);
+                self.push(at, Ev::LinkClosed { gw: g, gen });
+            }
+        }
+    }
+
+    /// Carries out what gateway `g` asked for, until it asks nothing more.
+    fn pump(&mut self, g: usize) {
+        let now = self.now;
+        loop {
+            if let Some(a) = self.nodes[g].gw.poll_action() {
+                self.trace(format!("{now:?} g{g} {a:?}"));
+                match a {
+                    Action::Transmit(conn) => {
+                        let bytes: Vec<u8> = self.nodes[g]
+                            .gw
+                            .client_output(conn)
+                            .flatten()
+                            .copied()
+                            .collect();
+                        self.nodes[g]
+                            .gw
+                            .handle_client_written(conn, bytes.len(), now);
+                        if let Some(&c) = self.nodes[g].clients.get(&conn) {
+                            if !self.clients[c].left {
+                                self.clients[c].on_bytes(&bytes, now);
+                                self.client_progress(c);
+                            }
+                        }
+                    }
+                    Action::Close(conn) => {
+                        if let Some(c) = self.nodes[g].clients.remove(&conn) {
+                            if !self.clients[c].left {
+                                self.clients[c].on_closed();
+                            }
+                        }
+                    }
+                    Action::ResumeRead(conn) => {
+                        self.resume_reads += 1;
+                        if let Some(&c) = self.nodes[g].clients.get(&conn) {
+                            self.client_edge(c);
+                        }
+                    }
+                    Action::ShutdownComplete => {}
+                }
+                continue;
+            }
+            if let Some(sa) = self.nodes[g].gw.upstream_mut().poll_action() {
+                self.trace(format!("{now:?} g{g} nats {sa:?}"));
+                match sa {
+                    SessionAction::Connect { .. } => {
+                        self.nodes[g].gen += 1;
+                        self.nodes[g].link = LinkState::Connecting;
+                        let gen = self.nodes[g].gen;
+                        let at = self.arrival(g, true);
+                        self.push(at, Ev::ConnectDone { gw: g, gen });
+                    }
+                    SessionAction::Disconnect => {
+                        if let LinkState::Open(c) = self.nodes[g].link {
+                            self.server.close(c);
+                        }
+                        self.nodes[g].gen += 1;
+                        self.nodes[g].link = LinkState::Idle;
+                        self.nodes[g].transmit = false;
+                    }
+                    SessionAction::Transmit => self.nodes[g].transmit = true,
+                }
+                continue;
+            }
+            if self.nodes[g].transmit {
+                if let LinkState::Open(_) = self.nodes[g].link {
+                    self.nodes[g].transmit = false;
+                    let bytes: Vec<u8> = self.nodes[g]
+                        .gw
+                        .upstream()
+                        .output()
+                        .flatten()
+                        .copied()
+                        .collect();
+                    let n = bytes.len();
+                    self.nodes[g]
+                        .gw
+                        .handle_upstream(now, |s| s.consume_output(n));
+                    let gen = self.nodes[g].gen;
+                    let at = self.arrival(g, true);
+                    self.push(at, Ev::ToServer { gw: g, gen, bytes });
+                    continue;
+                }
+            }
+            break;
+        }
+        let node = &mut self.nodes[g];
+        let up = node.gw.upstream().state() == SessionState::Connected;
+        match (up, node.lost_at) {
+            (false, None) if node.gw.upstream().stats().connect_attempts > 0 => {
+                node.lost_at = Some(now);
+                node.lost_times.push(now);
+            }
+            (true, Some(_)) => {
+                node.lost_at = None;
+                node.reconnected_at.push(now);
+            }
+            _ => {}
+        }
+        node.gw.assert_invariants();
+        let s = node.gw.upstream();
+        assert!(
+            s.buffered_bytes() <= 8 * 1024 * 1024,
+            "reconnect buffer over its bound"
+        );
+        assert!(
+            s.recent_answers() <= 4096,
+            "recent-answers ring over its bound"
+        );
+    }
+
+    /// A client got replies: it may leave, write more, or half-close.
+    fn client_progress(&mut self, c: usize) {
+        let now = self.now;
+        let g = self.clients[c].gw;
+        let Some(conn) = self.clients[c].conn else {
+            return;
+        };
+        if self.clients[c].wants_to_leave() {
+            self.clients[c].leave();
+            self.nodes[g].clients.remove(&conn);
+            self.trace(format!("{now:?} g{g} client {c} hangs up"));
+            self.nodes[g].gw.handle_client_closed(conn, now);
+            return;
+        }
+        if self.opts.think.is_zero() || self.clients[c].finished() {
+            self.clients[c].fill(now);
+            self.client_edge(c);
+        } else {
+            let at = now + self.opts.think;
+            self.push(at, Ev::ClientWake { client: c });
+        }
+    }
+
+    /// A readiness edge on the client's socket: the shell reads if the gateway wants to.
+    fn client_edge(&mut self, c: usize) {
+        let now = self.now;
+        let g = self.clients[c].gw;
+        let Some(conn) = self.clients[c].conn else {
+            return;
+        };
+        if self.clients[c].left || self.clients[c].closed_by_gateway {
+            return;
+        }
+        if !self.clients[c].unread.is_empty() && self.nodes[g].gw.wants_read(conn) {
+            let bytes = std::mem::take(&mut self.clients[c].unread);
+            self.nodes[g].gw.handle_client_bytes(conn, &bytes, now);
+        }
+        if self.clients[c].finished()
+            && self.clients[c].unread.is_empty()
+            && !self.clients[c].eof_sent
+        {
+            self.clients[c].eof_sent = true;
+            self.nodes[g].gw.handle_client_eof(conn, now);
+        }
+        self.pump(g);
+    }
+
+    /// The no-leak invariant, once traffic stopped and deadlines passed.
+    pub fn check_quiescent(&mut self) {
+        for (g, n) in self.nodes.iter().enumerate() {
+            let gw = &n.gw;
+            let s = gw.upstream();
+            if !gw.is_quiescent()
+                || gw.inflight_len() != 0
+                || s.pending() != 0
+                || s.buffered_bytes() != 0
+            {
+                self.failures.push(format!(
+                    "leak on g{g}: quiescent={} inflight={} session pending={} buffered={} conns={}",
+                    gw.is_quiescent(),
+                    gw.inflight_len(),
+                    s.pending(),
+                    s.buffered_bytes(),
+                    gw.connection_count()
+                ));
+            }
+        }
+        for c in &self.clients {
+            if !c.finished() {
+                self.failures.push(format!(
+                    "hang: {} still has {} requests unanswered",
+                    c.name(),
+                    c.outstanding()
+                ));
+            }
+            self.failures.extend(c.failures.iter().cloned());
+        }
+        for r in &self.routers {
+            self.failures.extend(r.violations.iter().cloned());
+        }
+    }
+}
