@@ -154,6 +154,7 @@ impl Run {
         for i in 0..opts.routers {
             let spec = RouterSpec {
                 name: format!("router-{i}"),
+                server: "nats".into(),
                 subject: "beamline.router.v1.decide".into(),
                 start_delay: opts.router_start,
                 reconnect_delay: Duration::from_millis(100),
@@ -193,6 +194,21 @@ impl Run {
             }
             Ok(())
         });
+    }
+
+    /// One more NATS server host (not clustered with `nats`: it routes only its own clients).
+    pub fn nats_server(&mut self, name: &str, server: ServerConfig) {
+        let o = self.obs.clone();
+        self.sim
+            .host(name, move || nats_host::run(server.clone(), o.clone()));
+    }
+
+    /// One more Router host.
+    pub fn router(&mut self, spec: RouterSpec) {
+        let o = self.obs.clone();
+        let name = spec.name.clone();
+        self.sim
+            .host(name.as_str(), move || router::run(spec.clone(), o.clone()));
     }
 
     pub fn ide(&mut self, spec: IdeSpec) {

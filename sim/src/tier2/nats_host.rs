@@ -49,7 +49,8 @@ impl Server {
         }
         let closed = self.standin.borrow_mut().take_server_closed();
         for id in closed {
-            let bytes = self.standin.borrow_mut().take_output(id);
+            // The last words (`-ERR '…'`) of a connection the server closed.
+            let bytes = self.standin.borrow_mut().take_closed_output(id);
             if let Some(mut w) = self.writes.borrow_mut().remove(&id) {
                 let _ = write_now(&mut w, &bytes);
             }

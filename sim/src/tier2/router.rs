@@ -34,6 +34,8 @@ pub const NATS_PORT: u16 = 4222;
 #[derive(Debug, Clone)]
 pub struct RouterSpec {
     pub name: String,
+    /// The nats host it connects to.
+    pub server: String,
     pub subject: String,
     /// Subscribe only after this long (no responders before).
     pub start_delay: Duration,
@@ -86,7 +88,7 @@ pub async fn run(spec: RouterSpec, obs: SharedObs) -> turmoil::Result {
 }
 
 async fn session(state: &Rc<State>) -> std::io::Result<()> {
-    let stream = TcpStream::connect(("nats", NATS_PORT)).await?;
+    let stream = TcpStream::connect((state.spec.server.as_str(), NATS_PORT)).await?;
     let (mut read, write) = stream.into_split();
     *state.write.borrow_mut() = Some(write);
     let mut decoder = NatsDecoder::default();
