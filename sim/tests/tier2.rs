@@ -560,9 +560,16 @@ fn swarm(seed: u64) -> Run {
     let mut faults = Vec::new();
     let mut t = ms(500 + rng.below(1000));
     for _ in 0..1 + rng.below(4) {
-        let kind = ["hold", "partition", "bounce", "crash"][rng.below(4) as usize];
+        let kind = [
+            "hold",
+            "partition",
+            "bounce",
+            "crash",
+            "jitter",
+            "slow_router",
+        ][rng.below(6) as usize];
         let d = ms(100 + rng.below(1500));
-        faults.push((t, kind, d));
+        faults.push((t, kind, d, ms(50 + rng.below(350))));
         t += d + ms(200 + rng.below(1500));
     }
     println!(
@@ -578,12 +585,19 @@ fn swarm(seed: u64) -> Run {
     for (name, reqs, window) in plan {
         run.ide(ide(&name, 0, reqs, window));
     }
-    for (at, kind, d) in faults {
+    let (min_latency, max_latency) = (run.opts.min_latency, run.opts.max_latency);
+    for (at, kind, d, jitter) in faults {
         run.run_until(at);
         match kind {
             "hold" => run.sim.hold("gateway-0", "nats"),
             "partition" => run.sim.partition("gateway-0", "nats"),
             "crash" => run.sim.crash("nats"),
+            // Latency and its jitter on the gateway's NATS link: up to 50–400 ms a segment.
+            "jitter" => run
+                .sim
+                .set_link_max_message_latency("gateway-0", "nats", jitter),
+            // A Router far away: its replies come late, some after the deadline.
+            "slow_router" => run.sim.set_link_latency("router-0", "nats", jitter * 2),
             _ => run.sim.bounce("nats"),
         }
         run.run_until(at + d);
@@ -591,6 +605,10 @@ fn swarm(seed: u64) -> Run {
             "hold" => run.sim.release("gateway-0", "nats"),
             "partition" => run.sim.repair("gateway-0", "nats"),
             "crash" => run.sim.bounce("nats"),
+            "jitter" => run
+                .sim
+                .set_link_max_message_latency("gateway-0", "nats", max_latency),
+            "slow_router" => run.sim.set_link_latency("router-0", "nats", min_latency),
             _ => {}
         }
     }
