@@ -2,9 +2,13 @@
 //!
 //! - [`nats_standin`]: a sans-IO NATS server stand-in speaking the real client protocol.
 //! - [`router`]: Router behaviours (router.md section 5) as in-process subscribers of it.
+//! - [`tier1`]: the pure in-process harness.
+//! - [`tier2`]: the core in a tokio shell over turmoil TCP, with `nats`, `router-*` and
+//!   `ide-*` hosts, under network faults.
 //!
 //! Keep this file a plain list of modules: each simulation tier adds its own line.
 
 pub mod nats_standin;
 pub mod router;
 pub mod tier1;
+pub mod tier2;
