@@ -339,10 +339,17 @@ impl ServerPool {
         self.tried_in_pass = self
             .tried_in_pass
             .saturating_sub(before - self.servers.len());
+        // New servers go just before `current` (the server just taken, at the back of the
+        // rotation), so that when it fails they are tried before it is tried again.
         for url in announced {
             if !self.servers.iter().any(|s| s.url.same_address(&url)) {
                 change.added.push(url.clone());
-                self.servers.push(PoolServer { url, learned: true });
+                let at = self
+                    .servers
+                    .iter()
+                    .position(|s| s.url.same_address(current))
+                    .unwrap_or(self.servers.len());
+                self.servers.insert(at, PoolServer { url, learned: true });
             }
         }
         change
@@ -352,6 +359,25 @@ impl ServerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the tier-2 simulation: a learned server was appended behind the server just
+    /// taken, so when that one died it was tried again first, costing a connect timeout.
+    #[test]
+    fn learned_servers_come_before_the_server_just_taken() {
+        let mut rng = Rng::new(1);
+        let a = ServerUrl::parse("a:1").unwrap();
+        let mut pool = ServerPool::new(vec![a.clone()], Backoff::default(), &mut rng);
+        let current = pool.take_next().unwrap();
+        pool.apply_connect_urls(&["b:2".to_owned(), "c:3".to_owned()], &current);
+        let order: Vec<String> = pool.servers().map(|u| u.host.clone()).collect();
+        assert_eq!(order, ["b", "c", "a"]);
+        assert_eq!(
+            pool.take_next().unwrap().host,
+            "b",
+            "failover goes to a learned server"
+        );
+        assert_eq!(a.host, "a");
+    }
 
     #[test]
     fn url_forms() {
@@ -498,6 +524,8 @@ mod tests {
         let mut pool = ServerPool::new(vec![a.clone()], Backoff::default(), &mut rng);
         assert!(!pool.is_empty());
         assert!(ServerPool::new(vec![], Backoff::default(), &mut rng).is_empty());
+        // INFO comes from the server just taken.
+        assert_eq!(pool.take_next().unwrap().host, "a");
         let change = pool.apply_connect_urls(&["b:4222".into(), "c:4222".into()], &a);
         assert_eq!(change.added.len(), 2);
         let b = pool.servers().find(|s| s.host == "b").unwrap().clone();
@@ -506,7 +534,6 @@ mod tests {
             Some("u"),
             "learned servers take the current credentials"
         );
-        assert_eq!(pool.take_next().unwrap().host, "a");
         assert_eq!(pool.take_next().unwrap().host, "b");
         // Connected to b, which now announces only itself: c goes, a (configured) stays.
         let change = pool.apply_connect_urls(&["b:4222".into()], &b);

@@ -750,30 +750,31 @@ fn connect_urls_added_and_dropped() {
             .map(|u| u.to_string())
             .collect::<Vec<_>>()
     };
+    // Learned servers come before the current one, so a failover tries them first.
     assert_eq!(
         names(&sh),
         [
-            "nats://***@seed:4222",
             "nats://***@10.0.0.2:4222",
-            "nats://***@10.0.0.3:4222"
+            "nats://***@10.0.0.3:4222",
+            "nats://***@seed:4222"
         ]
     );
-    assert_eq!(sh.s.servers()[1].user.as_deref(), Some("u"));
+    assert_eq!(sh.s.servers()[0].user.as_deref(), Some("u"));
     sh.server(&info(
         json!({"connect_urls":["10.0.0.3:4222","10.0.0.4:4222"]}),
     ));
     assert_eq!(
         names(&sh),
         [
-            "nats://***@seed:4222",
             "nats://***@10.0.0.3:4222",
-            "nats://***@10.0.0.4:4222"
+            "nats://***@10.0.0.4:4222",
+            "nats://***@seed:4222"
         ]
     );
     sh.server(&info(json!({"connect_urls":["10.0.0.9:4222"]})));
     assert_eq!(
         names(&sh),
-        ["nats://***@seed:4222", "nats://***@10.0.0.9:4222"]
+        ["nats://***@10.0.0.9:4222", "nats://***@seed:4222"]
     );
     sh.server(&info(json!({"connect_urls":[]})));
     assert_eq!(names(&sh).len(), 2, "an empty list changes nothing");
