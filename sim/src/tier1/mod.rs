@@ -172,7 +172,15 @@ impl Options {
                 o.pipeline = 1;
                 o.client_spread = ms(50);
                 let at = between(&mut r, 300, 800);
-                let away = between(&mut r, 800, 2000);
+                // Long enough to open the breaker whatever else was drawn: a request already
+                // with the Routers when they leave holds the (pipeline 1) client until its
+                // deadline, then each further one fails at once (no responders). Seed
+                // 7887520389705641494 drew 935 ms against a 769 ms timeout and 4 failures.
+                let cycle = o.think.as_millis() as u64 + 4 * o.net_latency.1.as_millis() as u64;
+                let enough = o.request_timeout.as_millis() as u64
+                    + u64::from(o.breaker.failures_to_open) * cycle
+                    + 200;
+                let away = between(&mut r, 800, 2000).max(enough);
                 o.faults
                     .push((at_ms(at), Fault::RoutersAway { away: ms(away) }));
                 // Traffic goes on well past the Routers' return and the longest open spell.

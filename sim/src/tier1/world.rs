@@ -132,6 +132,8 @@ pub struct World {
     pub steps: u64,
     pub failures: Vec<String>,
     trace_tail: Vec<String>,
+    /// `SIM_TRACE=1`: print every trace line as it happens (replaying one seed).
+    print_trace: bool,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -252,6 +254,7 @@ impl World {
             steps: 0,
             failures: Vec::new(),
             trace_tail: Vec::new(),
+            print_trace: std::env::var_os("SIM_TRACE").is_some(),
         };
         for i in 0..w.clients.len() {
             let at = w.clients[i].start_at;
@@ -275,6 +278,9 @@ impl World {
     fn trace(&mut self, line: String) {
         for b in line.as_bytes().iter().chain(b"\n") {
             self.digest = (self.digest ^ u64::from(*b)).wrapping_mul(FNV_PRIME);
+        }
+        if self.print_trace {
+            eprintln!("  {line}");
         }
         if self.trace_tail.len() >= 40 {
             self.trace_tail.remove(0);
