@@ -366,7 +366,7 @@ mod tests {
     fn learned_servers_come_before_the_server_just_taken() {
         let mut rng = Rng::new(1);
         let a = ServerUrl::parse("a:1").unwrap();
-        let mut pool = ServerPool::new(vec![a.clone()], Backoff::default(), &mut rng);
+        let mut pool = ServerPool::new(vec![a], Backoff::default(), &mut rng);
         let current = pool.take_next().unwrap();
         pool.apply_connect_urls(&["b:2".to_owned(), "c:3".to_owned()], &current);
         let order: Vec<String> = pool.servers().map(|u| u.host.clone()).collect();
@@ -376,7 +376,6 @@ mod tests {
             "b",
             "failover goes to a learned server"
         );
-        assert_eq!(a.host, "a");
     }
 
     #[test]

@@ -508,7 +508,7 @@ impl<U: UpstreamIo> EventLoop<U> {
             upstream = if nats.is_some() { "nats" } else { "stub" },
             nats_state = nats.map_or("disabled", |s| s.state().name()),
             nats_server = nats.and_then(NatsSession::server).unwrap_or_default(),
-            reply_buffer_bytes = nats.map_or(0, NatsSession::buffered_bytes),
+            reconnect_buffer_bytes = nats.map_or(0, NatsSession::buffered_bytes),
             late_replies = ns.late_replies,
             duplicate_replies = ns.duplicate_replies,
             unknown_replies = ns.unknown_replies,

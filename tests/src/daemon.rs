@@ -329,10 +329,19 @@ fn lock(buf: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
 }
 
 /// Copies a pipe into a shared buffer on a thread until end of stream.
-fn drain(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+fn drain(pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&buf);
-    let handle = thread::spawn(move || {
+    let handle = append_to(pipe, Arc::clone(&buf));
+    (buf, handle)
+}
+
+/// A thread that appends everything `pipe` yields to `sink` until EOF, so a child process
+/// never blocks on a full pipe and its output can be read at any time.
+pub fn append_to(
+    mut pipe: impl Read + Send + 'static,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match pipe.read(&mut chunk) {
@@ -342,8 +351,7 @@ fn drain(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHand
                 Err(_) => break,
             }
         }
-    });
-    (buf, handle)
+    })
 }
 
 /// A client connection to `path` with read and write timeouts of [`IO_TIMEOUT`].

@@ -20,13 +20,15 @@
 //! cluster.restart(0);
 //! ```
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+
+use crate::daemon::append_to;
 use std::time::{Duration, Instant};
 
 /// Longest a server may take to accept clients (and a cluster to form its routes).
@@ -227,24 +229,6 @@ fn read_info(port: u16) -> io::Result<serde_json::Value> {
         .strip_prefix("INFO ")
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("not INFO: {line:?}")))?;
     serde_json::from_str(json.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// Copies a pipe into a shared buffer on a thread until end of stream.
-fn append_to(mut pipe: impl Read + Send + 'static, sink: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
-    thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => sink
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    })
 }
 
 /// A cluster of `nats-server` nodes on loopback, fully meshed by routes.

@@ -19,13 +19,13 @@
 //! assert_eq!(double.request_count(), 0);
 //! ```
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -95,21 +95,7 @@ impl RouterDouble {
                 }
             })
         };
-        let err_drain = {
-            let sink = Arc::clone(&stderr);
-            thread::spawn(move || {
-                let mut pipe = stderr_pipe;
-                let mut chunk = [0u8; 4096];
-                loop {
-                    match pipe.read(&mut chunk) {
-                        Ok(0) => break,
-                        Ok(n) => lock(&sink).extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
-                    }
-                }
-            })
-        };
+        let err_drain = crate::daemon::append_to(stderr_pipe, Arc::clone(&stderr));
         let pid = child.id();
         let mut double = RouterDouble {
             child: Some(child),
@@ -197,19 +183,13 @@ impl RouterDouble {
     }
 
     fn wait_events(&self, name: &str, n: usize, within: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.events_named(name);
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "router-double: {} {name} events after {within:?}, expected {n}",
-                got.len()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        let mut got = Vec::new();
+        let what = format!("router-double: {n} {name} events");
+        crate::daemon::wait_until(&what, within, || {
+            got = self.events_named(name);
+            got.len() >= n
+        });
+        got
     }
 }
 

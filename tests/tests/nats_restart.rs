@@ -73,7 +73,7 @@ fn wait_settled(daemon: &Daemon) -> Value {
             last["connections"] == json!(0)
                 && last["inflight"] == json!(0)
                 && last["upstream_pending"] == json!(0)
-                && last["reply_buffer_bytes"] == json!(0)
+                && last["reconnect_buffer_bytes"] == json!(0)
                 && last["nats_state"] == json!("connected")
         },
     );

@@ -260,6 +260,22 @@ struct RunResult {
 }
 
 impl RunResult {
+    /// Adds one connection's (or client's) outcome, its failure named after `who`.
+    fn absorb(&mut self, who: &str, outcome: &ConnOutcome) -> Result<()> {
+        self.latencies
+            .add(&outcome.latencies)
+            .map_err(|e| anyhow!("merging histograms: {e:?}"))?;
+        self.ok += outcome.ok;
+        for (what, n) in &outcome.errors {
+            *self.errors.entry(what.clone()).or_default() += n;
+        }
+        if let Some(failure) = &outcome.failure {
+            self.failures.push(format!("{who}: {failure}"));
+        }
+        self.unanswered += outcome.unanswered;
+        Ok(())
+    }
+
     fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -689,17 +705,7 @@ fn run_load(target: &'static str, path: &Path, load: &Load) -> Result<RunResult>
                 continue;
             }
         };
-        result
-            .latencies
-            .add(&outcome.latencies)
-            .map_err(|e| anyhow!("merging histograms: {e:?}"))?;
-        result.ok += outcome.ok;
-        for (what, n) in outcome.errors {
-            *result.errors.entry(what).or_default() += n;
-        }
-        if let Some(failure) = outcome.failure {
-            result.failures.push(format!("connection {i}: {failure}"));
-        }
+        result.absorb(&format!("connection {i}"), &outcome)?;
         if cut_off[i] {
             let last = match outcome.last_reply {
                 Some(t) => {
@@ -714,7 +720,6 @@ fn run_load(target: &'static str, path: &Path, load: &Load) -> Result<RunResult>
                 DRAIN_GRACE.as_secs()
             ));
         }
-        result.unanswered += outcome.unanswered;
     }
     Ok(result)
 }
@@ -1151,6 +1156,24 @@ fn print_memory(pid: u32, when: &str) {
     }
 }
 
+/// Throughput, request and error counts, and the latency percentiles of a run; `counted`
+/// names what a request is (a RESPONSE_OK reply, a successful NATS reply).
+fn print_counts(r: &RunResult, counted: &str) {
+    let (rps, secs, ok) = (r.rps(), r.seconds, r.ok);
+    println!("  requests/s     {rps:>12.1}   ({counted} / {secs:.3} s)");
+    println!("  requests       {ok:>12}   ({counted} in the window)");
+    let errors: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    if errors.is_empty() {
+        println!("  errors         {:>12}", 0);
+    } else {
+        let (count, list) = (r.error_count(), errors.join(", "));
+        println!("  errors         {count:>12}   ({list})");
+    }
+    println!("  latency us        p50       p90       p99     p99.9       max");
+    let [p50, p90, p99, p999, max] = r.latency_us();
+    println!("               {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}");
+}
+
 /// What went wrong in a run, if anything: unanswered, stalled and failed connections.
 fn print_run_notes(r: &RunResult) {
     if r.unanswered > 0 {
@@ -1173,19 +1196,7 @@ fn print_run_notes(r: &RunResult) {
 fn print_result(r: &RunResult) {
     println!();
     println!("== {} ({}) ==", r.target, r.address);
-    let (rps, secs, ok) = (r.rps(), r.seconds, r.ok);
-    println!("  requests/s     {rps:>12.1}   (RESPONSE_OK replies / {secs:.3} s)");
-    println!("  requests       {ok:>12}   (RESPONSE_OK replies in the window)");
-    let errors: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-    if errors.is_empty() {
-        println!("  errors         {:>12}", 0);
-    } else {
-        let (count, list) = (r.error_count(), errors.join(", "));
-        println!("  errors         {count:>12}   ({list})");
-    }
-    println!("  latency us        p50       p90       p99     p99.9       max");
-    let [p50, p90, p99, p999, max] = r.latency_us();
-    println!("               {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}");
+    print_counts(r, "RESPONSE_OK replies");
     print_run_notes(r);
     let [p50, p90, p99, p999, max] = r.latency_us();
     println!(

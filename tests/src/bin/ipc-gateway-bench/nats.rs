@@ -36,9 +36,9 @@ use rustix::process::{kill_process, Pid, Signal};
 use tokio::runtime::Runtime;
 
 use super::{
-    bench_payload, frame, kernel_release, new_histogram, print_memory, print_run_notes, ratio,
-    run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY,
-    HEADER_LEN, RESPONSE_OK, SINGLE_THREAD_MAX_BYTES, TASK_SUBMIT,
+    bench_payload, frame, kernel_release, new_histogram, print_counts, print_memory,
+    print_run_notes, ratio, run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window,
+    DRAIN_GRACE, GATEWAY, HEADER_LEN, RESPONSE_OK, SINGLE_THREAD_MAX_BYTES, TASK_SUBMIT,
 };
 
 /// The Router's decide subject (router.md section 1), the daemon's default.
@@ -824,17 +824,7 @@ fn run_direct(
                 .push(format!("client {i}: its task panicked"));
             continue;
         };
-        result
-            .latencies
-            .add(&outcome.latencies)
-            .map_err(|e| anyhow!("merging histograms: {e:?}"))?;
-        result.ok += outcome.ok;
-        for (what, n) in outcome.errors {
-            *result.errors.entry(what).or_default() += n;
-        }
-        if let Some(failure) = outcome.failure {
-            result.failures.push(format!("client {i}: {failure}"));
-        }
+        result.absorb(&format!("client {i}"), &outcome)?;
         if cut_off {
             result.stalled.push(format!(
                 "client {i}: {} replies still missing {} s after the end",
@@ -842,7 +832,6 @@ fn run_direct(
                 DRAIN_GRACE.as_secs()
             ));
         }
-        result.unanswered += outcome.unanswered;
     }
     Ok(result)
 }
@@ -883,19 +872,8 @@ fn print_run(run: &NatsRun, connections: usize, repeats: u32) {
         "== {} ({}), {connections} connections x {p} in flight{of} ==",
         r.target, r.address
     );
-    let (rps, secs, ok) = (r.rps(), r.seconds, r.ok);
-    println!("  requests/s     {rps:>12.1}   (successful replies / {secs:.3} s)");
-    println!("  requests       {ok:>12}   (successful replies in the window)");
-    let errors: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-    if errors.is_empty() {
-        println!("  errors         {:>12}", 0);
-    } else {
-        let (count, list) = (r.error_count(), errors.join(", "));
-        println!("  errors         {count:>12}   ({list})");
-    }
-    println!("  latency us        p50       p90       p99     p99.9       max");
+    print_counts(r, "successful replies");
     let [p50, p90, p99, p999, max] = r.latency_us();
-    println!("               {p50:>9} {p90:>9} {p99:>9} {p999:>9} {max:>9}");
     let c = &run.cpu;
     let daemon = c
         .daemon
