@@ -1,7 +1,10 @@
 //! The Unix listener (ipc-protocol.md section 1).
 //!
-//! - The socket file has its mode from the moment it exists: the umask is set around `bind`,
-//!   never a `chmod` afterwards (a window in which anyone could connect).
+//! - The socket file has its mode from the moment it is visible at its path. It is bound inside
+//!   a fresh private (0700) directory beside the target, given its mode there, and renamed into
+//!   place: no window in which a wider mode is reachable, and no process-wide umask change that
+//!   could race with another thread's file creation (tests bind from many threads at once, and
+//!   socket activation or helper threads may exist before a bind).
 //! - An existing path is probed: if a server answers a connect, we refuse to start rather than
 //!   steal its socket; if nobody answers, the file is stale and replaced. A path that is not a
 //!   socket at all is left alone: it may be somebody's file.
@@ -11,8 +14,13 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use mio::net::UnixListener;
-use rustix::fs::Mode;
+use rustix::fs::{renameat_with, RenameFlags, CWD};
+
+use crate::config::MAX_SOCKET_PATH;
 
 /// Why the listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +63,12 @@ impl BoundSocket {
             }
             Err(_) => {}
         }
-        // The umask is process-wide; this runs before any other thread exists.
-        let old = rustix::process::umask(Mode::from_bits_truncate(!mode & 0o777));
-        let bound = UnixListener::bind(path);
-        rustix::process::umask(old);
-        let listener = bound.map_err(|source| ListenError::Bind {
-            path: path.to_path_buf(),
-            source,
+        let listener = bind_privately(path, mode).map_err(|source| match source.kind() {
+            io::ErrorKind::AlreadyExists => ListenError::InUse(path.to_path_buf()),
+            _ => ListenError::Bind {
+                path: path.to_path_buf(),
+                source,
+            },
         })?;
         let meta = std::fs::symlink_metadata(path).map_err(|source| ListenError::Bind {
             path: path.to_path_buf(),
@@ -85,10 +92,55 @@ impl BoundSocket {
     }
 }
 
+/// Distinguishes the private directories of binds that run at the same time in one process.
+static PRIVATE_DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Binds a listener at `path` whose file has `mode` before it appears there.
+///
+/// The socket is bound as `<dir>/.cgw-<pid>-<n>/s`, chmod-ed inside that 0700 directory (which
+/// only its owner can enter), then renamed to `path` with `RENAME_NOREPLACE`: if another
+/// gateway bound `path` since the stale check, the rename fails with `AlreadyExists` instead
+/// of stealing its path. The private directory is removed in every case.
+fn bind_privately(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private_dir = parent.join(format!(
+        ".cgw-{}-{}",
+        std::process::id(),
+        PRIVATE_DIR_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temp_socket = private_dir.join("s");
+    if temp_socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the private bind path {} is longer than {MAX_SOCKET_PATH} bytes; \
+                 choose a CGW_IPC_SOCKET_PATH in a shorter directory",
+                temp_socket.display()
+            ),
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private_dir)?;
+    let result = (|| {
+        // The umask may have narrowed the directory further; 0700 exactly is what we want.
+        std::fs::set_permissions(&private_dir, std::fs::Permissions::from_mode(0o700))?;
+        let listener = UnixListener::bind(&temp_socket)?;
+        std::fs::set_permissions(&temp_socket, std::fs::Permissions::from_mode(mode & 0o777))?;
+        renameat_with(CWD, &temp_socket, CWD, path, RenameFlags::NOREPLACE)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&temp_socket);
+    let _ = std::fs::remove_dir(&private_dir);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn temp_path(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("cgw-listener-{}-{name}", std::process::id()));
@@ -113,6 +165,40 @@ mod tests {
         assert_eq!(mode, 0o660);
         assert!(second.remove_file());
         assert!(!path.exists());
+    }
+
+    /// Binds with different modes from 8 threads at once, 1000 times in all, and checks that
+    /// every socket has exactly its own mode (the old umask-around-bind failed this: one
+    /// thread's umask restore landed inside another's bind).
+    #[test]
+    fn concurrent_binds_each_get_their_own_mode() {
+        let dir = temp_path("concurrent");
+        let modes = [0o600, 0o660, 0o666, 0o640, 0o700, 0o620, 0o604, 0o770];
+        std::thread::scope(|scope| {
+            for (t, &mode) in modes.iter().enumerate() {
+                let dir = dir.clone();
+                scope.spawn(move || {
+                    for i in 0..125 {
+                        let path = dir.with_file_name(format!("t{t}-{i}.sock"));
+                        let bound = BoundSocket::bind(&path, mode).unwrap();
+                        let got = std::fs::symlink_metadata(&path)
+                            .unwrap()
+                            .permissions()
+                            .mode();
+                        assert_eq!(got & 0o777, mode, "thread {t}, bind {i}");
+                        assert!(bound.remove_file());
+                    }
+                });
+            }
+        });
+        let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "private bind directories left: {leftovers:?}"
+        );
     }
 
     #[test]
