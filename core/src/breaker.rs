@@ -12,9 +12,22 @@
 //!                    └──────────┘   at most max_probes probes at a time
 //! ```
 //!
-//! Failures are timeouts, no-responders and connections lost with the request sent; any Router
-//! reply, a Router-level error included, is a success. While Open every request is refused at
-//! once, so a dead Router costs clients nothing but error 8.
+//! The breaker judges the **Router**, not the NATS link (gateway.md section 4). How a request
+//! ended comes in as an [`Outcome`], whose variants name every kind there is, and the breaker
+//! alone decides what each one means ([`Outcome::verdict`]): the only failure is
+//! [`Outcome::RouterSilent`], a request written to a connected server that then timed out; the
+//! only success is [`Outcome::RouterReplied`] (a Router-level error is a reply). No responders,
+//! everything the link causes, and abandoned requests count neither way. While Open every
+//! request is refused at once, so a dead Router costs clients nothing but error 8.
+//!
+//! The link is judged by the session, but one thing it tells the breaker: when a link is lost,
+//! what the breaker learnt on it is suspect. A request that timed out on a link that then turned
+//! out dead (a stale connection is only detected after missed PINGs) was the link's fault as
+//! likely as the Router's. So [`CircuitBreaker::handle_link_lost`] forgets the failures counted
+//! while Closed, and marks an Open or HalfOpen breaker as caused by the outage;
+//! [`CircuitBreaker::handle_link_restored`] then closes it, so that a reconnect never inherits
+//! an Open breaker and the first request after the handshake is served. The open time is not
+//! reset by that: a Router that really fails re-opens the breaker for the doubled time.
 //!
 //! Every admitted request carries a [`Permit`] naming the breaker epoch it was admitted in.
 //! Outcomes are counted only for the epoch they belong to: a slow request admitted while Closed
@@ -73,13 +86,42 @@ pub struct Permit {
     epoch: u64,
 }
 
-/// How a request ended, as far as the breaker cares.
+/// How an admitted request ended. Every kind is named, so that no caller has to decide what
+/// counts against the Router: [`Outcome::verdict`] does, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The Router answered (a Router-level error is an answer too).
+    RouterReplied,
+    /// Written to a connected server, and its deadline passed without a reply.
+    RouterSilent,
+    /// The server answered that nobody subscribes to the Router's subject (NATS 503). Asking an
+    /// absent Router costs nothing, and counting it would keep users out after it is back.
+    NoResponders,
+    /// The link failed it: the connection dropped after the write, it waited in the reconnect
+    /// buffer until its deadline, or the buffer was full.
+    LinkFailed,
+    /// It ended without telling anything about the Router: its client left, the drain ended,
+    /// it or its reply was too large, the session was closing.
+    Abandoned,
+}
+
+/// What an [`Outcome`] tells about the Router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
     Success,
     Failure,
-    /// The request ended without telling anything about the Router (its client left).
-    Abandoned,
+    Neutral,
+}
+
+impl Outcome {
+    /// The one place that decides what counts against the Router (gateway.md section 4).
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Outcome::RouterReplied => Verdict::Success,
+            Outcome::RouterSilent => Verdict::Failure,
+            Outcome::NoResponders | Outcome::LinkFailed | Outcome::Abandoned => Verdict::Neutral,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +140,8 @@ pub struct CircuitBreaker {
     epoch: u64,
     /// How long the next opening lasts.
     next_open: Duration,
+    /// Open or HalfOpen on what a since-lost link told: closes when a link is back.
+    caused_by_outage: bool,
     transitions: Vec<BreakerState>,
 }
 
@@ -108,6 +152,7 @@ impl CircuitBreaker {
             state: State::Closed { failures: 0 },
             epoch: 0,
             next_open: config.open_duration,
+            caused_by_outage: false,
             transitions: Vec::new(),
         }
     }
@@ -142,29 +187,48 @@ impl CircuitBreaker {
         if permit.epoch != self.epoch {
             return;
         }
-        match (&mut self.state, outcome) {
-            (State::Closed { failures }, Outcome::Failure) => {
+        match (&mut self.state, outcome.verdict()) {
+            (State::Closed { failures }, Verdict::Failure) => {
                 *failures += 1;
                 if *failures >= self.config.failures_to_open {
                     self.open(now);
                 }
             }
-            (State::Closed { failures }, Outcome::Success) => *failures = 0,
-            (State::HalfOpen { probes, successes }, outcome) => {
+            (State::Closed { failures }, Verdict::Success) => *failures = 0,
+            (State::HalfOpen { probes, successes }, verdict) => {
                 *probes = probes.saturating_sub(1);
-                match outcome {
-                    Outcome::Failure => self.open(now),
-                    Outcome::Success => {
+                match verdict {
+                    Verdict::Failure => self.open(now),
+                    Verdict::Success => {
                         *successes += 1;
                         if *successes >= self.config.successes_to_close {
                             self.next_open = self.config.open_duration;
                             self.transition(State::Closed { failures: 0 });
                         }
                     }
-                    Outcome::Abandoned => {}
+                    Verdict::Neutral => {}
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The upstream's link was lost: failures counted on it are forgotten, and an Open or
+    /// HalfOpen breaker is marked as the outage's doing (see the module doc).
+    pub fn handle_link_lost(&mut self, now: Instant) {
+        self.handle_timeout(now);
+        match &mut self.state {
+            State::Closed { failures } => *failures = 0,
+            State::Open { .. } | State::HalfOpen { .. } => self.caused_by_outage = true,
+        }
+    }
+
+    /// A link is up again: a breaker the outage left Open or HalfOpen closes, so the first
+    /// request after the handshake is served.
+    pub fn handle_link_restored(&mut self, now: Instant) {
+        self.handle_timeout(now);
+        if std::mem::take(&mut self.caused_by_outage) && self.state() != BreakerState::Closed {
+            self.transition(State::Closed { failures: 0 });
         }
     }
 
@@ -206,6 +270,11 @@ impl CircuitBreaker {
     }
 
     fn transition(&mut self, to: State) {
+        if matches!(to, State::Closed { .. } | State::Open { .. }) {
+            // A new judgement: Closed starts afresh, and an opening decided on a live link
+            // is the Router's, whatever an earlier link did.
+            self.caused_by_outage = false;
+        }
         self.state = to;
         self.epoch += 1;
         self.transitions.push(self.state());
@@ -226,7 +295,7 @@ mod tests {
     fn fail_n(b: &mut CircuitBreaker, n: u32, now: Instant) {
         for _ in 0..n {
             let p = b.try_acquire(now).expect("admitted");
-            b.record(p, Outcome::Failure, now);
+            b.record(p, Outcome::RouterSilent, now);
         }
     }
 
@@ -235,7 +304,7 @@ mod tests {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
         fail_n(&mut b, 4, at(0));
         let p = b.try_acquire(at(0)).unwrap();
-        b.record(p, Outcome::Success, at(0));
+        b.record(p, Outcome::RouterReplied, at(0));
         fail_n(&mut b, 4, at(0));
         assert_eq!(b.state(), BreakerState::Closed);
         fail_n(&mut b, 1, at(0));
@@ -254,12 +323,12 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
         let probes: Vec<Permit> = (0..3).map(|_| b.try_acquire(at(5)).unwrap()).collect();
         assert_eq!(b.try_acquire(at(5)), None, "a fourth probe");
-        b.record(probes[0], Outcome::Success, at(5));
+        b.record(probes[0], Outcome::RouterReplied, at(5));
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        b.record(probes[1], Outcome::Success, at(5));
+        b.record(probes[1], Outcome::RouterReplied, at(5));
         assert_eq!(b.state(), BreakerState::Closed);
         // The third probe's late failure belongs to an older epoch.
-        b.record(probes[2], Outcome::Failure, at(5));
+        b.record(probes[2], Outcome::RouterSilent, at(5));
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -274,13 +343,13 @@ mod tests {
             seen.push((until - now).as_secs());
             now = until;
             let p = b.try_acquire(now).unwrap();
-            b.record(p, Outcome::Failure, now);
+            b.record(p, Outcome::RouterSilent, now);
         }
         assert_eq!(seen, vec![5, 10, 20, 40, 60, 60]);
         now = b.poll_timeout().unwrap();
         for _ in 0..2 {
             let p = b.try_acquire(now).unwrap();
-            b.record(p, Outcome::Success, now);
+            b.record(p, Outcome::RouterReplied, now);
         }
         assert_eq!(b.state(), BreakerState::Closed);
         fail_n(&mut b, 5, now);
@@ -302,14 +371,73 @@ mod tests {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
         let old: Vec<Permit> = (0..6).map(|_| b.try_acquire(at(0)).unwrap()).collect();
         for p in &old[..5] {
-            b.record(*p, Outcome::Failure, at(0));
+            b.record(*p, Outcome::RouterSilent, at(0));
         }
         b.handle_timeout(at(5));
-        b.record(old[5], Outcome::Failure, at(5));
+        b.record(old[5], Outcome::RouterSilent, at(5));
         assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
-    /// A deliberately plain model of gateway.md section 4, written separately from the breaker.
+    #[test]
+    fn only_a_router_timeout_counts_as_a_failure() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        for outcome in [Outcome::NoResponders, Outcome::LinkFailed, Outcome::Abandoned] {
+            for _ in 0..10 {
+                let p = b.try_acquire(at(0)).unwrap();
+                b.record(p, outcome, at(0));
+            }
+            assert_eq!(b.state(), BreakerState::Closed, "{outcome:?} opened the breaker");
+        }
+        fail_n(&mut b, 5, at(0));
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn neutral_outcomes_do_not_reset_the_failure_count() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        fail_n(&mut b, 4, at(0));
+        let p = b.try_acquire(at(0)).unwrap();
+        b.record(p, Outcome::NoResponders, at(0));
+        fail_n(&mut b, 1, at(0));
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_lost_link_forgets_the_failures_counted_on_it() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        fail_n(&mut b, 4, at(0));
+        b.handle_link_lost(at(1));
+        b.handle_link_restored(at(2));
+        fail_n(&mut b, 4, at(2));
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_reconnect_does_not_inherit_an_open_breaker_the_outage_caused() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        fail_n(&mut b, 5, at(0));
+        b.handle_link_lost(at(1));
+        assert_eq!(b.state(), BreakerState::Open, "still open while the link is down");
+        b.handle_link_restored(at(2));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.try_acquire(at(2)).is_some(), "the first request after reconnect");
+        // The open time was not reset: a Router that really fails re-opens for longer.
+        fail_n(&mut b, 5, at(2));
+        assert_eq!(b.poll_timeout(), Some(at(12)));
+    }
+
+    #[test]
+    fn an_opening_on_a_live_link_survives_a_reconnect_that_came_before_it() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        b.handle_link_lost(at(0));
+        b.handle_link_restored(at(1));
+        fail_n(&mut b, 5, at(2));
+        b.handle_link_restored(at(3));
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    /// A deliberately plain model of gateway.md section 4, written separately from the breaker:
+    /// states as strings, link events as a flag, outcomes judged by their own match.
     #[derive(Debug)]
     struct Model {
         cfg: BreakerConfig,
@@ -319,6 +447,8 @@ mod tests {
         open_ms: u64,
         probes: Vec<u64>,
         successes: u32,
+        /// Open or half-open when a link was lost: closes when one is back.
+        outage: bool,
     }
 
     impl Model {
@@ -334,6 +464,12 @@ mod tests {
             self.open_until = now + self.open_ms;
             self.open_ms = (self.open_ms * 2).min(self.cfg.max_open_duration.as_millis() as u64);
             self.failures = 0;
+            self.outage = false;
+        }
+        fn close(&mut self) {
+            self.state = "closed";
+            self.failures = 0;
+            self.outage = false;
         }
     }
 
@@ -350,18 +486,31 @@ mod tests {
         Advance(u64),
         Acquire,
         Finish(usize, u8),
+        LinkLost,
+        LinkRestored,
     }
 
     fn arb_ev() -> impl Strategy<Value = Ev> {
         prop_oneof![
-            (0u64..3_000).prop_map(Ev::Advance),
-            Just(Ev::Acquire),
-            (any::<usize>(), 0u8..3).prop_map(|(i, o)| Ev::Finish(i, o)),
+            4 => (0u64..3_000).prop_map(Ev::Advance),
+            4 => Just(Ev::Acquire),
+            6 => (any::<usize>(), 0u8..5).prop_map(|(i, o)| Ev::Finish(i, o)),
+            1 => Just(Ev::LinkLost),
+            1 => Just(Ev::LinkRestored),
         ]
     }
 
+    const OUTCOMES: [Outcome; 5] = [
+        Outcome::RouterReplied,
+        Outcome::RouterSilent,
+        Outcome::NoResponders,
+        Outcome::LinkFailed,
+        Outcome::Abandoned,
+    ];
+
     proptest! {
-        /// The breaker agrees with the plain model on every admission and every state.
+        /// The breaker agrees with the plain model on every admission and every state, over
+        /// sequences that mix link losses and returns with every kind of outcome.
         #[test]
         fn breaker_matches_reference_model(events in proptest::collection::vec(arb_ev(), 1..300)) {
             let cfg = BreakerConfig {
@@ -372,25 +521,26 @@ mod tests {
                 successes_to_close: 2,
             };
             let mut b = CircuitBreaker::new(cfg);
-            let mut m = Model { cfg, state: "closed", failures: 0, open_until: 0, open_ms: 1_000, probes: vec![], successes: 0 };
+            let mut m = Model { cfg, state: "closed", failures: 0, open_until: 0, open_ms: 1_000, probes: vec![], successes: 0, outage: false };
             let mut now = 0u64;
             let mut next_id = 0u64;
             // (model id, admitted in state, model generation, permit)
             let mut outstanding: Vec<(u64, &'static str, u64, Permit)> = Vec::new();
             let mut generation = 0u64;
             let mut last_state = "closed";
+            let t = |ms: u64| Instant::ZERO + Duration::from_millis(ms);
             for ev in events {
+                m.tick(now);
+                bump(&m, &mut last_state, &mut generation);
                 match ev {
                     Ev::Advance(ms) => now += ms,
                     Ev::Acquire => {
-                        m.tick(now);
-                        bump(&m, &mut last_state, &mut generation);
                         let model_admits = match m.state {
                             "closed" => true,
                             "half_open" => (m.probes.len() as u32) < cfg.max_probes,
                             _ => false,
                         };
-                        let got = b.try_acquire(Instant::ZERO + Duration::from_millis(now));
+                        let got = b.try_acquire(t(now));
                         prop_assert_eq!(got.is_some(), model_admits);
                         if let Some(p) = got {
                             next_id += 1;
@@ -398,33 +548,46 @@ mod tests {
                             outstanding.push((next_id, m.state, generation, p));
                         }
                     }
+                    Ev::LinkLost => {
+                        b.handle_link_lost(t(now));
+                        match m.state {
+                            "closed" => m.failures = 0,
+                            _ => m.outage = true,
+                        }
+                    }
+                    Ev::LinkRestored => {
+                        b.handle_link_restored(t(now));
+                        if m.outage && m.state != "closed" { m.close(); }
+                        m.outage = false;
+                    }
                     Ev::Finish(i, o) if !outstanding.is_empty() => {
                         let (id, admitted_in, gen, permit) = outstanding.remove(i % outstanding.len());
-                        m.tick(now);
-                        bump(&m, &mut last_state, &mut generation);
-                        let outcome = [Outcome::Success, Outcome::Failure, Outcome::Abandoned][o as usize];
+                        let outcome = OUTCOMES[o as usize];
                         let current = gen == generation;
-                        b.record(permit, outcome, Instant::ZERO + Duration::from_millis(now));
+                        b.record(permit, outcome, t(now));
+                        // Only the Router's silence is a failure, only its reply a success.
+                        let (failure, success) = match outcome {
+                            Outcome::RouterSilent => (true, false),
+                            Outcome::RouterReplied => (false, true),
+                            _ => (false, false),
+                        };
                         if current {
-                            match (m.state, admitted_in, outcome) {
-                                ("closed", _, Outcome::Failure) => {
+                            match (m.state, admitted_in) {
+                                ("closed", _) if failure => {
                                     m.failures += 1;
                                     if m.failures >= cfg.failures_to_open { m.open(now); }
                                 }
-                                ("closed", _, Outcome::Success) => m.failures = 0,
-                                ("half_open", "half_open", _) => {
+                                ("closed", _) if success => m.failures = 0,
+                                ("half_open", "half_open") => {
                                     m.probes.retain(|p| *p != id);
-                                    match outcome {
-                                        Outcome::Failure => m.open(now),
-                                        Outcome::Success => {
-                                            m.successes += 1;
-                                            if m.successes >= cfg.successes_to_close {
-                                                m.state = "closed";
-                                                m.failures = 0;
-                                                m.open_ms = 1_000;
-                                            }
+                                    if failure {
+                                        m.open(now);
+                                    } else if success {
+                                        m.successes += 1;
+                                        if m.successes >= cfg.successes_to_close {
+                                            m.close();
+                                            m.open_ms = 1_000;
                                         }
-                                        Outcome::Abandoned => {}
                                     }
                                 }
                                 _ => {}
@@ -433,7 +596,7 @@ mod tests {
                     }
                     Ev::Finish(..) => {}
                 }
-                b.handle_timeout(Instant::ZERO + Duration::from_millis(now));
+                b.handle_timeout(t(now));
                 m.tick(now);
                 bump(&m, &mut last_state, &mut generation);
                 prop_assert_eq!(b.state().name(), m.state);

@@ -158,6 +158,8 @@ pub struct Gateway<U> {
     admitted_connections: usize,
     inflight: InFlightTable,
     breaker: CircuitBreaker,
+    /// The upstream's link as last seen, to notice losses and returns.
+    last_link: Option<u64>,
     read_deadlines: BTreeSet<(Instant, ConnId)>,
     actions: VecDeque<Action>,
     next_conn: u64,
@@ -185,6 +187,7 @@ impl<U: Upstream> Gateway<U> {
         Gateway {
             capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
             breaker: CircuitBreaker::new(config.breaker),
+            last_link: None,
             config,
             upstream,
             clients: BTreeMap::new(),
@@ -329,8 +332,13 @@ impl<U: Upstream> Gateway<U> {
         self.upstream.handle_timeout(now);
         self.drain_upstream(now);
         while let Some((id, entry)) = self.inflight.pop_expired(now) {
+            let outcome = if self.upstream.awaiting_router(id) {
+                Outcome::RouterSilent
+            } else {
+                Outcome::LinkFailed
+            };
             self.upstream.cancel(id);
-            self.breaker.record(entry.permit, Outcome::Failure, now);
+            self.breaker.record(entry.permit, outcome, now);
             self.stats.router_timeouts += 1;
             let rid = self.request_id_text(id);
             let message = format!(
@@ -660,19 +668,20 @@ impl<U: Upstream> Gateway<U> {
                     id,
                     ReplyFrame::new(kind::RESPONSE_OK, payload),
                     0,
-                    Outcome::Success,
+                    Outcome::RouterReplied,
                 ),
-                UpstreamEvent::Failed { id, code, message } => {
-                    let outcome = match code {
-                        ErrorCode::RouterUnavailable | ErrorCode::Timeout => Outcome::Failure,
-                        _ => Outcome::Abandoned,
-                    };
+                UpstreamEvent::Failed {
+                    id,
+                    code,
+                    message,
+                    cause,
+                } => {
                     let rid = self.request_id_text(id);
                     (
                         id,
                         error_frame(code, &message, Some(&rid)),
                         code.code(),
-                        outcome,
+                        Outcome::from(cause),
                     )
                 }
             };
@@ -816,12 +825,29 @@ impl<U: Upstream> Gateway<U> {
         );
     }
 
+    /// Tells the breaker when the upstream's link was lost and when one is back, so that a
+    /// reconnect never inherits an Open breaker the outage caused (breaker.rs, module doc).
+    fn observe_link(&mut self, now: Instant) {
+        let link = self.upstream.link();
+        if link == self.last_link {
+            return;
+        }
+        if self.last_link.is_some() {
+            self.breaker.handle_link_lost(now);
+        }
+        if link.is_some() {
+            self.breaker.handle_link_restored(now);
+        }
+        self.last_link = link;
+    }
+
     /// End of every input: breaker transitions are logged and counted, and a drain that has
     /// nothing left to wait for completes.
     fn finish_turn(&mut self, now: Instant) {
         while let Some(id) = self.to_resume.pop_first() {
             self.process_frames(id, now);
         }
+        self.observe_link(now);
         while let Some(to) = self.breaker.poll_transition() {
             *self.stats.breaker_transitions.entry(to.name()).or_default() += 1;
             warn!(

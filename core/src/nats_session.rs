@@ -43,7 +43,9 @@ use crate::nats_requests::{Pending, Place, RequestBook};
 use crate::rng::Rng;
 use crate::router_envelope::build_router_request;
 use crate::time::Instant;
-use crate::upstream::{request_id_text, Upstream, UpstreamEvent, UpstreamRequest};
+use crate::upstream::{
+    request_id_text, FailureCause, Upstream, UpstreamEvent, UpstreamRequest,
+};
 
 /// The largest Router reply an IPC frame can carry (ipc-protocol.md section 2).
 pub const MAX_REPLY_BYTES: usize = crate::frame::MAX_FRAME_BYTES - crate::frame::HEADER_LEN;
@@ -100,6 +102,9 @@ pub struct NatsSession {
     link: Link,
     started: bool,
     ever_connected: bool,
+    /// Links that completed their handshake, this one included: the link's number for
+    /// [`Upstream::link`].
+    links_up: u64,
     current: Option<ServerUrl>,
     /// What the last INFO said; kept while disconnected to judge buffered requests.
     server_headers: bool,
@@ -155,6 +160,7 @@ impl NatsSession {
             },
             started: false,
             ever_connected: false,
+            links_up: 0,
             current: None,
             server_headers: false,
             server_max_payload: None,
@@ -269,7 +275,11 @@ impl NatsSession {
             awaiting = self.requests.len()
         );
         self.draining = Some(now + self.config.drain_timeout);
-        self.fail_buffered(ErrorCode::ShuttingDown, "Shutting down: NATS is draining");
+        self.fail_buffered(
+            ErrorCode::ShuttingDown,
+            "Shutting down: NATS is draining",
+            FailureCause::Refused,
+        );
         if matches!(self.link, Link::Up { .. }) {
             self.check_drain();
         } else {
@@ -289,6 +299,7 @@ impl NatsSession {
                 id,
                 ErrorCode::ShuttingDown,
                 "Shutting down: the NATS connection is closed",
+                FailureCause::Refused,
             );
         }
         self.finish_close();
@@ -440,6 +451,7 @@ impl NatsSession {
                     id,
                     ErrorCode::RouterUnavailable,
                     "Router unavailable: the NATS connection was lost after the request was sent",
+                    FailureCause::Link,
                 );
             }
         }
@@ -494,6 +506,7 @@ impl NatsSession {
     }
 
     fn enter_up(&mut self, now: Instant) {
+        self.links_up += 1;
         self.link = Link::Up {
             next_ping: now + self.config.ping_interval,
             pings_out: 0,
@@ -678,6 +691,7 @@ impl NatsSession {
                 id,
                 code: ErrorCode::RouterUnavailable,
                 message: "Router unavailable: no responders".to_owned(),
+                cause: FailureCause::NoResponders,
             });
         } else if payload.len() > MAX_REPLY_BYTES {
             // A server may allow up to 64 MiB; an IPC frame carries 4 MiB. Error 3 for this
@@ -691,6 +705,7 @@ impl NatsSession {
                 id,
                 code: ErrorCode::FrameTooLarge,
                 message,
+                cause: FailureCause::Refused,
             });
         } else {
             self.events.push_back(UpstreamEvent::Reply { id, payload });
@@ -758,7 +773,7 @@ impl NatsSession {
         };
         if let Err(e) = encoded {
             let message = format!("Internal error: cannot publish the Router request: {e}");
-            return self.fail(id, ErrorCode::Internal, &message);
+            return self.fail(id, ErrorCode::Internal, &message, FailureCause::Refused);
         }
         self.requests.mark_written(id, self.queued_total);
         self.push_out(b.freeze());
@@ -778,9 +793,10 @@ impl NatsSession {
                     id,
                     ErrorCode::Timeout,
                     "Timeout: the deadline passed while NATS was disconnected",
+                    FailureCause::Link,
                 );
             } else if let Some(message) = self.too_large(p) {
-                self.fail(id, ErrorCode::FrameTooLarge, &message);
+                self.fail(id, ErrorCode::FrameTooLarge, &message, FailureCause::Refused);
             } else {
                 self.write_request(id);
             }
@@ -788,20 +804,21 @@ impl NatsSession {
     }
 
     /// Removes a request (wherever it is) and reports it failed.
-    fn fail(&mut self, id: RequestId, code: ErrorCode, message: &str) {
+    fn fail(&mut self, id: RequestId, code: ErrorCode, message: &str, cause: FailureCause) {
         if self.requests.remove(id).is_some() {
             self.events.push_back(UpstreamEvent::Failed {
                 id,
                 code,
                 message: message.to_owned(),
+                cause,
             });
         }
     }
 
-    fn fail_buffered(&mut self, code: ErrorCode, message: &str) {
+    fn fail_buffered(&mut self, code: ErrorCode, message: &str, cause: FailureCause) {
         let ids = self.requests.buffered_ids();
         for id in ids {
-            self.fail(id, code, message);
+            self.fail(id, code, message, cause);
         }
     }
 }
@@ -810,15 +827,20 @@ impl Upstream for NatsSession {
     fn submit(&mut self, request: UpstreamRequest, now: Instant) {
         self.tick(now);
         let id = request.id;
-        let refuse = |s: &mut NatsSession, code: ErrorCode, message: String| {
-            s.events
-                .push_back(UpstreamEvent::Failed { id, code, message });
+        let refuse = |s: &mut NatsSession, code: ErrorCode, message: String, cause| {
+            s.events.push_back(UpstreamEvent::Failed {
+                id,
+                code,
+                message,
+                cause,
+            });
         };
         if self.draining.is_some() || self.link == Link::Closed {
             return refuse(
                 self,
                 ErrorCode::ShuttingDown,
                 "Shutting down: the NATS session is closing".to_owned(),
+                FailureCause::Refused,
             );
         }
         if self.requests.contains(id) {
@@ -846,7 +868,7 @@ impl Upstream for NatsSession {
             + 32;
         let pending = Pending::new(request.deadline, rr.body, rr.headers, size);
         if let Some(message) = self.too_large(&pending) {
-            return refuse(self, ErrorCode::FrameTooLarge, message);
+            return refuse(self, ErrorCode::FrameTooLarge, message, FailureCause::Refused);
         }
         if self.can_publish() {
             self.requests.insert_written(id, pending, self.queued_total);
@@ -858,6 +880,7 @@ impl Upstream for NatsSession {
                 ErrorCode::RouterUnavailable,
                 "Router unavailable: NATS is disconnected and the reconnect buffer is full"
                     .to_owned(),
+                FailureCause::Link,
             );
         } else {
             self.requests.insert_buffered(id, pending);
@@ -943,6 +966,20 @@ impl Upstream for NatsSession {
     /// Buffered requests plus requests on the wire awaiting their reply.
     fn pending(&self) -> usize {
         self.requests.len()
+    }
+
+    /// On the wire of the link that is up: some of its bytes were written to the socket.
+    /// A frame still queued behind a full socket has not reached the Router.
+    fn awaiting_router(&self, id: RequestId) -> bool {
+        matches!(self.link, Link::Up { .. })
+            && matches!(
+                self.requests.get(id).map(Pending::place),
+                Some(Place::Written { start }) if start < self.written_total
+            )
+    }
+
+    fn link(&self) -> Option<u64> {
+        matches!(self.link, Link::Up { .. }).then_some(self.links_up)
     }
 }
 

@@ -91,6 +91,11 @@ impl Upstream for StubUpstream {
     fn pending(&self) -> usize {
         self.scheduled.len() + self.ready.len()
     }
+
+    /// The stub is the Router: a request it holds past its deadline is the Router's delay.
+    fn awaiting_router(&self, id: RequestId) -> bool {
+        self.due.contains_key(&id)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 
 use bytes::Bytes;
 
+use crate::breaker::Outcome;
 use crate::error::ErrorCode;
 use crate::frame::kind;
 use crate::inflight::RequestId;
@@ -69,6 +70,30 @@ pub fn request_id_text(instance: u32, id: RequestId) -> String {
     format!("{instance:08x}-{}", id.0)
 }
 
+/// Why an upstream gave up on a request without a Router reply. The circuit breaker judges the
+/// Router by it ([`crate::breaker::Outcome`]), so it is a type rather than something read off
+/// the error code: no upstream can make a link failure count against the Router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The NATS server answered that nobody subscribes to the Router's subject (503).
+    NoResponders,
+    /// The link failed it: lost after the write, held in the reconnect buffer until its
+    /// deadline, refused by a full buffer.
+    Link,
+    /// It cannot be carried (too large, unencodable) or the upstream is closing.
+    Refused,
+}
+
+impl From<FailureCause> for Outcome {
+    fn from(cause: FailureCause) -> Outcome {
+        match cause {
+            FailureCause::NoResponders => Outcome::NoResponders,
+            FailureCause::Link => Outcome::LinkFailed,
+            FailureCause::Refused => Outcome::Abandoned,
+        }
+    }
+}
+
 /// How a request ended, as reported by the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamEvent {
@@ -79,6 +104,7 @@ pub enum UpstreamEvent {
         id: RequestId,
         code: ErrorCode,
         message: String,
+        cause: FailureCause,
     },
 }
 
@@ -96,6 +122,17 @@ pub trait Upstream {
     fn poll_event(&mut self) -> Option<UpstreamEvent>;
     /// Requests the upstream still holds (for the no-leak invariant).
     fn pending(&self) -> usize;
+    /// Whether request `id` is on the wire of the link that is up now, so that only the Router
+    /// can answer it. Asked when its deadline passes: only such a request timing out counts
+    /// against the Router ([`crate::breaker::Outcome::RouterSilent`]); one that never left the
+    /// reconnect buffer is the link's failure.
+    fn awaiting_router(&self, id: RequestId) -> bool;
+    /// The link to the Router: `Some(n)` while the n-th link is up, `None` while there is none.
+    /// The gateway tells the breaker when a link is lost and when one is back. An upstream with
+    /// no link (the stub) is always `Some(0)`.
+    fn link(&self) -> Option<u64> {
+        Some(0)
+    }
 }
 
 #[cfg(test)]

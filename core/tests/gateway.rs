@@ -12,18 +12,22 @@ use ipc_gateway_core::error::ErrorCode;
 use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder};
 use ipc_gateway_core::gateway::AllowedUids;
 use ipc_gateway_core::inflight::RequestId;
-use ipc_gateway_core::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use ipc_gateway_core::upstream::{
+    FailureCause, TaskKind, Upstream, UpstreamEvent, UpstreamRequest,
+};
 use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
 use serde_json::{json, Value};
 
 /// An upstream that records what it is asked and answers only when the test says so.
-#[derive(Default)]
 struct Scripted {
     submitted: Vec<(RequestId, TaskKind, Bytes)>,
     cancelled: Vec<RequestId>,
     events: VecDeque<UpstreamEvent>,
     /// What `pending()` reports (the test decides what the upstream still holds).
     holding: usize,
+    /// The link the test says is up (`None`: down). Requests wait for the Router only on a
+    /// link that is up.
+    link: Option<u64>,
 }
 
 impl Upstream for Scripted {
@@ -43,6 +47,24 @@ impl Upstream for Scripted {
     }
     fn pending(&self) -> usize {
         self.holding
+    }
+    fn awaiting_router(&self, _id: RequestId) -> bool {
+        self.link.is_some()
+    }
+    fn link(&self) -> Option<u64> {
+        self.link
+    }
+}
+
+impl Default for Scripted {
+    fn default() -> Scripted {
+        Scripted {
+            submitted: Vec::new(),
+            cancelled: Vec::new(),
+            events: VecDeque::new(),
+            holding: 0,
+            link: Some(1),
+        }
     }
 }
 
@@ -175,6 +197,7 @@ fn unavailable(id: RequestId) -> UpstreamEvent {
         id,
         code: ErrorCode::RouterUnavailable,
         message: "Router unavailable: no responders".into(),
+        cause: FailureCause::NoResponders,
     }
 }
 
@@ -278,16 +301,15 @@ fn request_ids_are_unique_and_seeded() {
     assert!(a.request_id_text(RequestId(12)).ends_with("-12"));
 }
 
-/// The breaker opens after consecutive failures, answers error 8 without asking the upstream
-/// while open, half-opens after the open time and closes on a probe's success.
+/// The breaker opens after consecutive Router timeouts, answers error 8 without asking the
+/// upstream while open, half-opens after the open time and closes on a probe's success.
 #[test]
 fn breaker_lifecycle_through_the_gateway() {
     let mut h = Harness::new(config());
     let c = h.open(ms(0));
     for i in 0..3 {
-        h.task(c, "{}", ms(i));
-        let id = *h.submitted().last().unwrap();
-        h.reply(unavailable(id), ms(i));
+        h.task(c, "{}", ms(i * 100));
+        h.tick(ms(i * 100 + 100));
     }
     assert_eq!(h.gw.breaker_state(), BreakerState::Open);
     let asked = h.submitted().len();
@@ -302,8 +324,10 @@ fn breaker_lifecycle_through_the_gateway() {
         .as_str()
         .unwrap()
         .contains("circuit breaker open"));
-    assert_eq!(h.gw.poll_timeout(), Some(ms(1002)));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(1300)));
     h.tick(ms(1002));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+    h.tick(ms(1300));
     assert_eq!(h.gw.breaker_state(), BreakerState::HalfOpen);
     h.task(c, "{}", ms(1003));
     h.task(c, "{}", ms(1003));
@@ -324,6 +348,7 @@ fn breaker_lifecycle_through_the_gateway() {
             id,
             code: ErrorCode::FrameTooLarge,
             message: "too large".into(),
+            cause: FailureCause::Refused,
         };
         h.reply(too_big, ms(1010 + i));
     }
@@ -331,9 +356,45 @@ fn breaker_lifecycle_through_the_gateway() {
     assert_eq!(h.errors(c).last().unwrap()["code"], 3);
 }
 
-/// Timeouts count as breaker failures too.
+/// Router timeouts open the breaker; no responders, link failures and timeouts of requests
+/// that never reached a connected server do not (gateway.md section 4).
 #[test]
-fn timeouts_open_the_breaker() {
+fn only_router_timeouts_open_the_breaker() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    for i in 0..5 {
+        h.task(c, "{}", ms(i));
+        let id = *h.submitted().last().unwrap();
+        h.reply(unavailable(id), ms(i));
+        h.task(c, "{}", ms(i));
+        let id = *h.submitted().last().unwrap();
+        let lost = UpstreamEvent::Failed {
+            id,
+            code: ErrorCode::RouterUnavailable,
+            message: "lost".into(),
+            cause: FailureCause::Link,
+        };
+        h.reply(lost, ms(i));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "no responders and link failures");
+    h.gw.upstream_mut().link = None;
+    for i in 0..3 {
+        h.task(c, "{}", ms(100 + i * 200));
+        h.tick(ms(100 + i * 200 + 100));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "timeouts while the link is down");
+    h.gw.upstream_mut().link = Some(2);
+    for i in 0..3 {
+        h.task(c, "{}", ms(1000 + i * 200));
+        h.tick(ms(1000 + i * 200 + 100));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+}
+
+/// A breaker opened by timeouts on a link that is then lost closes when a link is back, so the
+/// first request after the reconnect is sent to the Router.
+#[test]
+fn a_reconnect_closes_a_breaker_the_lost_link_opened() {
     let mut h = Harness::new(config());
     let c = h.open(ms(0));
     for i in 0..3 {
@@ -341,6 +402,15 @@ fn timeouts_open_the_breaker() {
         h.tick(ms(i * 200 + 100));
     }
     assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+    h.gw.upstream_mut().link = None;
+    h.tick(ms(600));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+    h.gw.upstream_mut().link = Some(2);
+    h.tick(ms(700));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    let asked = h.submitted().len();
+    h.task(c, "{}", ms(701));
+    assert_eq!(h.submitted().len(), asked + 1, "the first request after the reconnect");
 }
 
 /// The global in-flight limit sheds with error 7 at once and counts it; per connection, the

@@ -530,7 +530,10 @@ fn a_reply_over_the_frame_limit_is_error_3() {
         panic!("{:?}", sh.events[0]);
     };
     assert_eq!(payload.len(), MAX_REPLY_BYTES);
-    let UpstreamEvent::Failed { id, code, message } = &sh.events[1] else {
+    let UpstreamEvent::Failed {
+        id, code, message, ..
+    } = &sh.events[1]
+    else {
         panic!("{:?}", sh.events[1]);
     };
     assert_eq!((id.0, code.code()), (2, 3));
