@@ -17,7 +17,8 @@
 //! alone decides what each one means ([`Outcome::verdict`]): the only failure is
 //! [`Outcome::RouterSilent`], a request written to a connected server that then timed out; the
 //! only success is [`Outcome::RouterReplied`] (a Router-level error is a reply). No responders,
-//! everything the link causes, and abandoned requests count neither way. While Open every
+//! requests the Router took with it when it went away, everything the link causes, and
+//! abandoned requests count neither way. While Open every
 //! request is refused at once, so a dead Router costs clients nothing but error 8.
 //!
 //! The link is judged by the session, but one thing it tells the breaker: when a link is lost,
@@ -97,6 +98,11 @@ pub enum Outcome {
     /// The server answered that nobody subscribes to the Router's subject (NATS 503). Asking an
     /// absent Router costs nothing, and counting it would keep users out after it is back.
     NoResponders,
+    /// Written to a connected server and timed out, but a request written after it was
+    /// answered "no responders": the Router went away (crashed, restarted) with it. That is the
+    /// Router's absence, which the server reports at once, not a Router that takes requests
+    /// and does not answer; counting it would open the breaker just as the Router comes back.
+    RouterLeft,
     /// The link failed it: the connection dropped after the write, it waited in the reconnect
     /// buffer until its deadline, or the buffer was full.
     LinkFailed,
@@ -119,7 +125,10 @@ impl Outcome {
         match self {
             Outcome::RouterReplied => Verdict::Success,
             Outcome::RouterSilent => Verdict::Failure,
-            Outcome::NoResponders | Outcome::LinkFailed | Outcome::Abandoned => Verdict::Neutral,
+            Outcome::NoResponders
+            | Outcome::RouterLeft
+            | Outcome::LinkFailed
+            | Outcome::Abandoned => Verdict::Neutral,
         }
     }
 }
@@ -381,12 +390,20 @@ mod tests {
     #[test]
     fn only_a_router_timeout_counts_as_a_failure() {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
-        for outcome in [Outcome::NoResponders, Outcome::LinkFailed, Outcome::Abandoned] {
+        for outcome in [
+            Outcome::NoResponders,
+            Outcome::LinkFailed,
+            Outcome::Abandoned,
+        ] {
             for _ in 0..10 {
                 let p = b.try_acquire(at(0)).unwrap();
                 b.record(p, outcome, at(0));
             }
-            assert_eq!(b.state(), BreakerState::Closed, "{outcome:?} opened the breaker");
+            assert_eq!(
+                b.state(),
+                BreakerState::Closed,
+                "{outcome:?} opened the breaker"
+            );
         }
         fail_n(&mut b, 5, at(0));
         assert_eq!(b.state(), BreakerState::Open);
@@ -417,10 +434,17 @@ mod tests {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
         fail_n(&mut b, 5, at(0));
         b.handle_link_lost(at(1));
-        assert_eq!(b.state(), BreakerState::Open, "still open while the link is down");
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "still open while the link is down"
+        );
         b.handle_link_restored(at(2));
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.try_acquire(at(2)).is_some(), "the first request after reconnect");
+        assert!(
+            b.try_acquire(at(2)).is_some(),
+            "the first request after reconnect"
+        );
         // The open time was not reset: a Router that really fails re-opens for longer.
         fail_n(&mut b, 5, at(2));
         assert_eq!(b.poll_timeout(), Some(at(12)));
@@ -494,16 +518,17 @@ mod tests {
         prop_oneof![
             4 => (0u64..3_000).prop_map(Ev::Advance),
             4 => Just(Ev::Acquire),
-            6 => (any::<usize>(), 0u8..5).prop_map(|(i, o)| Ev::Finish(i, o)),
+            6 => (any::<usize>(), 0u8..6).prop_map(|(i, o)| Ev::Finish(i, o)),
             1 => Just(Ev::LinkLost),
             1 => Just(Ev::LinkRestored),
         ]
     }
 
-    const OUTCOMES: [Outcome; 5] = [
+    const OUTCOMES: [Outcome; 6] = [
         Outcome::RouterReplied,
         Outcome::RouterSilent,
         Outcome::NoResponders,
+        Outcome::RouterLeft,
         Outcome::LinkFailed,
         Outcome::Abandoned,
     ];

@@ -31,7 +31,7 @@ use crate::frame::{kind, DecodeError, Frame, ReplyFrame, MAX_FRAME_BYTES};
 use crate::inflight::{InFlight, InFlightTable, RequestId};
 use crate::payload::validate_task_payload;
 use crate::time::Instant;
-use crate::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use crate::upstream::{FailureCause, TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
 
 /// After the drain deadline, how long pending reply bytes may still be flushed before the
 /// gateway gives up on clients that do not read.
@@ -160,6 +160,10 @@ pub struct Gateway<U> {
     breaker: CircuitBreaker,
     /// The upstream's link as last seen, to notice losses and returns.
     last_link: Option<u64>,
+    /// The newest request answered "no responders": older requests that time out went away
+    /// with the Router ([`Outcome::RouterLeft`]). Ids grow in submit order, which is publish
+    /// order.
+    newest_no_responders: Option<RequestId>,
     read_deadlines: BTreeSet<(Instant, ConnId)>,
     actions: VecDeque<Action>,
     next_conn: u64,
@@ -188,6 +192,7 @@ impl<U: Upstream> Gateway<U> {
             capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
             breaker: CircuitBreaker::new(config.breaker),
             last_link: None,
+            newest_no_responders: None,
             config,
             upstream,
             clients: BTreeMap::new(),
@@ -332,10 +337,12 @@ impl<U: Upstream> Gateway<U> {
         self.upstream.handle_timeout(now);
         self.drain_upstream(now);
         while let Some((id, entry)) = self.inflight.pop_expired(now) {
-            let outcome = if self.upstream.awaiting_router(id) {
-                Outcome::RouterSilent
-            } else {
+            let outcome = if !self.upstream.awaiting_router(id) {
                 Outcome::LinkFailed
+            } else if self.newest_no_responders.is_some_and(|newer| newer > id) {
+                Outcome::RouterLeft
+            } else {
+                Outcome::RouterSilent
             };
             self.upstream.cancel(id);
             self.breaker.record(entry.permit, outcome, now);
@@ -676,6 +683,9 @@ impl<U: Upstream> Gateway<U> {
                     message,
                     cause,
                 } => {
+                    if cause == FailureCause::NoResponders {
+                        self.newest_no_responders = self.newest_no_responders.max(Some(id));
+                    }
                     let rid = self.request_id_text(id);
                     (
                         id,

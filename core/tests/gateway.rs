@@ -376,19 +376,61 @@ fn only_router_timeouts_open_the_breaker() {
         };
         h.reply(lost, ms(i));
     }
-    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "no responders and link failures");
+    assert_eq!(
+        h.gw.breaker_state(),
+        BreakerState::Closed,
+        "no responders and link failures"
+    );
     h.gw.upstream_mut().link = None;
     for i in 0..3 {
         h.task(c, "{}", ms(100 + i * 200));
         h.tick(ms(100 + i * 200 + 100));
     }
-    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "timeouts while the link is down");
+    assert_eq!(
+        h.gw.breaker_state(),
+        BreakerState::Closed,
+        "timeouts while the link is down"
+    );
     h.gw.upstream_mut().link = Some(2);
     for i in 0..3 {
         h.task(c, "{}", ms(1000 + i * 200));
         h.tick(ms(1000 + i * 200 + 100));
     }
     assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+}
+
+/// Requests the Router took with it when it went away (a later request got "no responders")
+/// time out without counting; a Router that stays subscribed and is silent still opens the
+/// breaker.
+#[test]
+fn requests_lost_with_a_departed_router_do_not_open_the_breaker() {
+    let mut h = Harness::new(GatewayConfig {
+        max_inflight: 10,
+        ..config()
+    });
+    let a = h.open(ms(0));
+    let b = h.open(ms(0));
+    // Three requests reach the Router (3 failures would open the breaker), then it goes away:
+    // the next request gets "no responders".
+    h.task(a, "{}", ms(0));
+    h.task(a, "{}", ms(0));
+    h.task(b, "{}", ms(0));
+    h.task(b, "{}", ms(1));
+    assert_eq!(h.submitted().len(), 4);
+    let newest = *h.submitted().last().unwrap();
+    h.reply(unavailable(newest), ms(1));
+    h.tick(ms(150));
+    let codes = |h: &Harness, c| -> Vec<Value> {
+        h.errors(c).iter().map(|e| e["code"].clone()).collect()
+    };
+    assert_eq!(codes(&h, a), [5, 5], "the requests at the departed Router time out");
+    assert_eq!(codes(&h, b), [5, 8]);
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    for i in 0..3 {
+        h.task(b, "{}", ms(200 + i * 200));
+        h.tick(ms(200 + i * 200 + 100));
+    }
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open, "a silent Router");
 }
 
 /// A breaker opened by timeouts on a link that is then lost closes when a link is back, so the
@@ -410,7 +452,11 @@ fn a_reconnect_closes_a_breaker_the_lost_link_opened() {
     assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
     let asked = h.submitted().len();
     h.task(c, "{}", ms(701));
-    assert_eq!(h.submitted().len(), asked + 1, "the first request after the reconnect");
+    assert_eq!(
+        h.submitted().len(),
+        asked + 1,
+        "the first request after the reconnect"
+    );
 }
 
 /// The global in-flight limit sheds with error 7 at once and counts it; per connection, the
