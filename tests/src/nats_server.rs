@@ -20,7 +20,7 @@
 //! cluster.restart(0);
 //! ```
 
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -51,6 +51,8 @@ pub fn free_port() -> u16 {
 /// One `nats-server` process (or a stopped one that can be restarted on the same port).
 pub struct NatsServer {
     port: u16,
+    /// The HTTP monitoring port (`-m`), for servers started with monitoring.
+    monitor_port: Option<u16>,
     /// Extra arguments (cluster settings), given again on every restart.
     extra: Vec<String>,
     child: Option<Child>,
@@ -68,13 +70,28 @@ impl NatsServer {
     /// Like [`NatsServer::start`], with extra `nats-server` arguments (e.g. `["-c", path]` for
     /// a configuration file; the port and address flags always win over the file).
     pub fn start_with_args(args: &[&str]) -> NatsServer {
-        let extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        NatsServer::start_on_free_ports(args, false)
+    }
+
+    /// Like [`NatsServer::start`], with the HTTP monitoring endpoints (`/connz`, ...) on a
+    /// free loopback port of their own; see [`NatsServer::connz`].
+    pub fn start_monitored() -> NatsServer {
+        NatsServer::start_on_free_ports(&[], true)
+    }
+
+    fn start_on_free_ports(args: &[&str], monitored: bool) -> NatsServer {
         let mut last = String::new();
-        // The port may be taken between picking it and the server binding it: try a few.
+        // A port may be taken between picking it and the server binding it: try a few.
         for _ in 0..5 {
+            let mut extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            let monitor_port = monitored.then(free_port);
+            if let Some(m) = monitor_port {
+                extra.extend(["-m".to_owned(), m.to_string()]);
+            }
             let mut server = NatsServer {
                 port: free_port(),
-                extra: extra.clone(),
+                monitor_port,
+                extra,
                 child: None,
                 log: Arc::new(Mutex::new(Vec::new())),
                 drains: Vec::new(),
@@ -92,6 +109,7 @@ impl NatsServer {
     fn unstarted(port: u16, extra: Vec<String>) -> NatsServer {
         NatsServer {
             port,
+            monitor_port: None,
             extra,
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
@@ -120,6 +138,41 @@ impl NatsServer {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// `GET /connz?<query>` from the monitoring port, parsed (e.g. `state=closed`, to see
+    /// the connections that ended, with their reason and message counts). Panics if the
+    /// server was not started with [`NatsServer::start_monitored`] or does not answer.
+    pub fn connz(&self, query: &str) -> serde_json::Value {
+        let port = self.monitor_port.expect("started without monitoring");
+        let mut stream = TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port))
+            .unwrap_or_else(|e| panic!("connecting to the monitoring port {port}: {e}"));
+        stream
+            .set_read_timeout(Some(NATS_START_TIMEOUT))
+            .expect("setting a read timeout");
+        write!(
+            stream,
+            "GET /connz?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .expect("writing the /connz request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .unwrap_or_else(|e| panic!("reading /connz: {e}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body)
+            .unwrap_or_else(|| panic!("no body in the /connz response: {response:?}"));
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/connz is not JSON ({e}): {body}"))
+    }
+
+    /// Sends `signal` to the running server (SIGSTOP and SIGCONT to freeze and thaw it).
+    /// Panics if it is not running.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self.pid().expect("nats-server is not running");
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+        rustix::process::kill_process(pid, signal)
+            .unwrap_or_else(|e| panic!("kill({pid:?}, {signal:?}): {e}"));
     }
 
     /// Kills the server with SIGKILL (no lame-duck, no goodbye to clients) and waits for it

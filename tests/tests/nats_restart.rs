@@ -1,31 +1,34 @@
-//! The NATS server killed under load and restarted (gateway.md sections 1 and 2): a real
-//! nats-server, the Router double (src/router_double.rs) on it, the daemon in NATS mode, and
-//! pipelined clients.
+//! The NATS server killed or frozen under load (gateway.md sections 1, 2 and 4): a real
+//! nats-server, the Router double (src/router_double.rs) on it, the daemon in NATS mode with
+//! its default settings but a 4 s request deadline, and pipelined clients throughout.
 //!
-//! - One kill with SIGKILL (no lame duck, no goodbye) and a restart 2 s later: every request
-//!   gets exactly one reply, OK, 5 (its deadline passed while the server was away) or 8 (it
-//!   was on the wire when the connection dropped), none later than its deadline + 1 s; the
-//!   first success comes within 2.5 s of the server accepting connections again (gateway.md:
-//!   a server that returns is used within 2 s, the longest backoff, plus the handshake).
+//! - A kill with SIGKILL (no lame duck, no goodbye) and a restart 2 s, 15 s or (with
+//!   `CGW_LONG_TESTS=1`) 60 s later: every request gets exactly one reply, OK, 5 (its deadline
+//!   passed while the server was away) or 8 (it was on the wire when the connection dropped),
+//!   none later than its deadline + 1 s; the first success comes within 2.5 s of the server
+//!   accepting connections again (gateway.md: a server that returns is used within 2 s, the
+//!   longest backoff, plus the handshake), and every request sent after it succeeds. The
+//!   breaker keeps its defaults: the requests lost at the kill and those that time out in the
+//!   reconnect buffer are the link's failures, not the Router's, and must not keep users out
+//!   after the server is back (section 4). The 4 s deadline makes the longer outages time
+//!   requests out in the reconnect buffer, the case that used to open the breaker.
+//! - SIGSTOP of the server for 10 s with the default 30 s deadline: every request is answered
+//!   by its deadline, and PINGs to the daemon stay fast while it waits.
 //! - Twenty kill/restart cycles: afterwards, with traffic stopped, the daemon's open file
 //!   descriptors are exactly what they were and its RSS is back near where it was; nothing is
 //!   left in flight.
-//!
-//! The circuit breaker is kept out of the way (CGW_IPC_BREAKER_FAILURES very high): the
-//! requests on the wire at the kill fail together, the breaker would open and turn requests
-//! away for its 5 s open duration, well past the restart. That is the breaker's job (its own
-//! tests cover it), but here it would hide what the NATS session does.
 
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{peak_rss_kb, rss_kb, wait_until, Daemon};
+use ipc_gateway_tests::daemon::{peak_rss_kb, ping, rss_kb, wait_until, Daemon};
 use ipc_gateway_tests::nats_load::{
     check_outcomes_and_deadlines, fd_count, fd_listing, nats_connected_count,
     router_double_success, stats, summary, Load, Outcome,
 };
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
+use rustix::process::Signal;
 use serde_json::{json, Value};
 
 /// The request deadline. Longer than the outage, so a request buffered while the server is
@@ -42,13 +45,18 @@ const FIRST_SUCCESS_WITHIN: Duration = Duration::from_millis(2500);
 const WITHIN: Duration = Duration::from_secs(20);
 
 fn start_daemon(server: &NatsServer) -> Daemon {
+    start_daemon_with_timeout(server, TIMEOUT_MS)
+}
+
+/// The daemon in NATS mode on `server`, default settings but the request deadline; returns
+/// once it is connected.
+fn start_daemon_with_timeout(server: &NatsServer, timeout_ms: u64) -> Daemon {
     let url = server.url();
-    let timeout = TIMEOUT_MS.to_string();
+    let timeout = timeout_ms.to_string();
     let daemon = Daemon::start(&[
         ("CGW_IPC_NATS_ENABLE", "1"),
         ("CGW_IPC_NATS_URL", &url),
         ("CGW_IPC_TIMEOUT_MS", &timeout),
-        ("CGW_IPC_BREAKER_FAILURES", "1000000"),
     ]);
     wait_until("the daemon connects to NATS", WITHIN, || {
         nats_connected_count(&daemon) >= 1
@@ -83,6 +91,30 @@ fn wait_settled(daemon: &Daemon) -> Value {
 /// SIGKILL under load (8 pipelined clients), restart after 2 s.
 #[test]
 fn sigkill_under_load_then_restart_after_two_seconds() {
+    kill_under_load_then_restart(OUTAGE);
+}
+
+/// The same after 15 s: requests wait in the reconnect buffer until their deadline, which
+/// must not open the breaker either.
+#[test]
+fn sigkill_under_load_then_restart_after_fifteen_seconds() {
+    kill_under_load_then_restart(Duration::from_secs(15));
+}
+
+/// The same after 60 s, in the long suite only (`CGW_LONG_TESTS=1`): a minute of outage
+/// would double the default run's longest test.
+#[test]
+fn sigkill_under_load_then_restart_after_sixty_seconds() {
+    if std::env::var("CGW_LONG_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: the 60 s outage runs with CGW_LONG_TESTS=1 (tests/run-all.sh long)");
+        return;
+    }
+    kill_under_load_then_restart(Duration::from_secs(60));
+}
+
+/// Kills nats-server under pipelined load, restarts it after `outage` and checks every reply,
+/// the recovery time, and that nothing after the recovery is turned away.
+fn kill_under_load_then_restart(outage: Duration) {
     let mut server = NatsServer::start();
     let _double = RouterDouble::start(&server.url());
     let daemon = start_daemon(&server);
@@ -99,7 +131,7 @@ fn sigkill_under_load_then_restart_after_two_seconds() {
     let killed_at = Instant::now();
     server.kill();
     // The outage itself: the scenario, not a wait for a condition.
-    thread::sleep(OUTAGE);
+    thread::sleep(outage);
     let restart_begun = Instant::now();
     server.restart();
     // restart() returns once the server answers a client with INFO: it is accepting.
@@ -109,7 +141,8 @@ fn sigkill_under_load_then_restart_after_two_seconds() {
     let records = load.stop();
 
     eprintln!(
-        "{}; first success {:?} after the server accepted again (restart took {:?})",
+        "outage {outage:?}: {}; first success {:?} after the server accepted again (restart \
+         took {:?})",
         summary(&records),
         first_ok.saturating_duration_since(back_at),
         back_at - restart_begun
@@ -139,24 +172,126 @@ fn sigkill_under_load_then_restart_after_two_seconds() {
         "no request sent before the kill got error 8: were the requests on the wire sent \
          again, or left to time out?"
     );
-    // A request sent before the kill and not yet written waits in the reconnect buffer and is
-    // sent once the server is back, well within its 4 s deadline.
-    let timed_out = records
-        .iter()
-        .find(|r| r.outcome == Outcome::Error(5) && r.sent < killed_at);
-    assert!(
-        timed_out.is_none(),
-        "a request sent before the kill timed out instead of failing at once with error 8 or \
-         succeeding after the restart: {timed_out:?}"
-    );
+    if outage + Duration::from_secs(1) < Duration::from_millis(TIMEOUT_MS) {
+        // A request sent before the kill and not yet written waits in the reconnect buffer
+        // and is sent once the server is back, well within its deadline.
+        let timed_out = records
+            .iter()
+            .find(|r| r.outcome == Outcome::Error(5) && r.sent < killed_at);
+        assert!(
+            timed_out.is_none(),
+            "a request sent before the kill timed out instead of failing at once with error 8 \
+             or succeeding after the restart: {timed_out:?}"
+        );
+    } else {
+        // The outage outlasted the deadline: requests waited in the reconnect buffer until
+        // it passed. These, with the ones lost at the kill, used to open the breaker.
+        let buffered_out = records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Error(5))
+            .count();
+        assert!(
+            buffered_out >= 5,
+            "only {buffered_out} requests timed out during a {outage:?} outage with a \
+             {TIMEOUT_MS} ms deadline"
+        );
+    }
     assert!(
         first_ok <= back_at + FIRST_SUCCESS_WITHIN,
         "first success {:?} after nats-server accepted connections again (at most \
          {FIRST_SUCCESS_WITHIN:?})",
         first_ok - back_at
     );
+    // Recovered means recovered: nothing sent after the first success is turned away (an
+    // Open breaker inherited from the outage would answer error 8 here).
+    let turned_away: Vec<_> = records
+        .iter()
+        .filter(|r| r.sent >= first_ok && r.outcome != Outcome::Ok)
+        .collect();
+    assert!(
+        turned_away.is_empty(),
+        "{} requests sent after the first success failed, e.g. {:?}",
+        turned_away.len(),
+        turned_away.first()
+    );
     let last = wait_settled(&daemon);
     assert_eq!(last["reconnects"], json!(1), "stats: {last}");
+    assert_eq!(last["breaker"], json!("closed"), "stats: {last}");
+}
+
+/// nats-server frozen with SIGSTOP for 10 s under load, with the default 30 s deadline: the
+/// requests it holds wait for it and are answered after SIGCONT, every one by its deadline,
+/// and the daemon answers PINGs at once the whole time (it never waits on NATS).
+#[test]
+fn sigstop_for_ten_seconds_answers_everything_by_its_deadline() {
+    const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+    const FROZEN: Duration = Duration::from_secs(10);
+    /// A PING answered later than this means the daemon waited on something.
+    const PING_BOUND: Duration = Duration::from_millis(500);
+    let server = NatsServer::start();
+    let _double = RouterDouble::start(&server.url());
+    let daemon = start_daemon_with_timeout(&server, DEFAULT_TIMEOUT_MS);
+    let load = Load::start(
+        &daemon,
+        4,
+        8,
+        Duration::ZERO,
+        payload,
+        router_double_success(),
+    );
+    load.wait_more_oks(200, WITHIN);
+
+    let mut pinger = daemon.connect();
+    let stopped_at = Instant::now();
+    server.signal(Signal::STOP);
+    let mut slowest_ping = Duration::ZERO;
+    while stopped_at.elapsed() < FROZEN {
+        let t = Instant::now();
+        ping(&mut pinger);
+        slowest_ping = slowest_ping.max(t.elapsed());
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop(pinger);
+    let resumed_at = Instant::now();
+    server.signal(Signal::CONT);
+    load.wait_ok_after(resumed_at, WITHIN);
+    load.wait_more_oks(200, WITHIN);
+    let records = load.stop();
+
+    eprintln!(
+        "{}; slowest PING while nats-server was stopped: {slowest_ping:?}",
+        summary(&records)
+    );
+    check_outcomes_and_deadlines(
+        &records,
+        Duration::from_millis(DEFAULT_TIMEOUT_MS) + LATE_SLACK,
+    );
+    let frozen_oks = records
+        .iter()
+        .filter(|r| {
+            r.outcome == Outcome::Ok
+                && r.answered >= stopped_at + Duration::from_secs(1)
+                && r.answered < resumed_at
+        })
+        .count();
+    assert_eq!(frozen_oks, 0, "successes while nats-server was stopped");
+    assert!(
+        slowest_ping <= PING_BOUND,
+        "a PING took {slowest_ping:?} while nats-server was stopped (bound {PING_BOUND:?})"
+    );
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.outcome != Outcome::Ok)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "a 10 s freeze is shorter than the deadline and the keepalive: nothing should fail, \
+         but {} did, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let last = wait_settled(&daemon);
+    assert_eq!(last["reconnects"], json!(0), "stats: {last}");
 }
 
 /// Twenty kill/restart cycles under light load, then everything is back where it was.
