@@ -420,10 +420,13 @@ fn requests_lost_with_a_departed_router_do_not_open_the_breaker() {
     let newest = *h.submitted().last().unwrap();
     h.reply(unavailable(newest), ms(1));
     h.tick(ms(150));
-    let codes = |h: &Harness, c| -> Vec<Value> {
-        h.errors(c).iter().map(|e| e["code"].clone()).collect()
-    };
-    assert_eq!(codes(&h, a), [5, 5], "the requests at the departed Router time out");
+    let codes =
+        |h: &Harness, c| -> Vec<Value> { h.errors(c).iter().map(|e| e["code"].clone()).collect() };
+    assert_eq!(
+        codes(&h, a),
+        [5, 5],
+        "the requests at the departed Router time out"
+    );
     assert_eq!(codes(&h, b), [5, 8]);
     assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
     for i in 0..3 {

@@ -106,7 +106,7 @@ fn sigkill_under_load_then_restart_after_fifteen_seconds() {
 #[test]
 fn sigkill_under_load_then_restart_after_sixty_seconds() {
     if std::env::var("CGW_LONG_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: the 60 s outage runs with CGW_LONG_TESTS=1 (tests/run-all.sh long)");
+        eprintln!("skipped: the 60 s outage runs with CGW_LONG_TESTS=1 tests/run-all.sh");
         return;
     }
     kill_under_load_then_restart(Duration::from_secs(60));
