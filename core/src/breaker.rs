@@ -151,7 +151,46 @@ pub struct CircuitBreaker {
     next_open: Duration,
     /// Open or HalfOpen on what a since-lost link told: closes when a link is back.
     caused_by_outage: bool,
-    transitions: Vec<BreakerState>,
+    transitions: Vec<Transition>,
+}
+
+/// One state change and what caused it, for the `breaker_transition` log line (gateway.md
+/// section 4: transitions are logged with the counts that caused them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub to: BreakerState,
+    pub cause: TransitionCause,
+    /// The count behind the cause: consecutive Router timeouts, or probe successes.
+    pub count: u32,
+    /// How long the breaker stays Open (zero for other states).
+    pub open_for: Duration,
+}
+
+/// Why the breaker changed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionCause {
+    /// `count` consecutive requests timed out at the Router.
+    RouterTimeouts,
+    /// A probe timed out at the Router.
+    ProbeTimedOut,
+    /// The open time passed.
+    OpenTimePassed,
+    /// `count` probes were answered.
+    ProbesAnswered,
+    /// A link is back after the outage that left the breaker Open or HalfOpen.
+    LinkRestored,
+}
+
+impl TransitionCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransitionCause::RouterTimeouts => "router_timeouts",
+            TransitionCause::ProbeTimedOut => "probe_timed_out",
+            TransitionCause::OpenTimePassed => "open_time_passed",
+            TransitionCause::ProbesAnswered => "probes_answered",
+            TransitionCause::LinkRestored => "link_restored",
+        }
+    }
 }
 
 impl CircuitBreaker {
@@ -200,19 +239,25 @@ impl CircuitBreaker {
             (State::Closed { failures }, Verdict::Failure) => {
                 *failures += 1;
                 if *failures >= self.config.failures_to_open {
-                    self.open(now);
+                    let count = *failures;
+                    self.open(now, TransitionCause::RouterTimeouts, count);
                 }
             }
             (State::Closed { failures }, Verdict::Success) => *failures = 0,
             (State::HalfOpen { probes, successes }, verdict) => {
                 *probes = probes.saturating_sub(1);
                 match verdict {
-                    Verdict::Failure => self.open(now),
+                    Verdict::Failure => self.open(now, TransitionCause::ProbeTimedOut, 1),
                     Verdict::Success => {
                         *successes += 1;
                         if *successes >= self.config.successes_to_close {
+                            let count = *successes;
                             self.next_open = self.config.open_duration;
-                            self.transition(State::Closed { failures: 0 });
+                            self.transition(
+                                State::Closed { failures: 0 },
+                                TransitionCause::ProbesAnswered,
+                                count,
+                            );
                         }
                     }
                     Verdict::Neutral => {}
@@ -237,7 +282,11 @@ impl CircuitBreaker {
     pub fn handle_link_restored(&mut self, now: Instant) {
         self.handle_timeout(now);
         if std::mem::take(&mut self.caused_by_outage) && self.state() != BreakerState::Closed {
-            self.transition(State::Closed { failures: 0 });
+            self.transition(
+                State::Closed { failures: 0 },
+                TransitionCause::LinkRestored,
+                0,
+            );
         }
     }
 
@@ -245,10 +294,14 @@ impl CircuitBreaker {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let State::Open { until } = self.state {
             if now >= until {
-                self.transition(State::HalfOpen {
-                    probes: 0,
-                    successes: 0,
-                });
+                self.transition(
+                    State::HalfOpen {
+                        probes: 0,
+                        successes: 0,
+                    },
+                    TransitionCause::OpenTimePassed,
+                    0,
+                );
             }
         }
     }
@@ -261,8 +314,8 @@ impl CircuitBreaker {
         }
     }
 
-    /// States entered since the last call, oldest first (for logs and metrics).
-    pub fn poll_transition(&mut self) -> Option<BreakerState> {
+    /// Transitions since the last call, oldest first (for logs and metrics).
+    pub fn poll_transition(&mut self) -> Option<Transition> {
         if self.transitions.is_empty() {
             None
         } else {
@@ -270,15 +323,22 @@ impl CircuitBreaker {
         }
     }
 
-    fn open(&mut self, now: Instant) {
+    fn open(&mut self, now: Instant, cause: TransitionCause, count: u32) {
         let duration = self.next_open;
         self.next_open = (duration * 2).min(self.config.max_open_duration);
-        self.transition(State::Open {
-            until: now + duration,
-        });
+        self.transition(
+            State::Open {
+                until: now + duration,
+            },
+            cause,
+            count,
+        );
+        if let Some(t) = self.transitions.last_mut() {
+            t.open_for = duration;
+        }
     }
 
-    fn transition(&mut self, to: State) {
+    fn transition(&mut self, to: State, cause: TransitionCause, count: u32) {
         if matches!(to, State::Closed { .. } | State::Open { .. }) {
             // A new judgement: Closed starts afresh, and an opening decided on a live link
             // is the Router's, whatever an earlier link did.
@@ -286,7 +346,12 @@ impl CircuitBreaker {
         }
         self.state = to;
         self.epoch += 1;
-        self.transitions.push(self.state());
+        self.transitions.push(Transition {
+            to: self.state(),
+            cause,
+            count,
+            open_for: Duration::ZERO,
+        });
     }
 }
 
@@ -320,7 +385,15 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.try_acquire(at(1)), None);
         assert_eq!(b.poll_timeout(), Some(at(5)));
-        assert_eq!(b.poll_transition(), Some(BreakerState::Open));
+        assert_eq!(
+            b.poll_transition(),
+            Some(Transition {
+                to: BreakerState::Open,
+                cause: TransitionCause::RouterTimeouts,
+                count: 5,
+                open_for: 5 * S,
+            })
+        );
         assert_eq!(b.poll_transition(), None);
     }
 

@@ -858,12 +858,19 @@ impl<U: Upstream> Gateway<U> {
             self.process_frames(id, now);
         }
         self.observe_link(now);
-        while let Some(to) = self.breaker.poll_transition() {
-            *self.stats.breaker_transitions.entry(to.name()).or_default() += 1;
+        while let Some(t) = self.breaker.poll_transition() {
+            *self
+                .stats
+                .breaker_transitions
+                .entry(t.to.name())
+                .or_default() += 1;
             warn!(
                 event = "breaker_transition",
                 component = "circuit_breaker",
-                to = to.name()
+                to = t.to.name(),
+                cause = t.cause.name(),
+                count = t.count,
+                open_ms = t.open_for.as_millis() as u64
             );
         }
         if let Some(drain) = self.drain {

@@ -485,7 +485,7 @@ fn router_errors_come_back_verbatim_and_count_as_successes() {
 fn no_responders_is_error_8_at_once() {
     let server = NatsServer::start();
     // Nobody serves the subject: the server answers 503 (router.md section 1).
-    let daemon = gateway(&server.url(), &[("CGW_IPC_BREAKER_FAILURES", "100")]);
+    let daemon = gateway(&server.url(), &[]);
     let mut client = daemon.connect();
     let mut fastest = Duration::MAX;
     // The spec says at once; a loaded machine may stall any single attempt, so the best of
@@ -515,6 +515,22 @@ fn no_responders_is_error_8_at_once() {
     assert_eq!(s["router_timeouts"], json!(0), "{s}");
     assert_eq!(s["inflight"], json!(0), "{s}");
     assert_eq!(s["upstream_pending"], json!(0), "{s}");
+    // No responders is not a Router failure (gateway.md section 4): with the default
+    // breaker (5 failures), ten more leave it closed, and each is asked of the server.
+    for n in 0..10 {
+        let frame = ask(&mut client, TASK_SUBMIT, &json!({"task_type": "t", "n": n}));
+        let error = expect_error(&frame, 8);
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no responders"),
+            "{error}"
+        );
+    }
+    let s = stats(&daemon);
+    assert_eq!(s["breaker"], json!("closed"), "{s}");
+    assert!(log_events(&daemon, "breaker_transition").is_empty());
     ping(&mut client);
 }
 
@@ -690,6 +706,13 @@ fn breaker_opens_sends_nothing_half_opens_and_closes() {
             .iter()
             .any(|e| e["to"] == "open")
     });
+    // The log line says why, with the count (gateway.md section 4).
+    let open = log_events(&daemon, "breaker_transition")[0].clone();
+    assert_eq!(
+        (&open["cause"], &open["count"]),
+        (&json!("router_timeouts"), &json!(5)),
+        "{open}"
+    );
     assert_eq!(stats(&daemon)["breaker"], json!("open"));
     assert_eq!(drain_spy(Duration::from_millis(300)), 5);
     assert_eq!(double.request_count(), 5);
