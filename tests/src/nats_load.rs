@@ -262,6 +262,40 @@ pub fn check_outcomes_and_deadlines(records: &[Record], deadline: Duration) {
     }
 }
 
+/// Every request sent at or after `t` succeeded: after a recovery nothing is turned away (an
+/// Open breaker left over from an outage would answer error 8). `moment` names `t` in the
+/// failure message.
+pub fn check_all_ok_sent_after(records: &[Record], t: Instant, moment: &str) {
+    let failed: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.sent >= t && r.outcome != Outcome::Ok)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} requests sent after {moment} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+/// Starts the daemon in NATS mode on the servers `urls` (comma-separated), with the request
+/// deadline `timeout_ms` and every other setting at its default, and waits until it has
+/// connected.
+pub fn start_nats_daemon(urls: &str, timeout_ms: u64) -> Daemon {
+    let timeout = timeout_ms.to_string();
+    let daemon = Daemon::start(&[
+        ("CGW_IPC_NATS_ENABLE", "1"),
+        ("CGW_IPC_NATS_URL", urls),
+        ("CGW_IPC_TIMEOUT_MS", &timeout),
+    ]);
+    daemon::wait_until(
+        "the daemon connects to NATS",
+        Duration::from_secs(20),
+        || nats_connected_count(&daemon) >= 1,
+    );
+    daemon
+}
+
 /// `N requests: a OK, b error 5, c error 8; slowest reply d`, for the test's output.
 pub fn summary(records: &[Record]) -> String {
     let count = |o: Outcome| records.iter().filter(|r| r.outcome == o).count();

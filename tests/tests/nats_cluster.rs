@@ -12,9 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{wait_until, Daemon};
+use ipc_gateway_tests::daemon::wait_until;
 use ipc_gateway_tests::nats_load::{
-    check_outcomes_and_deadlines, nats_connected_count, router_double_success, stats, summary, Load,
+    check_outcomes_and_deadlines, nats_connected_count, router_double_success, start_nats_daemon,
+    stats, summary, Load,
 };
 use ipc_gateway_tests::nats_server::NatsCluster;
 use ipc_gateway_tests::router_double::RouterDouble;
@@ -48,16 +49,7 @@ fn failover(configured: &[usize], killed: &[usize]) {
     let mut cluster = NatsCluster::start(3);
     let _double = RouterDouble::start(&cluster.url(DOUBLE_NODE));
     let urls: Vec<String> = configured.iter().map(|&i| cluster.url(i)).collect();
-    let urls = urls.join(",");
-    let timeout = TIMEOUT_MS.to_string();
-    let daemon = Daemon::start(&[
-        ("CGW_IPC_NATS_ENABLE", "1"),
-        ("CGW_IPC_NATS_URL", &urls),
-        ("CGW_IPC_TIMEOUT_MS", &timeout),
-    ]);
-    wait_until("the daemon connects to NATS", WITHIN, || {
-        nats_connected_count(&daemon) >= 1
-    });
+    let daemon = start_nats_daemon(&urls.join(","), TIMEOUT_MS);
     let load = Load::start(
         &daemon,
         4,

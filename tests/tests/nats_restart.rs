@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{peak_rss_kb, ping, rss_kb, wait_until, Daemon};
 use ipc_gateway_tests::nats_load::{
-    check_outcomes_and_deadlines, fd_count, fd_listing, nats_connected_count,
-    router_double_success, stats, summary, Load, Outcome,
+    check_all_ok_sent_after, check_outcomes_and_deadlines, fd_count, fd_listing,
+    nats_connected_count, router_double_success, start_nats_daemon, stats, summary, Load, Outcome,
 };
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
@@ -45,23 +45,7 @@ const FIRST_SUCCESS_WITHIN: Duration = Duration::from_millis(2500);
 const WITHIN: Duration = Duration::from_secs(20);
 
 fn start_daemon(server: &NatsServer) -> Daemon {
-    start_daemon_with_timeout(server, TIMEOUT_MS)
-}
-
-/// The daemon in NATS mode on `server`, default settings but the request deadline; returns
-/// once it is connected.
-fn start_daemon_with_timeout(server: &NatsServer, timeout_ms: u64) -> Daemon {
-    let url = server.url();
-    let timeout = timeout_ms.to_string();
-    let daemon = Daemon::start(&[
-        ("CGW_IPC_NATS_ENABLE", "1"),
-        ("CGW_IPC_NATS_URL", &url),
-        ("CGW_IPC_TIMEOUT_MS", &timeout),
-    ]);
-    wait_until("the daemon connects to NATS", WITHIN, || {
-        nats_connected_count(&daemon) >= 1
-    });
-    daemon
+    start_nats_daemon(&server.url(), TIMEOUT_MS)
 }
 
 fn payload(client: usize, n: u64) -> Value {
@@ -202,18 +186,8 @@ fn kill_under_load_then_restart(outage: Duration) {
          {FIRST_SUCCESS_WITHIN:?})",
         first_ok - back_at
     );
-    // Recovered means recovered: nothing sent after the first success is turned away (an
-    // Open breaker inherited from the outage would answer error 8 here).
-    let turned_away: Vec<_> = records
-        .iter()
-        .filter(|r| r.sent >= first_ok && r.outcome != Outcome::Ok)
-        .collect();
-    assert!(
-        turned_away.is_empty(),
-        "{} requests sent after the first success failed, e.g. {:?}",
-        turned_away.len(),
-        turned_away.first()
-    );
+    // Recovered means recovered: nothing sent after the first success is turned away.
+    check_all_ok_sent_after(&records, first_ok, "the first success");
     let last = wait_settled(&daemon);
     assert_eq!(last["reconnects"], json!(1), "stats: {last}");
     assert_eq!(last["breaker"], json!("closed"), "stats: {last}");
@@ -230,7 +204,7 @@ fn sigstop_for_ten_seconds_answers_everything_by_its_deadline() {
     const PING_BOUND: Duration = Duration::from_millis(500);
     let server = NatsServer::start();
     let _double = RouterDouble::start(&server.url());
-    let daemon = start_daemon_with_timeout(&server, DEFAULT_TIMEOUT_MS);
+    let daemon = start_nats_daemon(&server.url(), DEFAULT_TIMEOUT_MS);
     let load = Load::start(
         &daemon,
         4,

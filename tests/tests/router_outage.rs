@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{wait_until, Daemon};
+use ipc_gateway_tests::daemon::wait_until;
 use ipc_gateway_tests::nats_load::{
-    check_outcomes_and_deadlines, nats_connected_count, router_double_success, stats, summary,
-    Load, Outcome,
+    check_all_ok_sent_after, check_outcomes_and_deadlines, router_double_success,
+    start_nats_daemon, stats, summary, Load, Outcome,
 };
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
@@ -29,22 +29,6 @@ const WITHIN: Duration = Duration::from_secs(20);
 /// The breaker's default open duration (gateway.md section 4).
 const DEFAULT_OPEN: Duration = Duration::from_secs(5);
 
-/// The daemon in NATS mode on `server` with default settings but the request deadline;
-/// returns once it is connected.
-fn start_daemon(server: &NatsServer, timeout_ms: u64) -> Daemon {
-    let url = server.url();
-    let timeout = timeout_ms.to_string();
-    let daemon = Daemon::start(&[
-        ("CGW_IPC_NATS_ENABLE", "1"),
-        ("CGW_IPC_NATS_URL", &url),
-        ("CGW_IPC_TIMEOUT_MS", &timeout),
-    ]);
-    wait_until("the daemon connects to NATS", WITHIN, || {
-        nats_connected_count(&daemon) >= 1
-    });
-    daemon
-}
-
 /// The Router killed and back after 5 s: error 8 at once while it is away, the breaker never
 /// opens, and everything sent after it subscribed again succeeds, the first within 1 s.
 #[test]
@@ -54,7 +38,7 @@ fn router_restart_costs_only_its_own_gap() {
     const FIRST_SUCCESS_WITHIN: Duration = Duration::from_secs(1);
     let server = NatsServer::start();
     let mut double = RouterDouble::start(&server.url());
-    let daemon = start_daemon(&server, TIMEOUT_MS);
+    let daemon = start_nats_daemon(&server.url(), TIMEOUT_MS);
     // A short pause per reply: while the Router is away replies come at once, and the load
     // should not spin.
     let load = Load::start(
@@ -112,16 +96,7 @@ fn router_restart_costs_only_its_own_gap() {
          {FIRST_SUCCESS_WITHIN:?})",
         first_ok - subscribed_at
     );
-    let turned_away: Vec<_> = records
-        .iter()
-        .filter(|r| r.sent >= subscribed_at && r.outcome != Outcome::Ok)
-        .collect();
-    assert!(
-        turned_away.is_empty(),
-        "{} requests sent after the Router subscribed again failed (breaker?), e.g. {:?}",
-        turned_away.len(),
-        turned_away.first()
-    );
+    check_all_ok_sent_after(&records, subscribed_at, "the Router subscribed again");
     let last = stats(&daemon);
     assert_eq!(last["breaker"], json!("closed"), "stats: {last}");
     assert!(
@@ -141,7 +116,7 @@ fn failing_router_opens_the_breaker_which_closes_once_it_answers() {
     const PROBES_SLACK: Duration = Duration::from_secs(2);
     let server = NatsServer::start();
     let _double = RouterDouble::start(&server.url());
-    let daemon = start_daemon(&server, TIMEOUT_MS);
+    let daemon = start_nats_daemon(&server.url(), TIMEOUT_MS);
     let silent = Arc::new(AtomicBool::new(false));
     let payload = {
         let silent = Arc::clone(&silent);
