@@ -330,14 +330,21 @@ fn frame_one_byte_over_default_max_gets_error_3() {
 /// already there; the daemon retries accept on a timer).
 #[test]
 fn backlog_is_accepted_once_file_descriptors_free_up() {
-    // The limit caps descriptor numbers and new ones take the lowest free number: probe an
-    // idle daemon's lowest free one and allow three more.
+    // The limit caps descriptor numbers and new ones take the lowest free number: probe a
+    // daemon's lowest free one and allow three more. The probe is read while one client is
+    // served (a PING answered), so the event loop has made every descriptor it makes at start:
+    // `connect` succeeds as soon as the socket is bound, before the rest of the set-up, and on
+    // a loaded machine a probe read then saw too few (every client was refused, one run in
+    // five under a CPU hog).
     let probe = Daemon::start(&[]);
+    let mut probe_client = probe.connect();
+    ping(&mut probe_client);
     let used: std::collections::BTreeSet<u64> =
         std::fs::read_dir(format!("/proc/{}/fd", probe.pid()))
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
+    drop(probe_client);
     drop(probe);
     let lowest_free = (0..)
         .find(|fd| !used.contains(fd))
