@@ -40,6 +40,8 @@ struct Seen {
     failed_on_disconnect: u64,
     resume_reads: u64,
     no_responders: u64,
+    /// Reconnects whose first admitted request the after-outage check saw published.
+    reconnects_checked: u64,
 }
 
 impl Seen {
@@ -63,6 +65,7 @@ impl Seen {
             self.dropped += n.gw.stats().dropped_replies;
         }
         self.resume_reads += w.resume_reads;
+        self.reconnects_checked += w.after_outage.checked;
     }
 }
 
@@ -239,6 +242,10 @@ fn d_timeouts_and_late_replies() {
             seen.failed_on_disconnect > 0,
             "no request failed on disconnect: {seen:?}"
         );
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
     }
 }
 
@@ -247,7 +254,7 @@ const STORM_SHARE_BOUND: f64 = 0.35;
 
 #[test]
 fn e_reconnect_storm() {
-    sweep("e_reconnect_storm", Scenario::Storm, 10, &|w| {
+    let seen = sweep_seen("e_reconnect_storm", Scenario::Storm, 10, &|w| {
         let mut f = Vec::new();
         let attempts: Vec<_> = w.server.attempts().iter().map(|a| a.at).collect();
         for (i, &r) in w.restarts.iter().enumerate() {
@@ -287,6 +294,12 @@ fn e_reconnect_storm() {
         }
         f
     });
+    if full_sweep() {
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
+    }
 }
 
 #[test]
@@ -351,7 +364,7 @@ fn g_breaker_lifecycle() {
 
 #[test]
 fn h_vanished_machine_keepalive() {
-    sweep(
+    let seen = sweep_seen(
         "h_vanished_machine_keepalive",
         Scenario::Vanish,
         150,
@@ -382,6 +395,12 @@ fn h_vanished_machine_keepalive() {
             f
         },
     );
+    if full_sweep() {
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
+    }
 }
 
 #[test]
