@@ -202,21 +202,40 @@ impl Options {
                 o.think = ms(between(&mut r, 40, 60));
                 o.pipeline = 1;
                 o.client_spread = ms(50);
-                let at = between(&mut r, 300, 800);
-                // Long enough to open the breaker whatever else was drawn: a request already
-                // with the Routers when they leave holds the (pipeline 1) client until its
-                // deadline, then each further one fails at once (no responders). Seed
-                // 7887520389705641494 drew 935 ms against a 769 ms timeout and 4 failures.
+                let timeout = o.request_timeout.as_millis() as u64;
+                let failures = u64::from(o.breaker.failures_to_open);
+                // One request and its reply, at the most: think time and four network hops.
                 let cycle = o.think.as_millis() as u64 + 4 * o.net_latency.1.as_millis() as u64;
-                let enough = o.request_timeout.as_millis() as u64
-                    + u64::from(o.breaker.failures_to_open) * cycle
-                    + 200;
-                let away = between(&mut r, 800, 2000).max(enough);
+                // 1. The Routers restart: away, so requests meet no responders, long enough
+                // that counting those as failures (the old rule) would open the breaker
+                // whatever was drawn: each client meets one per cycle. (Seed
+                // 7887520389705641494 once drew too short a spell for that.) They leave
+                // cleanly, answering what they took: no request of theirs times out.
+                let away_at = between(&mut r, 300, 800);
+                let away = between(&mut r, 800, 2000).max(failures * cycle + 200);
                 o.faults
-                    .push((at_ms(at), Fault::RoutersAway { away: ms(away) }));
-                // Traffic goes on well past the Routers' return and the longest open spell.
-                let busy = at + away + o.breaker.max_open_duration.as_millis() as u64 + 1500;
+                    .push((at_ms(away_at), Fault::RoutersAway { away: ms(away) }));
+                // 2. The Routers hang: they take requests and answer none, so requests time
+                // out on a connected link, long enough for `failures` of them in a row from
+                // a single client.
+                let silent_at = away_at + away + between(&mut r, 300, 800);
+                // The clients of a gateway (pipeline 1) meet it together: a timeout each per
+                // round.
+                let rounds = failures.div_ceil(o.clients_per_gateway as u64) + 1;
+                let silent = between(&mut r, 800, 2000).max(rounds * (timeout + cycle) + 200);
+                o.faults.push((
+                    at_ms(silent_at),
+                    Fault::RoutersSilent { silent: ms(silent) },
+                ));
+                // Traffic goes on well past the Routers' recovery: the last probe taken while
+                // they hung times out, the longest open spell passes, the probes succeed.
+                let busy = silent_at
+                    + silent
+                    + timeout
+                    + o.breaker.max_open_duration.as_millis() as u64
+                    + 1500;
                 o.requests_per_client = (busy / 40) as usize + 10;
+                o.traffic_until = Some(at_ms(busy));
                 o.ping_frames_permille = 0;
             }
             Scenario::Vanish => {

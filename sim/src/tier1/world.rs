@@ -40,6 +40,8 @@ pub enum Fault {
     Hold { hold: Duration },
     /// Every Router leaves NATS for `away` (requests meet no responders).
     RoutersAway { away: Duration },
+    /// Every Router hangs for `silent`: subscribed, it takes requests and answers none.
+    RoutersSilent { silent: Duration },
 }
 
 /// Everything a run depends on, all derived from the seed.
@@ -566,6 +568,12 @@ impl World {
                 self.away_since = Some(self.mark());
                 self.push(now + *away, Ev::FaultEnd(f.clone()));
             }
+            Fault::RoutersSilent { silent } => {
+                for r in &mut self.routers {
+                    r.hang();
+                }
+                self.push(now + *silent, Ev::FaultEnd(f.clone()));
+            }
         }
     }
 
@@ -615,6 +623,11 @@ impl World {
                 if let Some(start) = self.away_since.take() {
                     let end = self.mark();
                     self.routers_away.push(Outage { start, end });
+                }
+            }
+            Fault::RoutersSilent { .. } => {
+                for r in &mut self.routers {
+                    r.wake();
                 }
             }
         }
