@@ -33,6 +33,10 @@ pub(crate) struct Pending {
     /// Submit order, the buffer's key.
     seq: u64,
     place: Place,
+    /// It waited in the reconnect buffer: the outage held it up, so its timeout tells
+    /// nothing about the Router (written at the reconnect, it may have had too little of
+    /// its time left for any Router to answer).
+    held: bool,
 }
 
 impl Pending {
@@ -49,11 +53,17 @@ impl Pending {
             size,
             seq: 0,
             place: Place::Buffered,
+            held: false,
         }
     }
 
     pub fn place(&self) -> Place {
         self.place
+    }
+
+    /// Whether it ever waited in the reconnect buffer.
+    pub fn held(&self) -> bool {
+        self.held
     }
 }
 
@@ -136,6 +146,7 @@ impl RequestBook {
         pending.seq = self.next_seq;
         self.next_seq += 1;
         pending.place = Place::Buffered;
+        pending.held = true;
         self.buffered_bytes += pending.size;
         self.buffer.insert(pending.seq, id);
         self.requests.insert(id, pending);
@@ -178,6 +189,7 @@ impl RequestBook {
         if let Some(p) = self.requests.get_mut(&id) {
             if p.place != Place::Buffered {
                 p.place = Place::Buffered;
+                p.held = true;
                 self.buffered_bytes += p.size;
                 self.buffer.insert(p.seq, id);
             }

@@ -977,13 +977,15 @@ impl Upstream for NatsSession {
     }
 
     /// On the wire of the link that is up: some of its bytes were written to the socket.
-    /// A frame still queued behind a full socket has not reached the Router.
+    /// A frame still queued behind a full socket has not reached the Router, and one that
+    /// waited in the reconnect buffer was held up by the outage: written at the reconnect
+    /// with little of its time left, its timeout is the outage's, not the Router's.
     fn awaiting_router(&self, id: RequestId) -> bool {
         matches!(self.link, Link::Up { .. })
-            && matches!(
-                self.requests.get(id).map(Pending::place),
-                Some(Place::Written { start }) if start < self.written_total
-            )
+            && self.requests.get(id).is_some_and(|p| {
+                !p.held()
+                    && matches!(p.place(), Place::Written { start } if start < self.written_total)
+            })
     }
 
     fn link(&self) -> Option<u64> {

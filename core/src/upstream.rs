@@ -125,7 +125,7 @@ pub trait Upstream {
     /// Whether request `id` is on the wire of the link that is up now, so that only the Router
     /// can answer it. Asked when its deadline passes: only such a request timing out counts
     /// against the Router ([`crate::breaker::Outcome::RouterSilent`]); one that never left the
-    /// reconnect buffer is the link's failure.
+    /// reconnect buffer, or waited in it before it was written, is the link's failure.
     fn awaiting_router(&self, id: RequestId) -> bool;
     /// The link to the Router: `Some(n)` while the n-th link is up, `None` while there is none.
     /// The gateway tells the breaker when a link is lost and when one is back. An upstream with

@@ -627,6 +627,29 @@ fn disconnect_fails_written_and_buffers_new_ones() {
     assert_eq!(sh.s.stats().reconnects, 1);
 }
 
+/// Only a request written on the link that is up awaits the Router; one that waited in the
+/// reconnect buffer does not, even once written at the reconnect: the outage held it up, and
+/// with little of its time left no Router could answer it (gateway.md section 4: a reconnect
+/// must not open the breaker on failures the outage caused).
+#[test]
+fn a_request_held_in_the_reconnect_buffer_never_awaits_the_router() {
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.submit(1, TaskKind::Submit, "{}");
+    assert!(sh.s.awaiting_router(RequestId(1)), "written on a live link");
+    sh.closed();
+    assert!(!sh.s.awaiting_router(RequestId(1)), "failed with the link");
+    sh.submit(2, TaskKind::Submit, "{}");
+    assert!(!sh.s.awaiting_router(RequestId(2)), "in the buffer");
+    sh.handshake(&info(json!({})));
+    assert_eq!(sh.pubs().len(), 1, "written at the reconnect");
+    assert!(!sh.s.awaiting_router(RequestId(2)), "held up by the outage");
+    sh.submit(3, TaskKind::Submit, "{}");
+    assert!(
+        sh.s.awaiting_router(RequestId(3)),
+        "written on the new link"
+    );
+}
+
 /// Requests queued but never handed to the socket are not on the wire: they are resent
 /// after the reconnect rather than failed.
 #[test]

@@ -1,5 +1,7 @@
 //! Deterministic simulations of `ipc-gateway-core` (design.md section 4).
 //!
+//! - [`after_outage`]: the check both tiers run after every run: after an outage, the first
+//!   request admitted once NATS is Connected again is published, not refused by the breaker.
 //! - [`nats_standin`]: a sans-IO NATS server stand-in speaking the real client protocol.
 //! - [`router`]: Router behaviours (router.md section 5) as in-process subscribers of it.
 //! - [`tier1`]: the pure in-process harness.
@@ -8,6 +10,7 @@
 //!
 //! Keep this file a plain list of modules: each simulation tier adds its own line.
 
+pub mod after_outage;
 pub mod nats_standin;
 pub mod router;
 pub mod tier1;

@@ -15,7 +15,9 @@
 //! | `disc:<ms>` | the Router drops off NATS for that long, and sends the reply when back |
 //!
 //! "Absent" (no Router subscribed, a 503) is simply a world without a Router, or one whose
-//! Router is disconnected.
+//! Router is disconnected or has left ([`Router::leave`], cleanly: what it took is still
+//! answered). A whole Router can also hang ([`Router::hang`]): subscribed, it takes every
+//! request and answers none, until [`Router::wake`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -106,6 +108,10 @@ pub struct Router {
     seq: u64,
     /// Disconnected until then; replies due meanwhile are held and sent on return.
     away_until: Option<Instant>,
+    /// Its server went down: what it was about to send is lost, until it subscribes again.
+    cut_off: bool,
+    /// Takes requests and never answers them (a hung Router), until [`Router::wake`].
+    silent: bool,
     held: Vec<Outgoing>,
     pub seen: Vec<Seen>,
     /// Contract violations found in requests (router.md sections 2 and 3).
@@ -130,6 +136,8 @@ impl Router {
             scheduled: BTreeMap::new(),
             seq: 0,
             away_until: None,
+            cut_off: false,
+            silent: false,
             held: Vec::new(),
             seen: Vec::new(),
             violations: Vec::new(),
@@ -154,9 +162,12 @@ impl Router {
     /// [`Router::resubscribe`] once the server is up.
     pub fn lose_server(&mut self) {
         self.sub = None;
+        self.cut_off = true;
     }
 
-    /// The Router leaves NATS (its requests find no responders) until `resubscribe`.
+    /// The Router leaves NATS (its requests find no responders) until `resubscribe`. It
+    /// leaves as a Router restarting cleanly does (a NATS drain): it takes nothing more, and
+    /// still answers the requests it took, so that its absence shows as no responders only.
     pub fn leave(&mut self, server: &mut NatsStandin) {
         if let Some(sub) = self.sub.take() {
             server.unsubscribe_local(sub);
@@ -166,7 +177,18 @@ impl Router {
     pub fn resubscribe(&mut self, server: &mut NatsStandin) {
         if self.sub.is_none() && self.away_until.is_none() {
             self.sub = Some(server.subscribe_local(&self.subject));
+            self.cut_off = false;
         }
+    }
+
+    /// The Router hangs: it stays subscribed and takes requests, and answers none of those
+    /// it takes from now on, whatever their behaviour, until [`Router::wake`].
+    pub fn hang(&mut self) {
+        self.silent = true;
+    }
+
+    pub fn wake(&mut self) {
+        self.silent = false;
     }
 
     fn draw_latency(&mut self) -> Duration {
@@ -226,6 +248,7 @@ impl Router {
             payload,
         };
         match behaviour {
+            _ if self.silent => {}
             _ if invalid => self.schedule(now + latency, out(body(Some("invalid_request")))),
             Behaviour::Ok => self.schedule(now + latency, out(body(None))),
             Behaviour::Error(class) => self.schedule(now + latency, out(body(Some(&class)))),
@@ -261,6 +284,7 @@ impl Router {
             self.away_until = None;
             if server.is_up() {
                 self.sub = Some(server.subscribe_local(&self.subject));
+                self.cut_off = false;
             }
             for out in std::mem::take(&mut self.held) {
                 if server.is_up() {
@@ -276,7 +300,7 @@ impl Router {
             let out = entry.remove();
             if self.away_until.is_some() {
                 self.held.push(out);
-            } else if server.is_up() && self.sub.is_some() {
+            } else if server.is_up() && !self.cut_off {
                 self.replies_sent += 1;
                 server.publish(&out.subject, None, None, &out.payload);
             }

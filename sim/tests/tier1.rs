@@ -12,9 +12,10 @@ use ipc_gateway_core::breaker::BreakerState;
 use ipc_gateway_core::inflight::RequestId;
 use ipc_gateway_core::nats_config::SessionState;
 use ipc_gateway_core::nats_session::to_base36;
+use ipc_gateway_core::Instant;
 use sim::router::{validate, ERROR_CLASSES};
 use sim::tier1::world::SUBJECT;
-use sim::tier1::{max_in_window, run_one, seeds, sweep, Options, Scenario, World};
+use sim::tier1::{max_in_window, run_one, seeds, sweep, Fault, Options, Scenario, World};
 use std::cell::RefCell;
 
 fn tally(w: &World) -> BTreeMap<u16, u64> {
@@ -40,6 +41,8 @@ struct Seen {
     failed_on_disconnect: u64,
     resume_reads: u64,
     no_responders: u64,
+    /// Reconnects whose first admitted request the after-outage check saw published.
+    reconnects_checked: u64,
 }
 
 impl Seen {
@@ -63,6 +66,7 @@ impl Seen {
             self.dropped += n.gw.stats().dropped_replies;
         }
         self.resume_reads += w.resume_reads;
+        self.reconnects_checked += w.after_outage.checked;
     }
 }
 
@@ -239,6 +243,10 @@ fn d_timeouts_and_late_replies() {
             seen.failed_on_disconnect > 0,
             "no request failed on disconnect: {seen:?}"
         );
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
     }
 }
 
@@ -247,7 +255,7 @@ const STORM_SHARE_BOUND: f64 = 0.35;
 
 #[test]
 fn e_reconnect_storm() {
-    sweep("e_reconnect_storm", Scenario::Storm, 10, &|w| {
+    let seen = sweep_seen("e_reconnect_storm", Scenario::Storm, 10, &|w| {
         let mut f = Vec::new();
         let attempts: Vec<_> = w.server.attempts().iter().map(|a| a.at).collect();
         for (i, &r) in w.restarts.iter().enumerate() {
@@ -287,6 +295,12 @@ fn e_reconnect_storm() {
         }
         f
     });
+    if full_sweep() {
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
+    }
 }
 
 #[test]
@@ -327,11 +341,67 @@ fn f_backpressure_shedding_and_paused_reads() {
     }
 }
 
+/// When the Routers hung (scenario g's `RoutersSilent`).
+fn hung_at(w: &World) -> Instant {
+    w.opts
+        .faults
+        .iter()
+        .find_map(|(at, f)| matches!(f, Fault::RoutersSilent { .. }).then_some(*at))
+        .expect("scenario g has Routers that hang")
+}
+
 #[test]
 fn g_breaker_lifecycle() {
     sweep("g_breaker_lifecycle", Scenario::Breaker, 120, &|w| {
         let mut f = Vec::new();
+        let hung = hung_at(w) - Instant::ZERO;
+        let Some(back) = w.routers_away.first() else {
+            return vec!["the Routers never came back".to_owned()];
+        };
         for (g, n) in w.nodes.iter().enumerate() {
+            // 1. The Routers' restart (no responders) is not a failure: the breaker stays
+            // Closed until they hang, though the old rule would have opened it.
+            let no_responders = n.gw.upstream().stats().no_responders;
+            if no_responders < u64::from(w.opts.breaker.failures_to_open) {
+                f.push(format!(
+                    "g{g}: only {no_responders} no-responders while the Routers were away: \
+                     too few to have opened the breaker under the old rule (harness)"
+                ));
+            }
+            if let Some(o) = n.log.opens.iter().find(|o| o.at < hung) {
+                f.push(format!(
+                    "g{g}: breaker opened at {:?}, before the Routers hung at {hung:?} \
+                     (away {:?}..{:?}: no responders must not count)",
+                    o.at, back.start.at, back.end.at
+                ));
+            }
+            let clients: Vec<_> = w.clients.iter().filter(|c| c.gw == g).collect();
+            let answer = |m: &str| clients.iter().find_map(|c| c.answers.get(m));
+            for (m, a) in clients.iter().flat_map(|c| &c.answers) {
+                if a.breaker_refusal() && a.at < hung {
+                    f.push(format!(
+                        "g{g}: {m} refused by the breaker at {:?}, before the Routers hung",
+                        a.at
+                    ));
+                }
+            }
+            // The first request after they subscribe again succeeds.
+            match n.log.taken.iter().find(|(t, _)| t.ord > back.end.ord) {
+                Some((t, m)) => match answer(m) {
+                    Some(a) if a.code == 0 => {}
+                    other => f.push(format!(
+                        "g{g}: the first request after the Routers came back at {:?}, {m} \
+                         (read at {:?}), got {other:?}",
+                        back.end.at, t.at
+                    )),
+                },
+                None => f.push(format!(
+                    "g{g}: no request after the Routers came back at {:?} (harness)",
+                    back.end.at
+                )),
+            }
+            // 2. Routers that hang open it; it half-opens, probes, and closes once they
+            // answer again.
             let tr = &n.gw.stats().breaker_transitions;
             for to in ["open", "half_open", "closed"] {
                 if tr.get(to).copied().unwrap_or(0) == 0 {
@@ -341,9 +411,16 @@ fn g_breaker_lifecycle() {
             if n.gw.breaker_state() != BreakerState::Closed {
                 f.push(format!("g{g}: breaker ends {:?}", n.gw.breaker_state()));
             }
-        }
-        if tally(w).get(&8).copied().unwrap_or(0) == 0 {
-            f.push("no error 8 while the Routers were away".to_owned());
+            let refused = clients
+                .iter()
+                .flat_map(|c| c.answers.values())
+                .filter(|a| a.breaker_refusal())
+                .count();
+            if refused == 0 {
+                f.push(format!(
+                    "g{g}: no request refused while the breaker was open"
+                ));
+            }
         }
         f
     });
@@ -351,7 +428,7 @@ fn g_breaker_lifecycle() {
 
 #[test]
 fn h_vanished_machine_keepalive() {
-    sweep(
+    let seen = sweep_seen(
         "h_vanished_machine_keepalive",
         Scenario::Vanish,
         150,
@@ -382,6 +459,12 @@ fn h_vanished_machine_keepalive() {
             f
         },
     );
+    if full_sweep() {
+        assert!(
+            seen.reconnects_checked > 0,
+            "after-outage: no reconnect checked: {seen:?}"
+        );
+    }
 }
 
 #[test]

@@ -416,7 +416,9 @@ fn max_window_share(times: &[Duration], width: Duration) -> f64 {
 /// after a restart holds more than `MAX_SHARE` of them. Downtimes of 4.5–6 s put every
 /// gateway's backoff at its 2 s ceiling, where a delay is uniform on [1 s, 2 s]: 50 gateways
 /// then put about 10–28 % of their reconnects in the busiest 100 ms (seen over 24 restarts);
-/// without jitter they would all land in the same few milliseconds.
+/// without jitter they would all land in the same few milliseconds. The breaker is in play,
+/// and the after-outage check must see every gateway's first request after every restart
+/// published.
 #[test]
 fn reconnect_storm() {
     const MAX_SHARE: f64 = 0.35;
@@ -427,11 +429,13 @@ fn reconnect_storm() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(50);
-        // The storm is about reconnects. With the breaker in play, the requests failed by the
-        // outages open it, its open spell doubles with each outage (up to 4 s), and requests
-        // after the recovery may still meet it open (seed 10952965305461587542): right, but
-        // not this scenario's subject. breaker_lifecycle covers it.
-        opts.breaker.failures_to_open = u32::MAX;
+        // The breaker stays in play: under gateway.md section 4 the requests the outages fail
+        // do not count, so it must not be open when a gateway is back (the after-outage
+        // check, run for every gateway and restart). Three failures open it (500 ms doubling
+        // to 4 s): fewer than the requests each client has failed by a crash of 4.5 s or more,
+        // so that a breaker counting those would be open at the return. When they counted,
+        // seed 10952965305461587542 met it still open after the last recovery.
+        opts.breaker.failures_to_open = 3;
         let cycles = std::env::var("SIM_STORM_CYCLES")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -469,6 +473,15 @@ fn reconnect_storm() {
         println!("tier2 reconnect_storm: wall time {:?}", started.elapsed());
         run.summary();
         run.check_invariants();
+        // The after-outage check saw every gateway's first request after every restart.
+        let checked = run.after_outage.checked;
+        assert!(
+            checked >= (opts.gateways * cycles) as u64,
+            "after-outage: only {checked} reconnects checked for {} gateways and {cycles} \
+             restarts: {:?}",
+            opts.gateways,
+            run.after_outage
+        );
         let o = run.obs.borrow();
         for (k, &r) in restarts.iter().enumerate() {
             let end = r + ms(2900);

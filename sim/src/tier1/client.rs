@@ -13,6 +13,7 @@ use std::time::Duration;
 use ipc_gateway_core::Instant;
 use serde_json::Value;
 
+use crate::after_outage::Reply;
 use crate::router::Behaviour;
 
 pub const PING: u8 = 0xF0;
@@ -61,11 +62,17 @@ pub struct Client {
     rx: Vec<u8>,
     /// Bytes written to the socket the gateway has not read yet.
     pub unread: Vec<u8>,
+    /// The markers of the task requests (not PINGs) in `unread`, in order.
+    pub unread_tasks: Vec<String>,
+    /// What came back for each task request, by marker (for the after-outage check).
+    pub answers: std::collections::BTreeMap<String, Reply>,
     pub replies: usize,
     pub tally: Tally,
     /// Router error classes seen in RESPONSE_OK frames.
     pub router_errors: Tally,
     pub eof_sent: bool,
+    /// Writes no new request from then on (what is left of the plan is dropped).
+    pub stop_at: Option<Instant>,
     pub left: bool,
     pub closed_by_gateway: bool,
     pub failures: Vec<String>,
@@ -93,10 +100,13 @@ impl Client {
             outstanding: VecDeque::new(),
             rx: Vec::new(),
             unread: Vec::new(),
+            unread_tasks: Vec::new(),
+            answers: std::collections::BTreeMap::new(),
             replies: 0,
             tally: Tally::new(),
             router_errors: Tally::new(),
             eof_sent: false,
+            stop_at: None,
             left: false,
             closed_by_gateway: false,
             failures: Vec::new(),
@@ -120,6 +130,9 @@ impl Client {
 
     /// Writes requests up to the pipeline depth.
     pub fn fill(&mut self, now: Instant) {
+        if self.stop_at.is_some_and(|t| now >= t) {
+            self.plan.clear();
+        }
         while self.outstanding.len() < self.pipeline && !self.left && !self.closed_by_gateway {
             let Some(spec) = self.plan.pop_front() else {
                 break;
@@ -137,6 +150,9 @@ impl Client {
             self.unread.push(1);
             self.unread.push(spec.kind);
             self.unread.extend_from_slice(&payload);
+            if spec.kind != PING {
+                self.unread_tasks.push(spec.marker.clone());
+            }
             self.outstanding.push_back(Sent {
                 ahead: self.outstanding.len(),
                 spec,
@@ -156,6 +172,7 @@ impl Client {
         self.left = true;
         self.outstanding.clear();
         self.unread.clear();
+        self.unread_tasks.clear();
     }
 
     /// The gateway closed the connection.
@@ -219,6 +236,19 @@ impl Client {
             return;
         }
         let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let answer = Reply {
+            at: now - Instant::ZERO,
+            code: if kind == RESPONSE_OK {
+                0
+            } else {
+                json["error"]["code"].as_u64().unwrap_or(0) as u16
+            },
+            message: json["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        self.answers.insert(marker.clone(), answer);
         match kind {
             RESPONSE_OK => {
                 *self.tally.entry(0).or_default() += 1;

@@ -47,6 +47,22 @@ fn at_ms(n: u64) -> Instant {
     Instant::ZERO + ms(n)
 }
 
+/// A breaker as deployed (gateway.md section 4's ranges around the defaults), for scenarios
+/// whose outages must not open it: under section 4 only a Router that takes requests and
+/// does not answer them opens it, and a reconnect never inherits an opening the outage
+/// caused. Open spells of seconds outlast the outages, so an opening the outage caused
+/// would still be there when the link is back (the after-outage check).
+fn deployed_breaker(r: &mut Rng) -> BreakerConfig {
+    let open = between(r, 1000, 5000);
+    BreakerConfig {
+        failures_to_open: between(r, 1, 5) as u32,
+        open_duration: ms(open),
+        max_open_duration: ms(open * between(r, 2, 12)),
+        max_probes: between(r, 1, 3) as u32,
+        successes_to_close: between(r, 1, 3) as u32,
+    }
+}
+
 impl Options {
     /// Every option of a run, from its seed.
     pub fn swarm(scenario: Scenario, seed: u64) -> Options {
@@ -60,6 +76,8 @@ impl Options {
             routers: between(&mut r, 1, 2) as usize,
             clients_per_gateway: between(&mut r, 1, 5) as usize,
             requests_per_client: between(&mut r, 3, 25) as usize,
+            traffic_until: None,
+            late_client: None,
             pipeline: between(&mut r, 1, per_conn as u64) as usize,
             leave_permille: 0,
             mix: vec![(Behaviour::Ok, 1)],
@@ -71,7 +89,8 @@ impl Options {
             request_timeout: ms(timeout),
             max_inflight: 1000,
             per_conn_inflight: per_conn,
-            // Breaker out of the way unless the scenario is about it.
+            // Breaker out of the way unless the scenario is about it or has outages
+            // (`deployed_breaker`).
             breaker: BreakerConfig {
                 failures_to_open: 1_000_000,
                 ..BreakerConfig::default()
@@ -131,6 +150,11 @@ impl Options {
                     let hold = ms(between(&mut r, 10, timeout * 2));
                     o.faults.push((at, Fault::Hold { hold }));
                 }
+                // Half the runs with the breaker in play: silent and slow Routers open it
+                // for real, and the bounces must not.
+                if r.below(2) == 0 {
+                    o.breaker = deployed_breaker(&mut r);
+                }
             }
             Scenario::Storm => {
                 o.gateways = between(&mut r, 50, 60) as usize;
@@ -150,6 +174,13 @@ impl Options {
                     let down = between(&mut r, 1500, 3500);
                     o.faults.push((at_ms(t), Fault::Bounce { down: ms(down) }));
                     t += down + between(&mut r, 3000, 4000);
+                }
+                o.breaker = deployed_breaker(&mut r);
+                // The clients may be done by the first restart: one more per gateway from
+                // about then shows what each admits once reconnected (after-outage check).
+                if let Some((at, Fault::Bounce { down })) = o.faults.first() {
+                    let late = *at + *down + ms(between(&mut r, 0, 1000));
+                    o.late_client = Some((late, late + o.think * 6));
                 }
             }
             Scenario::Backpressure => {
@@ -171,21 +202,40 @@ impl Options {
                 o.think = ms(between(&mut r, 40, 60));
                 o.pipeline = 1;
                 o.client_spread = ms(50);
-                let at = between(&mut r, 300, 800);
-                // Long enough to open the breaker whatever else was drawn: a request already
-                // with the Routers when they leave holds the (pipeline 1) client until its
-                // deadline, then each further one fails at once (no responders). Seed
-                // 7887520389705641494 drew 935 ms against a 769 ms timeout and 4 failures.
+                let timeout = o.request_timeout.as_millis() as u64;
+                let failures = u64::from(o.breaker.failures_to_open);
+                // One request and its reply, at the most: think time and four network hops.
                 let cycle = o.think.as_millis() as u64 + 4 * o.net_latency.1.as_millis() as u64;
-                let enough = o.request_timeout.as_millis() as u64
-                    + u64::from(o.breaker.failures_to_open) * cycle
-                    + 200;
-                let away = between(&mut r, 800, 2000).max(enough);
+                // 1. The Routers restart: away, so requests meet no responders, long enough
+                // that counting those as failures (the old rule) would open the breaker
+                // whatever was drawn: each client meets one per cycle. (Seed
+                // 7887520389705641494 once drew too short a spell for that.) They leave
+                // cleanly, answering what they took: no request of theirs times out.
+                let away_at = between(&mut r, 300, 800);
+                let away = between(&mut r, 800, 2000).max(failures * cycle + 200);
                 o.faults
-                    .push((at_ms(at), Fault::RoutersAway { away: ms(away) }));
-                // Traffic goes on well past the Routers' return and the longest open spell.
-                let busy = at + away + o.breaker.max_open_duration.as_millis() as u64 + 1500;
+                    .push((at_ms(away_at), Fault::RoutersAway { away: ms(away) }));
+                // 2. The Routers hang: they take requests and answer none, so requests time
+                // out on a connected link, long enough for `failures` of them in a row from
+                // a single client.
+                let silent_at = away_at + away + between(&mut r, 300, 800);
+                // The clients of a gateway (pipeline 1) meet it together: a timeout each per
+                // round.
+                let rounds = failures.div_ceil(o.clients_per_gateway as u64) + 1;
+                let silent = between(&mut r, 800, 2000).max(rounds * (timeout + cycle) + 200);
+                o.faults.push((
+                    at_ms(silent_at),
+                    Fault::RoutersSilent { silent: ms(silent) },
+                ));
+                // Traffic goes on well past the Routers' recovery: the last probe taken while
+                // they hung times out, the longest open spell passes, the probes succeed.
+                let busy = silent_at
+                    + silent
+                    + timeout
+                    + o.breaker.max_open_duration.as_millis() as u64
+                    + 1500;
                 o.requests_per_client = (busy / 40) as usize + 10;
+                o.traffic_until = Some(at_ms(busy));
                 o.ping_frames_permille = 0;
             }
             Scenario::Vanish => {
@@ -195,6 +245,13 @@ impl Options {
                 let at = at_ms(between(&mut r, 500, 1500));
                 let away = o.ping_interval * (o.max_pings_out + 2) + ms(between(&mut r, 0, 2000));
                 o.faults.push((at, Fault::Vanish { away }));
+                o.breaker = deployed_breaker(&mut r);
+                // One more client per gateway, through the outage and until the gateways are
+                // back for a while (the backoff ceiling, the handshake, a second more): the
+                // others may have run out of requests by then, and what a gateway admits
+                // once reconnected must be seen (the after-outage check).
+                let late = at + ms(between(&mut r, 0, 500));
+                o.late_client = Some((late, at + away + o.backoff.max + ms(1000)));
             }
         }
         o
@@ -208,8 +265,8 @@ impl Options {
             .map(|(b, w)| format!("{}x{w}", b.text()))
             .collect();
         format!(
-            "seed={} gws={} routers={} clients={}x{} pipe={} leave={}‰ ping={}‰ mix=[{}] \
-             net={:?}..{:?} router={:?}..{:?} spread={:?} think={:?} timeout={:?} \
+            "seed={} gws={} routers={} clients={}x{} until={:?} late={:?} pipe={} leave={}‰ \
+             ping={}‰ mix=[{}] net={:?}..{:?} router={:?}..{:?} spread={:?} think={:?} timeout={:?} \
              inflight={}/{} breaker={}/{:?}/{:?}/{}/{} keepalive={:?}x{} connect={:?} \
              backoff={:?}..{:?} headers={} faults={:?}",
             self.seed,
@@ -217,6 +274,8 @@ impl Options {
             self.routers,
             self.clients_per_gateway,
             self.requests_per_client,
+            self.traffic_until,
+            self.late_client,
             self.pipeline,
             self.leave_permille,
             self.ping_frames_permille,
@@ -305,7 +364,8 @@ pub fn seeds(test: &str, default: u64) -> Vec<u64> {
     all
 }
 
-/// Runs one seed of a scenario: the world, then the general invariants, then `check`.
+/// Runs one seed of a scenario: the world, then the general invariants and the after-outage
+/// check ([`crate::after_outage`]), then `check`.
 /// Returns the world; panics with the replay command on any failure.
 pub fn run_one(
     test: &str,
@@ -322,6 +382,7 @@ pub fn run_one(
         let mut w = World::new(opts);
         w.run();
         w.check_quiescent();
+        w.check_after_outage();
         let more = check(&w);
         w.failures.extend(more);
         w
@@ -330,10 +391,11 @@ pub fn run_one(
     match outcome {
         Ok(w) if w.failures.is_empty() => {
             println!(
-                "tier1 {test} seed={seed} digest={:016x} steps={} t={:?}{}",
+                "tier1 {test} seed={seed} digest={:016x} steps={} t={:?} {}{}",
                 w.digest(),
                 w.steps,
                 w.now,
+                w.after_outage.line(),
                 if verbose {
                     format!(" {summary}")
                 } else {

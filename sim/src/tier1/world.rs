@@ -22,6 +22,7 @@ use ipc_gateway_core::upstream::{instance_prefix, Upstream};
 use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
 
 use super::client::{Client, Expect};
+use crate::after_outage::{self, GatewayLog, Mark, Outage, Report};
 use crate::nats_standin::{self, NatsStandin, ServerConfig};
 use crate::router::Router;
 
@@ -39,6 +40,8 @@ pub enum Fault {
     Hold { hold: Duration },
     /// Every Router leaves NATS for `away` (requests meet no responders).
     RoutersAway { away: Duration },
+    /// Every Router hangs for `silent`: subscribed, it takes requests and answers none.
+    RoutersSilent { silent: Duration },
 }
 
 /// Everything a run depends on, all derived from the seed.
@@ -49,6 +52,11 @@ pub struct Options {
     pub routers: usize,
     pub clients_per_gateway: usize,
     pub requests_per_client: usize,
+    /// Clients write no new request from then on.
+    pub traffic_until: Option<Instant>,
+    /// One more client per gateway (`g<n>late`, pipeline 1), writing from the first instant
+    /// until the second.
+    pub late_client: Option<(Instant, Instant)>,
     pub pipeline: usize,
     /// Share (per mille) of clients that hang up with requests in flight.
     pub leave_permille: u64,
@@ -104,6 +112,8 @@ pub struct Node {
     pub reconnected_at: Vec<Instant>,
     /// Whether the session was Connected when each vanish began.
     pub up_at_vanish: Vec<bool>,
+    /// Link, breaker and requests read, in the order of events (the after-outage check).
+    pub log: GatewayLog,
 }
 
 /// What a run produced, for the per-scenario checks.
@@ -131,6 +141,13 @@ pub struct World {
     digest: u64,
     pub steps: u64,
     pub failures: Vec<String>,
+    /// Every Routers-away spell that ended, and the one going on.
+    pub routers_away: Vec<Outage>,
+    away_since: Option<Mark>,
+    /// The order of events, for [`Mark`]s.
+    ord: u64,
+    /// What the after-outage check found (set by [`World::check_after_outage`]).
+    pub after_outage: Report,
     trace_tail: Vec<String>,
     /// `SIM_TRACE=1`: print every trace line as it happens (replaying one seed).
     print_trace: bool,
@@ -208,6 +225,7 @@ impl World {
                 lost_times: Vec::new(),
                 reconnected_at: Vec::new(),
                 up_at_vanish: Vec::new(),
+                log: GatewayLog::default(),
             });
             for c in 0..opts.clients_per_gateway {
                 let name = format!("g{g}c{c}");
@@ -219,15 +237,22 @@ impl World {
                     + Duration::from_nanos(rng.below(opts.client_spread.as_nanos() as u64 + 1));
                 let leave = (rng.below(1000) < opts.leave_permille)
                     .then(|| rng.below(opts.requests_per_client as u64) as usize);
-                clients.push(Client::new(
-                    name,
-                    g,
-                    start,
-                    plan,
-                    opts.pipeline,
-                    leave,
-                    expect,
-                ));
+                let mut client = Client::new(name, g, start, plan, opts.pipeline, leave, expect);
+                client.stop_at = opts.traffic_until;
+                clients.push(client);
+            }
+            if let Some((start, stop)) = opts.late_client {
+                let name = format!("g{g}late");
+                // Enough to write until `stop`: at least a think time per request.
+                let n = (stop - start).as_millis()
+                    / opts.think.max(Duration::from_millis(1)).as_millis()
+                    + 1;
+                let plan = (0..n)
+                    .map(|r| super::plan_request(&opts, &mut rng, format!("{name}r{r}")))
+                    .collect();
+                let mut late = Client::new(name, g, start, plan, 1, None, expect);
+                late.stop_at = Some(stop);
+                clients.push(late);
             }
         }
         let n = nodes.len();
@@ -253,6 +278,10 @@ impl World {
             digest: FNV_OFFSET,
             steps: 0,
             failures: Vec::new(),
+            routers_away: Vec::new(),
+            away_since: None,
+            ord: 0,
+            after_outage: Report::default(),
             trace_tail: Vec::new(),
             print_trace: std::env::var_os("SIM_TRACE").is_some(),
         };
@@ -286,6 +315,31 @@ impl World {
             self.trace_tail.remove(0);
         }
         self.trace_tail.push(line);
+    }
+
+    /// Now, in the order of events.
+    fn mark(&mut self) -> Mark {
+        self.ord += 1;
+        Mark {
+            ord: self.ord,
+            at: self.now - Instant::ZERO,
+        }
+    }
+
+    /// Notes gateway `g`'s link and breaker, at the start and end of every [`World::pump`]:
+    /// the start sees what the input changed before anything nested runs.
+    fn observe(&mut self, g: usize) {
+        let mark = self.mark();
+        let gw = &self.nodes[g].gw;
+        let up = gw.upstream().state() == SessionState::Connected;
+        let breaker = gw.breaker_state().name();
+        let opens = gw
+            .stats()
+            .breaker_transitions
+            .get("open")
+            .copied()
+            .unwrap_or(0);
+        self.nodes[g].log.observe(mark, up, breaker, opens);
     }
 
     fn push(&mut self, at: Instant, ev: Ev) {
@@ -511,7 +565,14 @@ impl World {
                 for r in &mut self.routers {
                     r.leave(&mut self.server);
                 }
+                self.away_since = Some(self.mark());
                 self.push(now + *away, Ev::FaultEnd(f.clone()));
+            }
+            Fault::RoutersSilent { silent } => {
+                for r in &mut self.routers {
+                    r.hang();
+                }
+                self.push(now + *silent, Ev::FaultEnd(f.clone()));
             }
         }
     }
@@ -559,6 +620,15 @@ impl World {
                 for r in &mut self.routers {
                     r.resubscribe(&mut self.server);
                 }
+                if let Some(start) = self.away_since.take() {
+                    let end = self.mark();
+                    self.routers_away.push(Outage { start, end });
+                }
+            }
+            Fault::RoutersSilent { .. } => {
+                for r in &mut self.routers {
+                    r.wake();
+                }
             }
         }
     }
@@ -603,6 +673,7 @@ impl World {
     /// Carries out what gateway `g` asked for, until it asks nothing more.
     fn pump(&mut self, g: usize) {
         let now = self.now;
+        self.observe(g);
         loop {
             if let Some(a) = self.nodes[g].gw.poll_action() {
                 self.trace(format!("{now:?} g{g} {a:?}"));
@@ -698,6 +769,8 @@ impl World {
             }
             _ => {}
         }
+        self.observe(g);
+        let node = &mut self.nodes[g];
         node.gw.assert_invariants();
         let s = node.gw.upstream();
         assert!(
@@ -755,6 +828,10 @@ impl World {
         }
         if !self.clients[c].unread.is_empty() && self.nodes[g].gw.wants_read(conn) {
             let bytes = std::mem::take(&mut self.clients[c].unread);
+            for marker in std::mem::take(&mut self.clients[c].unread_tasks) {
+                let mark = self.mark();
+                self.nodes[g].log.took(mark, marker);
+            }
             self.nodes[g].gw.handle_client_bytes(conn, &bytes, now);
         }
         if self.clients[c].finished()
@@ -765,6 +842,38 @@ impl World {
             self.nodes[g].gw.handle_client_eof(conn, now);
         }
         self.pump(g);
+    }
+
+    /// The after-outage check ([`after_outage`]) over every gateway; its failures join the
+    /// run's, its counts stay in [`World::after_outage`].
+    pub fn check_after_outage(&mut self) {
+        let mut report = Report::default();
+        for (g, n) in self.nodes.iter().enumerate() {
+            let published: Vec<(Duration, String)> = self
+                .server
+                .published()
+                .iter()
+                .filter(|p| p.subject == SUBJECT && self.conn_owner.get(&p.conn) == Some(&g))
+                .filter_map(|p| {
+                    let body: serde_json::Value = serde_json::from_slice(&p.payload).ok()?;
+                    let marker = body["task"]["payload"]["m"].as_str()?.to_owned();
+                    Some((p.at - Instant::ZERO, marker))
+                })
+                .collect();
+            let clients: Vec<&Client> = self.clients.iter().filter(|c| c.gw == g).collect();
+            let reply = |marker: &str| clients.iter().find_map(|c| c.answers.get(marker).cloned());
+            let gw = after_outage::Gateway {
+                seed: self.opts.seed,
+                name: &format!("g{g}"),
+                request_timeout: self.opts.request_timeout,
+                log: &n.log,
+                routers_away: &self.routers_away,
+                published: &published,
+            };
+            after_outage::check(&gw, &reply, &mut report);
+        }
+        self.failures.extend(report.failures.iter().cloned());
+        self.after_outage = report;
     }
 
     /// The no-leak invariant, once traffic stopped and deadlines passed.

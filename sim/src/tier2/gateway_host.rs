@@ -23,7 +23,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use ipc_gateway_core::frame::{FrameDecoder, MAX_FRAME_BYTES};
+use ipc_gateway_core::nats_config::SessionState;
 use ipc_gateway_core::nats_session::{NatsSession, SessionAction};
+use ipc_gateway_core::upstream::TaskKind;
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::Notify;
@@ -102,7 +105,47 @@ impl Shell {
             }
         }
         self.gateway.borrow().assert_invariants();
+        self.observe();
         self.wake.notify_one();
+    }
+
+    /// Notes the link and the breaker after every input (the after-outage check).
+    fn observe(&self) {
+        let g = self.gateway.borrow();
+        let up = g.upstream().state() == SessionState::Connected;
+        let breaker = g.breaker_state().name();
+        let opens = g
+            .stats()
+            .breaker_transitions
+            .get("open")
+            .copied()
+            .unwrap_or(0);
+        let mut obs = self.obs.borrow_mut();
+        let mark = obs.mark();
+        obs.logs
+            .entry(self.name.clone())
+            .or_default()
+            .observe(mark, up, breaker, opens);
+    }
+
+    /// Notes the task requests in bytes read from a client, before the core sees them.
+    fn note_read(&self, frames: &mut FrameDecoder, bytes: &[u8]) {
+        frames.push(bytes);
+        while let Ok(Some(frame)) = frames.next_frame() {
+            if TaskKind::from_frame_kind(frame.kind).is_none() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap_or_default();
+            let Some(tag) = v["tag"].as_str() else {
+                continue;
+            };
+            let mut obs = self.obs.borrow_mut();
+            let mark = obs.mark();
+            obs.logs
+                .entry(self.name.clone())
+                .or_default()
+                .took(mark, tag.to_owned());
+        }
     }
 
     fn apply(self: &Rc<Self>, action: Action) {
@@ -300,6 +343,8 @@ impl Shell {
         closed: Rc<Cell<bool>>,
     ) {
         let mut buf = vec![0u8; READ_BUFFER];
+        // A second decoder, for the after-outage check only: which requests were read when.
+        let mut frames = FrameDecoder::new(MAX_FRAME_BYTES);
         loop {
             if closed.get() {
                 return;
@@ -323,6 +368,7 @@ impl Shell {
                     return;
                 }
                 Ok(n) => {
+                    self.note_read(&mut frames, &buf[..n]);
                     self.gateway
                         .borrow_mut()
                         .handle_client_bytes(id, &buf[..n], now);

@@ -6,7 +6,9 @@
 //! A run takes one `u64` seed. Everything random comes from it: turmoil's RNG (latency,
 //! jitter), each gateway's seed (request ids, inbox, reconnect jitter) and the scenario's
 //! swarm options. [`Run::new`] prints the seed and every option derived from it; the caller
-//! ([`seeds`]) prints the replay command on failure. The action trace of every gateway shell
+//! ([`seeds`]) prints the replay command on failure. [`Run::check_invariants`] ends with the
+//! after-outage check ([`crate::after_outage`]): the shell notes its link, breaker and the
+//! requests it reads ([`obs::Obs::logs`]), the nats host what was published. The action trace of every gateway shell
 //! and every IDE reply is hashed into a digest ([`trace::Trace`]): the same seed gives the same
 //! digest.
 
@@ -31,6 +33,7 @@ use ipc_gateway_core::upstream::Upstream;
 use ipc_gateway_core::Gateway;
 use rand::SeedableRng;
 
+use crate::after_outage::{check, Gateway as Checked, Reply, Report};
 use crate::nats_standin::ServerConfig;
 use ide::IdeSpec;
 use obs::{Obs, SharedObs};
@@ -117,6 +120,8 @@ pub struct Run {
     pub opts: Options,
     /// Set by the scenario when clients are expected to leave or lose replies.
     pub lenient_clients: Vec<String>,
+    /// What the after-outage check found ([`Run::check_invariants`] runs it).
+    pub after_outage: Report,
 }
 
 impl Run {
@@ -169,6 +174,7 @@ impl Run {
             obs,
             opts,
             lenient_clients: Vec::new(),
+            after_outage: Report::default(),
         }
     }
 
@@ -342,6 +348,64 @@ impl Run {
                 "{name}: recent answers unbounded"
             );
         }
+        drop(obs);
+        self.check_after_outage();
+    }
+
+    /// The after-outage check ([`crate::after_outage`]) over every gateway: once a gateway's
+    /// NATS session is Connected again, the first request it admits is published, not
+    /// refused by the breaker. Its counts stay in [`Run::after_outage`].
+    pub fn check_after_outage(&mut self) {
+        let obs = self.obs.borrow();
+        let mut report = Report::default();
+        let reply = |tag: &str| -> Option<Reply> {
+            let (client, i) = tag.rsplit_once('/')?;
+            let r = obs
+                .clients
+                .get(client)?
+                .sent
+                .get(i.parse::<usize>().ok()?)?;
+            let r = r.reply.as_ref()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+            let ok = r.kind == ipc_gateway_core::frame::kind::RESPONSE_OK;
+            Some(Reply {
+                at: r.at,
+                code: if ok {
+                    0
+                } else {
+                    v["error"]["code"].as_u64().unwrap_or(0) as u16
+                },
+                message: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            })
+        };
+        for (name, log) in &obs.logs {
+            let published: Vec<(Duration, String)> = obs
+                .published
+                .iter()
+                .filter(|(_, who, _)| who == name)
+                .map(|(at, _, tag)| (*at, tag.clone()))
+                .collect();
+            let gw = Checked {
+                seed: self.opts.seed,
+                name,
+                request_timeout: self.opts.request_timeout,
+                log,
+                routers_away: &[],
+                published: &published,
+            };
+            check(&gw, &reply, &mut report);
+        }
+        drop(obs);
+        println!("tier2 seed={} {}", self.opts.seed, report.line());
+        assert!(
+            report.failures.is_empty(),
+            "after an outage the breaker refused or lost the first request:\n{}",
+            report.failures.join("\n")
+        );
+        self.after_outage = report;
     }
 
     /// Prints the run's summary line.

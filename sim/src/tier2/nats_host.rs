@@ -19,6 +19,9 @@ use super::obs::{sim_now, spawn_watched, SharedObs};
 use super::router::NATS_PORT;
 use crate::nats_standin::{ConnId, NatsStandin, ServerConfig};
 
+/// The Routers' subject: what the gateways publish their requests to.
+const SUBJECT: &str = "beamline.router.v1.decide";
+
 struct Server {
     standin: RefCell<NatsStandin>,
     writes: RefCell<BTreeMap<ConnId, OwnedWriteHalf>>,
@@ -113,7 +116,22 @@ pub async fn run(config: ServerConfig, obs: SharedObs) -> turmoil::Result {
                             break;
                         }
                         let had_connect = conn.standin.borrow().connect_info(id).is_some();
+                        let published = conn.standin.borrow().published().len();
                         conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());
+                        for p in &conn.standin.borrow().published()[published..] {
+                            if p.subject != SUBJECT {
+                                continue;
+                            }
+                            let body: serde_json::Value =
+                                serde_json::from_slice(&p.payload).unwrap_or_default();
+                            if let Some(tag) = body["task"]["payload"]["tag"].as_str() {
+                                o.borrow_mut().published.push((
+                                    sim_now(),
+                                    who.clone(),
+                                    tag.to_owned(),
+                                ));
+                            }
+                        }
                         if !had_connect {
                             if let Some(info) = conn.standin.borrow().connect_info(id) {
                                 o.borrow_mut()

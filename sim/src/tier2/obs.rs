@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::gateway_host::Shell;
 use super::trace::Trace;
+use crate::after_outage::{GatewayLog, Mark};
 
 /// One reply frame an IDE host read.
 #[derive(Debug, Clone)]
@@ -63,6 +64,25 @@ pub struct Obs {
     pub nats_starts: Vec<Duration>,
     /// A task of some host panicked (tokio swallows panics of spawned tasks).
     pub panics: Vec<String>,
+    /// Each gateway's link, breaker and requests read, in the order of events (the
+    /// after-outage check, [`crate::after_outage`]).
+    pub logs: BTreeMap<String, GatewayLog>,
+    /// Router requests published on a nats host: (virtual time, the publishing host, the
+    /// client's tag). Kept here: a crash drops the stand-in with what it recorded.
+    pub published: Vec<(Duration, String, String)>,
+    /// The order of events, for [`Mark`]s.
+    ord: u64,
+}
+
+impl Obs {
+    /// Now, in the order of events.
+    pub fn mark(&mut self) -> Mark {
+        self.ord += 1;
+        Mark {
+            ord: self.ord,
+            at: sim_now(),
+        }
+    }
 }
 
 pub type SharedObs = Rc<RefCell<Obs>>;
