@@ -132,12 +132,13 @@ impl LoadConfig {
 
 /// What a finished [`Load`] leaves: its records, its failures, and how many requests were
 /// still waiting for a reply when the daemon closed the connection after
-/// [`Load::expect_shutdown`] (written when it no longer read them).
+/// [`Load::expect_shutdown`] (in all, and of those, how many were written before that call).
 #[derive(Debug, Default)]
 pub struct LoadResult {
     pub records: Vec<Record>,
     pub failures: Vec<Failure>,
     pub unanswered_at_shutdown: u64,
+    pub unanswered_sent_before_shutdown: u64,
 }
 
 /// Pipelined load on N client connections; see the module documentation.
@@ -154,7 +155,9 @@ struct Shared {
     failures: Mutex<Vec<Failure>>,
     oks: AtomicU64,
     shutting_down: AtomicBool,
+    shutdown_at: Mutex<Option<Instant>>,
     unanswered_at_shutdown: AtomicU64,
+    unanswered_sent_before_shutdown: AtomicU64,
 }
 
 impl Load {
@@ -222,6 +225,7 @@ impl Load {
     /// whose connection closes ends quietly, and the requests it still waited for are counted
     /// in [`LoadResult::unanswered_at_shutdown`] instead of being failures.
     pub fn expect_shutdown(&self) {
+        *lock(&self.shared.shutdown_at) = Some(Instant::now());
         self.shared.shutting_down.store(true, Ordering::SeqCst);
     }
 
@@ -291,6 +295,10 @@ impl Load {
             records: std::mem::take(&mut *lock(&self.shared.records)),
             failures: std::mem::take(&mut *lock(&self.shared.failures)),
             unanswered_at_shutdown: self.shared.unanswered_at_shutdown.load(Ordering::SeqCst),
+            unanswered_sent_before_shutdown: self
+                .shared
+                .unanswered_sent_before_shutdown
+                .load(Ordering::SeqCst),
         }
     }
 }
@@ -315,9 +323,14 @@ impl Client {
         match self.serve(&mut outstanding) {
             Ok(()) => {}
             Err(Ended::Shutdown) => {
+                let at = lock(&self.shared.shutdown_at).unwrap_or_else(Instant::now);
+                let before = outstanding.iter().filter(|(_, sent, _)| *sent < at).count();
                 self.shared
                     .unanswered_at_shutdown
                     .fetch_add(outstanding.len() as u64, Ordering::SeqCst);
+                self.shared
+                    .unanswered_sent_before_shutdown
+                    .fetch_add(before as u64, Ordering::SeqCst);
             }
             Err(Ended::Failed(failure)) => lock(&self.shared.failures).push(failure),
         }
