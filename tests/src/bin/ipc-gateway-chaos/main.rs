@@ -32,7 +32,7 @@ use ipc_gateway_tests::daemon::{self, own_profile, target_dir, try_rss_kb, Daemo
 use ipc_gateway_tests::nats_load::{
     fd_listing, nats_connected_count, try_fd_count, try_stats, Load, LoadConfig, LoadResult, Record,
 };
-use ipc_gateway_tests::nats_server::{NatsCluster, LAME_DUCK_CONFIG};
+use ipc_gateway_tests::nats_server::{self, NatsCluster, LAME_DUCK_CONFIG};
 use ipc_gateway_tests::router_double;
 use rustix::process::Signal;
 use serde_json::{json, Value};
@@ -176,6 +176,15 @@ fn run(args: &Args) -> Result<bool> {
         return Ok(true);
     }
 
+    let nats = nats_server::binary();
+    let version = std::process::Command::new(&nats).arg("--version").output();
+    if !version.is_ok_and(|o| o.status.success()) {
+        bail!(
+            "cannot run {} --version: install nats-server (Debian: apt-get install nats-server) \
+             or point NATS_SERVER_BIN at one",
+            nats.display()
+        );
+    }
     let gateway_bin = daemon::binary();
     let double_bin = router_double::binary();
     println!(
@@ -256,13 +265,10 @@ fn run(args: &Args) -> Result<bool> {
             // A never-reader grows the daemon's heap by its output cap (8 MiB), which the
             // allocator keeps after the connection is closed: grow it once before the
             // baseline, so that the end check measures growth, not the first high-water mark.
-            let note = clients::never_reader(
-                daemon.socket_path(),
-                Instant::now() + Duration::from_secs(5),
-                0,
-            )
-            .map_err(anyhow::Error::msg)
-            .context("the warm-up never-reader")?;
+            let until = Instant::now() + Duration::from_secs(20);
+            let note = clients::never_reader(daemon.socket_path(), until, 0)
+                .map_err(anyhow::Error::msg)
+                .context("the warm-up never-reader")?;
             println!(
                 "[{:6.1}s] warm-up never-reader: {note}",
                 obs.secs(Instant::now())
