@@ -65,12 +65,16 @@ impl Infra {
 
     fn resolve_node(&self, target: Target, daemon: &Daemon, rng: &mut Rng) -> (usize, String) {
         let n = self.cluster.len();
-        let (node, how) = match target {
-            Target::Node(i) => (i % n, ""),
-            _ => match self.daemon_node(daemon) {
-                Some(i) => (i, ", the daemon's"),
-                None => (rng.below(n as u64) as usize, ", daemon not connected"),
-            },
+        let daemon_on = self.daemon_node(daemon);
+        let node = match (target, daemon_on) {
+            (Target::Node(i), _) => i % n,
+            (_, Some(i)) => i,
+            (_, None) => rng.below(n as u64) as usize,
+        };
+        let how = match daemon_on {
+            Some(i) if i == node => ", the daemon's",
+            Some(_) => "",
+            None => ", daemon not connected",
         };
         let port = self.cluster.node(node).port();
         (node, format!("node {node} (port {port}{how})"))

@@ -341,6 +341,7 @@ fn run(args: &Args) -> Result<bool> {
 
     // SIGTERM under load: every reply still valid (error 6 allowed), exit 0.
     let mut records = load_result.records;
+    // Recovery is measured on the chaos load only, not on the shutdown's.
     if harness_error.is_none() && !abort.load(Ordering::SeqCst) {
         let (line, shutdown_records) = shutdown_under_load(args, &mut daemon, &obs);
         end_state.push(line);

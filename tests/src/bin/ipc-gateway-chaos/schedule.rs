@@ -245,6 +245,16 @@ pub fn generate(seed: u64, shape: Shape) -> Vec<Planned> {
                 (Target::Doubles(n), rng.secs(1.0, 4.0), 0.5)
             }
         };
+        // Every fault ends (its node back, its doubles subscribed) a second before the chaos
+        // phase does, while the load still runs to measure the recovery.
+        let overhead = Duration::from_secs_f64(overhead);
+        let Some(room) = end.checked_sub(at + overhead + Duration::from_secs(1)) else {
+            break;
+        };
+        if room < Duration::from_secs(1) {
+            break;
+        }
+        let duration = duration.min(room);
         plan.push(Planned {
             index: 0,
             at,
@@ -254,7 +264,7 @@ pub fn generate(seed: u64, shape: Shape) -> Vec<Planned> {
             count: 0,
             seed: rng.next_u64(),
         });
-        at += duration + Duration::from_secs_f64(overhead) + rng.secs(1.5, 4.0);
+        at += duration + overhead + rng.secs(1.5, 4.0);
     }
 
     // Traffic: from 1 s on.
@@ -264,7 +274,7 @@ pub fn generate(seed: u64, shape: Shape) -> Vec<Planned> {
         let kind = deck.next();
         let (duration, count) = match kind {
             Kind::GarbageFrames => (Duration::ZERO, rng.between(3, 8) as usize),
-            _ => (rng.secs(2.0, 5.0), 0),
+            _ => (rng.secs(2.0, 5.0).min(end - at - Duration::from_secs(1)), 0),
         };
         plan.push(Planned {
             index: 0,
@@ -339,7 +349,12 @@ mod tests {
                     "seed {seed}: no {kind} in {plan:#?}"
                 );
             }
-            assert!(plan.iter().all(|p| p.at < Duration::from_secs(SHAPE.secs)));
+            for p in &plan {
+                assert!(
+                    p.at + p.duration < Duration::from_secs(SHAPE.secs),
+                    "seed {seed}: {p} ends after the chaos phase"
+                );
+            }
         }
     }
 
