@@ -36,16 +36,14 @@ pub fn binary() -> &'static Path {
 
 /// A binary of this workspace: the path in `override_var` if set, otherwise
 /// `cargo build -p <package> --bin <bin>` (a no-op under `cargo test`, which built it already)
-/// and its path in the target directory.
+/// and its path in the target directory. The build uses the profile of the running executable
+/// ([`own_profile`]): a tool run with `cargo run --release` gets release builds of the daemon
+/// and the double, a test run gets debug builds as before.
 pub fn workspace_binary(override_var: &str, package: &str, bin: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(override_var) {
         return PathBuf::from(path);
     }
-    // CARGO_MANIFEST_DIR is tests/; the workspace is its parent.
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf();
+    let profile = own_profile();
     let mut cargo = Command::new(env!("CARGO"));
     // `cargo test` runs this process with the package's CARGO_MANIFEST_DIR, CARGO_PKG_* etc.
     // set. Build scripts that watch them (ring's watches CARGO_MANIFEST_DIR, and the `nats`
@@ -67,9 +65,12 @@ pub fn workspace_binary(override_var: &str, package: &str, bin: &str) -> PathBuf
             cargo.env_remove(&*key);
         }
     }
+    cargo.args(["build", "-p", package, "--bin", bin]);
+    if profile == Profile::Release {
+        cargo.arg("--release");
+    }
     let out = cargo
-        .args(["build", "-p", package, "--bin", bin])
-        .current_dir(&workspace)
+        .current_dir(workspace_dir())
         .output()
         .expect("running cargo build");
     assert!(
@@ -78,12 +79,60 @@ pub fn workspace_binary(override_var: &str, package: &str, bin: &str) -> PathBuf
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    // A relative CARGO_TARGET_DIR is relative to where cargo runs, here the workspace;
-    // joining an absolute one replaces the base.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|dir| workspace.join(dir))
-        .unwrap_or_else(|| workspace.join("target"));
-    target.join("debug").join(bin)
+    target_dir().join(profile.dir()).join(bin)
+}
+
+/// The cargo profile a binary is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    /// Its directory under the target directory.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// The profile the running executable was built with, read from where it lives
+/// (`target/release/…` or `target/release/deps/…` is release; anything else is debug).
+pub fn own_profile() -> Profile {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent();
+    let dir = match dir {
+        Some(d) if d.file_name().is_some_and(|n| n == "deps") => d.parent(),
+        other => other,
+    };
+    if dir
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "release")
+    {
+        Profile::Release
+    } else {
+        Profile::Debug
+    }
+}
+
+/// The workspace (the parent of tests/).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` (relative to the workspace, where cargo
+/// runs) if set, otherwise `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    // Joining an absolute CARGO_TARGET_DIR replaces the base.
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| workspace_dir().join(dir))
+        .unwrap_or_else(|| workspace_dir().join("target"))
 }
 
 /// A running (or finished) `ipc-gateway` process. Dropping it kills the process.
@@ -213,8 +262,13 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: Signal) {
+        self.try_signal(signal).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Daemon::signal`] without the panic.
+    pub fn try_signal(&self, signal: Signal) -> Result<(), String> {
         kill_process(Pid::from_child(&self.child), signal)
-            .unwrap_or_else(|e| panic!("kill({}, {signal:?}): {e}", self.pid()));
+            .map_err(|e| format!("kill({}, {signal:?}): {e}", self.pid()))
     }
 
     /// Sends SIGTERM.
@@ -416,11 +470,20 @@ pub fn recv(stream: &mut UnixStream) -> Frame {
 
 /// Asserts that the next bytes are exactly a PONG (`00 00 00 06 01 F1`).
 pub fn expect_pong(stream: &mut UnixStream) {
+    check_pong(stream).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`expect_pong`] without the panic.
+pub fn check_pong(stream: &mut UnixStream) -> Result<(), String> {
     let mut got = [0u8; 6];
     stream
         .read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("reading a PONG: {e}"));
-    assert_eq!(got, PONG_BYTES, "expected exactly the PONG bytes");
+        .map_err(|e| format!("reading a PONG: {e}"))?;
+    if got == PONG_BYTES {
+        Ok(())
+    } else {
+        Err(format!("expected exactly the PONG bytes, got {got:02X?}"))
+    }
 }
 
 /// PING, then assert the reply is exactly a PONG: the connection is open and in step.
@@ -429,33 +492,51 @@ pub fn ping(stream: &mut UnixStream) {
     expect_pong(stream);
 }
 
+/// [`ping`] without the panic.
+pub fn check_ping(stream: &mut UnixStream) -> Result<(), String> {
+    frame::write_frame(stream, PING, &[]).map_err(|e| format!("writing a PING: {e}"))?;
+    check_pong(stream)
+}
+
 /// Asserts `frame` is a version-1 RESPONSE_ERROR whose payload is
 /// `{"ok":false,"error":{"code":code,"message":"…","retryable":bool,…}}` with `code` a JSON
 /// number; returns the `error` object.
 pub fn expect_error(frame: &Frame, code: u64) -> Value {
-    assert_eq!(
-        (frame.version, frame.kind),
-        (VERSION_1, RESPONSE_ERROR),
-        "expected an error frame (code {code}), got {frame:?} ({:?})",
-        String::from_utf8_lossy(&frame.payload)
-    );
-    let body = frame.json();
-    assert_eq!(body["ok"], json!(false), "error payload: {body}");
+    check_error(frame, code).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`expect_error`] without the panic: `Err` says what is wrong.
+pub fn check_error(frame: &Frame, code: u64) -> Result<Value, String> {
+    if (frame.version, frame.kind) != (VERSION_1, RESPONSE_ERROR) {
+        return Err(format!(
+            "expected an error frame (code {code}), got {frame:?} ({:?})",
+            String::from_utf8_lossy(&frame.payload)
+        ));
+    }
+    let body: Value = serde_json::from_slice(&frame.payload).map_err(|e| {
+        format!(
+            "error frame payload is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&frame.payload)
+        )
+    })?;
     let error = &body["error"];
-    assert!(
-        error["code"].is_u64(),
-        "error.code must be a JSON number: {body}"
-    );
-    assert_eq!(error["code"], json!(code), "error payload: {body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "error.message must be a non-empty string: {body}"
-    );
-    assert!(
-        error["retryable"].is_boolean(),
-        "error.retryable must be a boolean: {body}"
-    );
-    error.clone()
+    let problem = if body["ok"] != json!(false) {
+        Some("ok must be false")
+    } else if !error["code"].is_u64() {
+        Some("error.code must be a JSON number")
+    } else if error["code"] != json!(code) {
+        Some("wrong error.code")
+    } else if error["message"].as_str().is_none_or(str::is_empty) {
+        Some("error.message must be a non-empty string")
+    } else if !error["retryable"].is_boolean() {
+        Some("error.retryable must be a boolean")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(format!("{problem} (expected code {code}): {body}")),
+        None => Ok(error.clone()),
+    }
 }
 
 /// Reads the next frame and asserts it is an error frame with `code`; returns `error`.
@@ -466,15 +547,23 @@ pub fn expect_error_code(stream: &mut UnixStream, code: u64) -> Value {
 /// Asserts the gateway has closed the connection: a read returns end of stream or a reset,
 /// not more bytes and not a timeout.
 pub fn expect_closed(stream: &mut UnixStream) {
+    check_closed(stream).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`expect_closed`] without the panic: `Err` says what came instead of the end of stream.
+pub fn check_closed(stream: &mut UnixStream) -> Result<(), String> {
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!(
+        Ok(0) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        Ok(n) => Err(format!(
             "expected the connection to be closed, got {n} more bytes: {:02X?}",
             &buf[..n]
-        ),
-        Err(e) => panic!("expected the connection to be closed within {IO_TIMEOUT:?}: {e}"),
+        )),
+        Err(e) => Err(format!(
+            "expected the connection to be closed within {:?}: {e}",
+            stream.read_timeout().ok().flatten()
+        )),
     }
 }
 
@@ -535,23 +624,28 @@ pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) 
 
 /// The process's current resident set size in KiB (`VmRSS` in /proc/PID/status).
 pub fn rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmRSS:").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`rss_kb`] without the panic (the process may be gone).
+pub fn try_rss_kb(pid: u32) -> Result<u64, String> {
     proc_status_kb(pid, "VmRSS:")
 }
 
 /// The process's peak resident set size so far in KiB (`VmHWM` in /proc/PID/status).
 pub fn peak_rss_kb(pid: u32) -> u64 {
-    proc_status_kb(pid, "VmHWM:")
+    proc_status_kb(pid, "VmHWM:").unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
+fn proc_status_kb(pid: u32, field: &str) -> Result<u64, String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} line in /proc/{pid}/status"))
+        .ok_or_else(|| format!("no {field} line in /proc/{pid}/status"))
 }
 
 fn abbreviate(text: &str) -> String {

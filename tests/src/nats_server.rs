@@ -23,10 +23,12 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+
+use rustix::process::{kill_process, Pid, Signal};
 
 use crate::daemon::append_to;
 use std::time::{Duration, Instant};
@@ -187,6 +189,56 @@ impl NatsServer {
         }
     }
 
+    /// Sends `signal` to the running server (e.g. SIGSTOP / SIGCONT to freeze it: its sockets
+    /// stay open, nothing is answered). `Err` if it is not running.
+    pub fn signal(&self, signal: Signal) -> Result<(), String> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| format!("nats-server on port {} is not running", self.port))?;
+        kill_process(Pid::from_child(child), signal)
+            .map_err(|e| format!("kill({}, {signal:?}): {e}", child.id()))
+    }
+
+    /// Puts the server into lame duck mode (`nats-server --signal ldm=PID`): it stops
+    /// accepting, tells its clients (INFO `ldm:true`), closes them one by one after its grace
+    /// period and exits. See [`LAME_DUCK_CONFIG`] for durations short enough for a test.
+    pub fn lame_duck(&self) -> Result<(), String> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| format!("nats-server on port {} is not running", self.port))?;
+        let out = Command::new(binary())
+            .arg("--signal")
+            .arg(format!("ldm={pid}"))
+            .output()
+            .map_err(|e| format!("running {} --signal ldm={pid}: {e}", binary().display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nats-server --signal ldm={pid}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Waits until the server process has exited by itself (e.g. at the end of lame duck
+    /// mode) and returns its status; `None` if it is still running after `within`.
+    pub fn wait_exited(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.as_mut().map(Child::try_wait) {
+                None => return None,
+                Some(Ok(Some(status))) => return Some(status),
+                Some(Ok(None)) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                Some(_) => return None,
+            }
+        }
+    }
+
     /// Starts the server again on the same port (after [`NatsServer::kill`]; kills it first
     /// if it is still running) and waits until it accepts clients. Panics if it cannot.
     pub fn restart(&mut self) {
@@ -284,6 +336,12 @@ fn read_info(port: u16) -> io::Result<serde_json::Value> {
     serde_json::from_str(json.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// A `nats-server` configuration file for lame duck mode in tests: the shortest duration the
+/// server accepts (30 s, spread over the clients still connected, at most 1 s between two) and
+/// a 2 s grace period (10 s by default) during which clients are told to move before the first
+/// is closed. A server with a handful of clients leaves lame duck mode within a few seconds.
+pub const LAME_DUCK_CONFIG: &str = "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"2s\"\n";
+
 /// A cluster of `nats-server` nodes on loopback, fully meshed by routes.
 ///
 /// Node `i` has a client port ([`NatsCluster::node`]`(i).port()`) and a cluster (route) port;
@@ -298,6 +356,13 @@ impl NatsCluster {
     /// Starts `n` nodes and waits until each accepts clients and knows every other node (its
     /// INFO lists their client URLs in `connect_urls`).
     pub fn start(n: usize) -> NatsCluster {
+        NatsCluster::start_with_args(n, &[])
+    }
+
+    /// Like [`NatsCluster::start`], with extra `nats-server` arguments for every node (e.g.
+    /// `["-c", path]` for a configuration file such as [`LAME_DUCK_CONFIG`]; the address, port
+    /// and cluster flags always win over the file).
+    pub fn start_with_args(n: usize, args: &[&str]) -> NatsCluster {
         assert!(n >= 1, "a cluster has at least one node");
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -316,14 +381,15 @@ impl NatsCluster {
                     .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
                     .collect::<Vec<_>>()
                     .join(",");
-                let mut extra = vec![
+                let mut extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+                extra.extend([
                     "-n".to_owned(),
                     format!("{name}-node{i}"),
                     "--cluster_name".to_owned(),
                     name.clone(),
                     "--cluster".to_owned(),
                     format!("nats://127.0.0.1:{}", route_ports[i]),
-                ];
+                ]);
                 if !routes.is_empty() {
                     extra.extend(["--routes".to_owned(), routes]);
                 }
@@ -454,6 +520,28 @@ mod tests {
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "nats-server {pid} survived the drop"
         );
+    }
+
+    #[test]
+    fn server_freezes_thaws_and_leaves_in_lame_duck_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("lame-duck.conf");
+        std::fs::write(&conf, LAME_DUCK_CONFIG).unwrap();
+        let mut server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+        server.signal(Signal::STOP).unwrap();
+        assert!(
+            read_info(server.port()).is_err(),
+            "a stopped server answered"
+        );
+        server.signal(Signal::CONT).unwrap();
+        assert!(read_info(server.port()).is_ok());
+        server.lame_duck().unwrap();
+        let status = server
+            .wait_exited(Duration::from_secs(20))
+            .expect("nats-server exits after lame duck mode");
+        assert!(status.success(), "{status}");
+        server.restart();
+        assert!(read_info(server.port()).is_ok());
     }
 
     #[test]

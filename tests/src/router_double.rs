@@ -66,13 +66,24 @@ impl RouterDouble {
     /// Starts the double on `subject` of the server(s) at `url` (comma-separated URLs are
     /// accepted) and waits until it has subscribed.
     pub fn start_with(url: &str, subject: &str) -> RouterDouble {
-        let mut child = Command::new(binary())
-            .args(["--url", url, "--subject", subject, "--exit-on-stdin-eof"])
+        RouterDouble::try_start(url, subject, false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the double, `--quiet` if `quiet` (no line per request or reply: for long runs,
+    /// where [`RouterDouble::requests`] and [`RouterDouble::replies`] stay empty), and waits
+    /// until it has subscribed; `Err` says why it could not.
+    pub fn try_start(url: &str, subject: &str, quiet: bool) -> Result<RouterDouble, String> {
+        let mut command = Command::new(binary());
+        command.args(["--url", url, "--subject", subject, "--exit-on-stdin-eof"]);
+        if quiet {
+            command.arg("--quiet");
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+            .map_err(|e| format!("spawning {}: {e}", binary().display()))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr_pipe = child.stderr.take().expect("piped stderr");
@@ -106,13 +117,13 @@ impl RouterDouble {
             drains: vec![out_drain, err_drain],
         };
         match ready_rx.recv_timeout(DOUBLE_START_TIMEOUT) {
-            Ok(()) => double,
+            Ok(()) => Ok(double),
             Err(_) => {
                 double.kill();
-                panic!(
+                Err(format!(
                     "router-double not ready on {url} ({subject}) after {DOUBLE_START_TIMEOUT:?}; stderr:\n{}",
                     double.stderr()
-                );
+                ))
             }
         }
     }

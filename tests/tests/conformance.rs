@@ -10,77 +10,9 @@ use ipc_gateway_tests::frame::{
     CAPABILITIES, PING, RESPONSE_ERROR, RESPONSE_OK, TASK_CANCEL, TASK_QUERY, TASK_SUBMIT,
     VERSION_1,
 };
+use ipc_gateway_tests::golden::{row, Answer, Row, GOLDEN};
 use serde_json::{json, Value};
 use std::os::unix::net::UnixStream;
-
-/// What the gateway answers to one golden row.
-#[derive(Clone, Copy, Debug)]
-enum Answer {
-    /// Exactly `00 00 00 06 01 F1`.
-    Pong,
-    /// A 0x11 frame with this code.
-    Error(u64),
-    /// A 0x10 frame with the stub reply echoing `{}`.
-    StubEmptyObject,
-}
-
-struct Row {
-    name: &'static str,
-    bytes: &'static [u8],
-    answer: Answer,
-    /// The gateway closes the connection after answering.
-    closes: bool,
-}
-
-/// ipc-protocol.md section 8, row by row.
-const GOLDEN: &[Row] = &[
-    Row {
-        name: "PING",
-        bytes: &[0x00, 0x00, 0x00, 0x06, 0x01, 0xF0],
-        answer: Answer::Pong,
-        closes: false,
-    },
-    Row {
-        name: "unknown type 0x99",
-        bytes: &[0x00, 0x00, 0x00, 0x06, 0x01, 0x99],
-        answer: Answer::Error(2),
-        closes: false,
-    },
-    Row {
-        name: "version 2",
-        bytes: &[0x00, 0x00, 0x00, 0x06, 0x02, 0xF0],
-        answer: Answer::Error(1),
-        closes: true,
-    },
-    Row {
-        name: "length 5",
-        bytes: &[0x00, 0x00, 0x00, 0x05, 0x01, 0xF0],
-        answer: Answer::Error(4),
-        closes: true,
-    },
-    Row {
-        name: "length 4 MiB + 1 (header only)",
-        bytes: &[0x00, 0x40, 0x00, 0x01, 0x01, 0x01],
-        answer: Answer::Error(3),
-        closes: true,
-    },
-    Row {
-        name: "raw JSON text",
-        bytes: br#"{"task":"x"}"#,
-        answer: Answer::Error(3),
-        closes: true,
-    },
-    Row {
-        name: "TASK_SUBMIT {}",
-        bytes: &[0x00, 0x00, 0x00, 0x08, 0x01, 0x01, 0x7B, 0x7D],
-        answer: Answer::StubEmptyObject,
-        closes: false,
-    },
-];
-
-fn row(name: &str) -> &'static Row {
-    GOLDEN.iter().find(|r| r.name == name).unwrap()
-}
 
 /// Reads the answer to `row`.
 fn check_answer_only(stream: &mut UnixStream, row: &Row) {

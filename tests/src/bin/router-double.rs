@@ -30,7 +30,8 @@
 //! Stdout, one line each: `ready` once subscribed and flushed; then a JSON object per request
 //! (`"event":"request"`, the same fields plus `body`, the request's exact text), per reply sent
 //! (`"event":"replied"`, with `body`, the reply's exact text), and per NATS connection event
-//! (`"event":"disconnected"` / `"reconnected"`). `--exit-on-stdin-eof` makes it exit when its
+//! (`"event":"disconnected"` / `"reconnected"`); with `--quiet`, only `ready` and the connection
+//! events (a long soak would otherwise print kilobytes per request). `--exit-on-stdin-eof` makes it exit when its
 //! stdin closes (the test helper uses this so an orphaned double does not outlive its test).
 
 use std::collections::BTreeMap;
@@ -61,6 +62,9 @@ struct Args {
     /// Exit (status 0) when stdin reaches end of file.
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// Print no line per request and per reply (only `ready` and connection events).
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -110,7 +114,7 @@ fn run(args: Args) -> Result<()> {
     let seq = Arc::new(AtomicU64::new(0));
     for msg in sub.messages() {
         let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
-        handle(&conn, msg, n);
+        handle(&conn, msg, n, args.quiet);
     }
     Ok(())
 }
@@ -126,7 +130,8 @@ fn emit(line: &Value) {
 }
 
 /// Serves one request: decides the reply and sends it (now, or later from its own thread).
-fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64) {
+/// With `quiet`, nothing is printed.
+fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64, quiet: bool) {
     let headers = headers_json(msg.headers.as_ref());
     let parsed: Option<Value> = serde_json::from_slice(&msg.data).ok();
     let plan = plan(parsed.as_ref(), msg.headers.as_ref());
@@ -159,7 +164,9 @@ fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64) {
     log.insert("outcome".into(), json!(plan.outcome));
     log.insert("copies".into(), json!(plan.copies));
     log.insert("delay_ms".into(), json!(plan.delay_ms));
-    emit(&Value::Object(log));
+    if !quiet {
+        emit(&Value::Object(log));
+    }
 
     let Some(reply_to) = msg.reply.clone() else {
         return;
@@ -178,10 +185,12 @@ fn handle(conn: &nats::Connection, msg: nats::Message, seq: u64) {
                 body["received"] = Value::Object(received);
                 let text = body.to_string();
                 let result = conn.publish(&reply_to, &text);
-                emit(&json!({
-                    "event": "replied", "seq": seq, "copy": copy, "reply": reply_to,
-                    "body": text, "error": result.err().map(|e| e.to_string()),
-                }));
+                if !quiet {
+                    emit(&json!({
+                        "event": "replied", "seq": seq, "copy": copy, "reply": reply_to,
+                        "body": text, "error": result.err().map(|e| e.to_string()),
+                    }));
+                }
             }
         }
     };
