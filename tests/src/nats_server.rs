@@ -168,15 +168,6 @@ impl NatsServer {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("/connz is not JSON ({e}): {body}"))
     }
 
-    /// Sends `signal` to the running server (SIGSTOP and SIGCONT to freeze and thaw it).
-    /// Panics if it is not running.
-    pub fn signal(&self, signal: rustix::process::Signal) {
-        let pid = self.pid().expect("nats-server is not running");
-        let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
-        rustix::process::kill_process(pid, signal)
-            .unwrap_or_else(|e| panic!("kill({pid:?}, {signal:?}): {e}"));
-    }
-
     /// Kills the server with SIGKILL (no lame-duck, no goodbye to clients) and waits for it
     /// to be gone. Does nothing if it is not running.
     pub fn kill(&mut self) {

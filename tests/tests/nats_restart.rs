@@ -217,7 +217,7 @@ fn sigstop_for_ten_seconds_answers_everything_by_its_deadline() {
 
     let mut pinger = daemon.connect();
     let stopped_at = Instant::now();
-    server.signal(Signal::STOP);
+    server.signal(Signal::STOP).unwrap();
     let mut slowest_ping = Duration::ZERO;
     while stopped_at.elapsed() < FROZEN {
         let t = Instant::now();
@@ -227,7 +227,7 @@ fn sigstop_for_ten_seconds_answers_everything_by_its_deadline() {
     }
     drop(pinger);
     let resumed_at = Instant::now();
-    server.signal(Signal::CONT);
+    server.signal(Signal::CONT).unwrap();
     load.wait_ok_after(resumed_at, WITHIN);
     load.wait_more_oks(200, WITHIN);
     let records = load.stop();
