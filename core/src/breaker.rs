@@ -381,12 +381,20 @@ mod tests {
     #[test]
     fn only_a_router_timeout_counts_as_a_failure() {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
-        for outcome in [Outcome::NoResponders, Outcome::LinkFailed, Outcome::Abandoned] {
+        for outcome in [
+            Outcome::NoResponders,
+            Outcome::LinkFailed,
+            Outcome::Abandoned,
+        ] {
             for _ in 0..10 {
                 let p = b.try_acquire(at(0)).unwrap();
                 b.record(p, outcome, at(0));
             }
-            assert_eq!(b.state(), BreakerState::Closed, "{outcome:?} opened the breaker");
+            assert_eq!(
+                b.state(),
+                BreakerState::Closed,
+                "{outcome:?} opened the breaker"
+            );
         }
         fail_n(&mut b, 5, at(0));
         assert_eq!(b.state(), BreakerState::Open);
@@ -417,10 +425,17 @@ mod tests {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
         fail_n(&mut b, 5, at(0));
         b.handle_link_lost(at(1));
-        assert_eq!(b.state(), BreakerState::Open, "still open while the link is down");
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "still open while the link is down"
+        );
         b.handle_link_restored(at(2));
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.try_acquire(at(2)).is_some(), "the first request after reconnect");
+        assert!(
+            b.try_acquire(at(2)).is_some(),
+            "the first request after reconnect"
+        );
         // The open time was not reset: a Router that really fails re-opens for longer.
         fail_n(&mut b, 5, at(2));
         assert_eq!(b.poll_timeout(), Some(at(12)));

@@ -43,9 +43,7 @@ use crate::nats_requests::{Pending, Place, RequestBook};
 use crate::rng::Rng;
 use crate::router_envelope::build_router_request;
 use crate::time::Instant;
-use crate::upstream::{
-    request_id_text, FailureCause, Upstream, UpstreamEvent, UpstreamRequest,
-};
+use crate::upstream::{request_id_text, FailureCause, Upstream, UpstreamEvent, UpstreamRequest};
 
 /// The largest Router reply an IPC frame can carry (ipc-protocol.md section 2).
 pub const MAX_REPLY_BYTES: usize = crate::frame::MAX_FRAME_BYTES - crate::frame::HEADER_LEN;
@@ -796,7 +794,12 @@ impl NatsSession {
                     FailureCause::Link,
                 );
             } else if let Some(message) = self.too_large(p) {
-                self.fail(id, ErrorCode::FrameTooLarge, &message, FailureCause::Refused);
+                self.fail(
+                    id,
+                    ErrorCode::FrameTooLarge,
+                    &message,
+                    FailureCause::Refused,
+                );
             } else {
                 self.write_request(id);
             }
@@ -868,7 +871,12 @@ impl Upstream for NatsSession {
             + 32;
         let pending = Pending::new(request.deadline, rr.body, rr.headers, size);
         if let Some(message) = self.too_large(&pending) {
-            return refuse(self, ErrorCode::FrameTooLarge, message, FailureCause::Refused);
+            return refuse(
+                self,
+                ErrorCode::FrameTooLarge,
+                message,
+                FailureCause::Refused,
+            );
         }
         if self.can_publish() {
             self.requests.insert_written(id, pending, self.queued_total);

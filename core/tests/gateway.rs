@@ -376,13 +376,21 @@ fn only_router_timeouts_open_the_breaker() {
         };
         h.reply(lost, ms(i));
     }
-    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "no responders and link failures");
+    assert_eq!(
+        h.gw.breaker_state(),
+        BreakerState::Closed,
+        "no responders and link failures"
+    );
     h.gw.upstream_mut().link = None;
     for i in 0..3 {
         h.task(c, "{}", ms(100 + i * 200));
         h.tick(ms(100 + i * 200 + 100));
     }
-    assert_eq!(h.gw.breaker_state(), BreakerState::Closed, "timeouts while the link is down");
+    assert_eq!(
+        h.gw.breaker_state(),
+        BreakerState::Closed,
+        "timeouts while the link is down"
+    );
     h.gw.upstream_mut().link = Some(2);
     for i in 0..3 {
         h.task(c, "{}", ms(1000 + i * 200));
@@ -410,7 +418,11 @@ fn a_reconnect_closes_a_breaker_the_lost_link_opened() {
     assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
     let asked = h.submitted().len();
     h.task(c, "{}", ms(701));
-    assert_eq!(h.submitted().len(), asked + 1, "the first request after the reconnect");
+    assert_eq!(
+        h.submitted().len(),
+        asked + 1,
+        "the first request after the reconnect"
+    );
 }
 
 /// The global in-flight limit sheds with error 7 at once and counts it; per connection, the
