@@ -54,6 +54,7 @@ fn main() -> ExitCode {
               "unknown CGW_* variable ignored (a typo?); see ipc-gateway --help");
     }
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
+    raise_fd_limit();
 
     let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
         Ok(s) => s,
@@ -87,6 +88,55 @@ fn main() -> ExitCode {
 
 fn run<U: UpstreamIo>(gateway: Gateway<U>, socket: BoundSocket) -> std::io::Result<Exit> {
     EventLoop::new(gateway, socket).and_then(|mut event_loop| event_loop.run())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and logs both values (`fd_limit`). Each
+/// client costs one descriptor, and distributions often start services with a soft limit of
+/// 1024 under a much higher hard limit: without this, `--max-connections` above about a
+/// thousand would end in `accept` failing with EMFILE. Failing to raise it is logged, not
+/// fatal: the daemon still serves as many clients as the old limit allows.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is "unlimited". As a soft limit it needs no raising; as a hard limit Linux never
+    // reports it for NOFILE (the ceiling is fs.nr_open), and asking for it would fail.
+    let (Some(old), Some(hard)) = (limit.current, limit.maximum) else {
+        info!(
+            event = "fd_limit",
+            component = "ipc_bridge",
+            unlimited = true,
+            "open-file limit is unlimited; left as it is"
+        );
+        return;
+    };
+    let new = old.max(hard);
+    if new == old {
+        info!(
+            event = "fd_limit",
+            component = "ipc_bridge",
+            old,
+            new,
+            hard,
+            "open-file limit already at the hard limit"
+        );
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(new),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => info!(
+            event = "fd_limit",
+            component = "ipc_bridge",
+            old,
+            new,
+            hard,
+            "open-file limit raised to the hard limit"
+        ),
+        Err(e) => warn!(event = "fd_limit", component = "ipc_bridge", old, new = old, hard,
+                        error = %e, "cannot raise the open-file limit; keeping the old one"),
+    }
 }
 
 /// The CONNECT `name` suffix, so the server's connection list tells gateways apart.
