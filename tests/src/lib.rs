@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod frame;
+pub mod launch;
 pub mod nats_load;
 pub mod nats_server;
 pub mod router_double;
