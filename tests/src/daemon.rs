@@ -555,14 +555,19 @@ pub fn peak_rss_kb(pid: u32) -> u64 {
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status_kb(pid, field)
+        .unwrap_or_else(|| panic!("no {field} line in /proc/{pid}/status (is {pid} running?)"))
+}
+
+/// A kB figure of /proc/PID/status (`field` with its colon, e.g. `"VmRSS:"`); `None` if the
+/// process is gone or has no such line.
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} line in /proc/{pid}/status"))
 }
 
 fn abbreviate(text: &str) -> String {

@@ -311,9 +311,12 @@ pub fn nats_connected_count(daemon: &Daemon) -> usize {
 
 /// The number of open file descriptors of process `pid` (entries of /proc/PID/fd).
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"))
-        .count()
+    try_fd_count(pid).unwrap_or_else(|| panic!("cannot read /proc/{pid}/fd (is {pid} running?)"))
+}
+
+/// [`fd_count`], `None` if the process is gone.
+pub fn try_fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// The entries of /proc/PID/fd with what they point to, for a failure message.
