@@ -5,6 +5,7 @@
 //! repeated in its tests.
 
 pub mod daemon;
+pub mod figures;
 pub mod frame;
 pub mod launch;
 pub mod nats_load;

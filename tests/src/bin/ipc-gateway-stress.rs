@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use ipc_gateway_tests::daemon::status_kb;
+use ipc_gateway_tests::figures::ratio;
 use ipc_gateway_tests::launch::{
     nats_env, CpuMeter, CpuSnapshot, CpuUse, GatewayDaemon, NatsProcess, StandIn, STANDIN_THREAD,
 };
@@ -427,14 +428,6 @@ fn percentiles(h: &Histogram<u64>) -> [u64; 4] {
         h.value_at_quantile(0.999),
         h.max(),
     ]
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 && a.is_finite() {
-        format!("{:.2}", a / b)
-    } else {
-        "n/a".to_string()
-    }
 }
 
 fn mib(kb: u64) -> String {

@@ -28,15 +28,8 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     requests: u64,
 
-    /// Requests in flight per connection.
-    #[arg(long, value_name = "P", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pipeline: u32,
-
-    /// Bytes of each TASK_SUBMIT payload (a JSON object).
-    #[arg(long, value_name = "S", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(12..=1_000_000))]
-    payload_size: u64,
+    #[command(flatten)]
+    shape: client::Shape,
 
     /// The modes to run, in turn.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "stub,nats")]
@@ -71,7 +64,7 @@ impl Run {
 
 pub fn run(common: &Common, args: &Args) -> Result<bool> {
     let connections = args.connections as usize;
-    let pipeline = args.pipeline as usize;
+    let pipeline = args.shape.pipeline as usize;
     raise_own_fd_limit(connections as u64 + 64)?;
     let mut ok = true;
     for &mode in &args.mode {
@@ -87,7 +80,7 @@ fn run_mode(
     connections: usize,
     pipeline: usize,
 ) -> Result<bool> {
-    let payload = client::payload(args.payload_size as usize, "");
+    let payload = client::payload(args.shape.payload_size as usize, "");
     let mut rig = Rig::start(
         common,
         RigSpec {
@@ -107,7 +100,7 @@ fn run_mode(
          {}-byte payloads ==",
         mode.name(),
         args.requests,
-        args.payload_size
+        args.shape.payload_size
     );
     println!("  {}", machine_line());
     println!("  {}", rig.describe());

@@ -17,6 +17,20 @@ use tokio::net::UnixStream;
 
 use super::{lock, new_histogram};
 
+/// The shape of a pipelined load, as the parts that drive one take it.
+#[derive(clap::Args, Debug)]
+pub struct Shape {
+    /// Requests in flight on each loading connection.
+    #[arg(long, value_name = "P", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub pipeline: u32,
+
+    /// Bytes of each TASK_SUBMIT payload (a JSON object).
+    #[arg(long, value_name = "S", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(12..=1_000_000))]
+    pub payload_size: u64,
+}
+
 /// Reads one frame; `Ok(None)` at a clean end of stream before a header byte.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
     let mut header = [0u8; HEADER_LEN];

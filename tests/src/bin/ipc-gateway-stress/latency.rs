@@ -26,10 +26,9 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     hammer: u32,
 
-    /// Requests in flight on each hammering connection.
-    #[arg(long, value_name = "P", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pipeline: u32,
+    /// The hammering load; the measured task has the same payload size.
+    #[command(flatten)]
+    shape: client::Shape,
 
     /// Round trips measured in each phase (idle, loaded), PING and small task alternately.
     /// Under full load one round trip waits for a whole turn of the daemon over every
@@ -38,11 +37,6 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 3000,
           value_parser = clap::value_parser!(u64).range(2..))]
     samples: u64,
-
-    /// Bytes of each payload, the hammer's and the measured task's.
-    #[arg(long, value_name = "S", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(12..=1_000_000))]
-    payload_size: u64,
 
     /// Seconds of hammering before the loaded phase is measured.
     #[arg(long, value_name = "SECS", default_value_t = 2)]
@@ -71,8 +65,8 @@ pub fn run(common: &Common, args: &Args) -> Result<bool> {
 
 fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
     let hammer = args.hammer as usize;
-    let pipeline = args.pipeline as usize;
-    let payload = client::payload(args.payload_size as usize, "");
+    let pipeline = args.shape.pipeline as usize;
+    let payload = client::payload(args.shape.payload_size as usize, "");
     let mut rig = Rig::start(
         common,
         RigSpec {
@@ -87,7 +81,7 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
         "== latency, {} mode: 1 measuring connection, {hammer} hammering with {pipeline} in \
          flight each, {}-byte payloads, {} round trips per phase ==",
         mode.name(),
-        args.payload_size,
+        args.shape.payload_size,
         args.samples
     );
     println!("  {}", machine_line());
