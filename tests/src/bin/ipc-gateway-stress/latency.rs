@@ -31,12 +31,16 @@ pub struct Args {
     shape: client::Shape,
 
     /// Round trips measured in each phase (idle, loaded), PING and small task alternately.
-    /// Under full load one round trip waits for a whole turn of the daemon over every
-    /// hammering connection (tens of ms with 999 of them), so the loaded phase takes about
-    /// N x that.
     #[arg(long, value_name = "N", default_value_t = 3000,
           value_parser = clap::value_parser!(u64).range(2..))]
     samples: u64,
+
+    /// A phase also ends after this many seconds, with fewer round trips. Under full load one
+    /// round trip waits for a whole turn of the daemon over every hammering connection: tens
+    /// of ms with 999 of them in stub mode, over 100 ms in NATS mode.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_secs: u64,
 
     /// Seconds of hammering before the loaded phase is measured.
     #[arg(long, value_name = "SECS", default_value_t = 2)]
@@ -90,7 +94,8 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
     let mut probe = UnixStream::connect(rig.socket()).context("the measuring connection")?;
     probe.set_read_timeout(Some(Duration::from_secs(30)))?;
     let task = client::submit(&payload);
-    let idle = measure(&mut probe, &task, args.samples)?;
+    let limit = Duration::from_secs(args.max_secs);
+    let idle = measure(&mut probe, &task, args.samples, limit)?;
 
     let rt = client_runtime(common)?;
     let streams = client::connect_all(&rt, rig.socket(), hammer)?;
@@ -128,7 +133,7 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
                 tally.ok.load(Ordering::Relaxed)
             )
         });
-        measure(&mut probe, &task, args.samples)?
+        measure(&mut probe, &task, args.samples, limit)?
     };
     let hammered = tally.ok.load(Ordering::Relaxed) - before;
     let cpu = cpu_line(&rig.meter, &cpu_from);
@@ -137,8 +142,8 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
     rig.check_alive()?;
 
     println!(
-        "  {:<28} {:>8} {:>8} {:>8} {:>8}",
-        "round trip (us)", "p50", "p99", "p99.9", "max"
+        "  {:<28} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "round trip (us)", "count", "p50", "p99", "p99.9", "max"
     );
     let rows = [
         ("PING, idle daemon", &idle.ping),
@@ -148,7 +153,8 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
     ];
     for (name, h) in rows {
         let [p50, p99, p999, max] = percentiles(h);
-        println!("  {name:<28} {p50:>8} {p99:>8} {p999:>8} {max:>8}");
+        let count = h.len();
+        println!("  {name:<28} {count:>7} {p50:>8} {p99:>8} {p999:>8} {max:>8}");
     }
     for (name, a, b) in [
         ("PING", &loaded.ping, &idle.ping),
@@ -169,6 +175,7 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
         tally.describe()
     );
     println!("  {cpu}");
+    drop(probe);
     let (stats, settled) = wait_settled(&rig, Duration::from_secs(30))?;
     println!("  after        {}", super::stats_summary(&stats));
     for (kind, idle_h, loaded_h) in [
@@ -194,12 +201,16 @@ fn run_mode(common: &Common, args: &Args, mode: Mode) -> Result<bool> {
     Ok(settled && tally.failed.load(Ordering::Relaxed) == 0)
 }
 
-/// `samples` round trips on `conn`, PING and `task` alternately, one at a time.
-fn measure(conn: &mut UnixStream, task: &[u8], samples: u64) -> Result<Phase> {
+/// `samples` round trips on `conn`, PING and `task` alternately, one at a time, or fewer if
+/// `limit` passes first.
+fn measure(conn: &mut UnixStream, task: &[u8], samples: u64, limit: Duration) -> Result<Phase> {
     let ping = frame::encode(PING, &[]);
     let (mut ping_h, mut task_h) = (new_histogram(), new_histogram());
     let start = Instant::now();
     for i in 0..samples {
+        if start.elapsed() >= limit && i >= 2 {
+            break;
+        }
         let (bytes, hist, want) = if i % 2 == 0 {
             (&ping[..], &mut ping_h, PONG)
         } else {
