@@ -55,6 +55,10 @@ pub struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "stub,nats")]
     mode: Vec<Mode>,
 
+    /// The scenarios each worker goes round, in this order [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
+
     /// The request deadline (CGW_IPC_TIMEOUT_MS); silent and late requests get error 5 after it.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     timeout_ms: u64,
@@ -82,7 +86,7 @@ pub struct Args {
 }
 
 /// What a client can do to the daemon; each worker goes round them in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 enum Scenario {
     /// 10 pipelined requests, every reply read, then PING.
     Complete,
@@ -103,18 +107,6 @@ enum Scenario {
     /// A frame of version 2: error 1 and closed.
     BadVersion,
 }
-
-const SCENARIOS: [Scenario; 9] = [
-    Scenario::Complete,
-    Scenario::MidFlight,
-    Scenario::Timeout,
-    Scenario::Late,
-    Scenario::PartialLeave,
-    Scenario::PartialHeld,
-    Scenario::OutputCap,
-    Scenario::Local,
-    Scenario::BadVersion,
-];
 
 /// Counts of the whole churn.
 #[derive(Default)]
@@ -151,6 +143,7 @@ impl Churn {
 /// Settings the scenarios need.
 #[derive(Clone)]
 struct Plan {
+    scenarios: Vec<Scenario>,
     socket: PathBuf,
     timeout: Duration,
     read_timeout: Duration,
@@ -231,6 +224,11 @@ fn run_one(
         .min(args.secs / 2);
     let rt = client_runtime(common)?;
     let plan = Plan {
+        scenarios: if args.scenarios.is_empty() {
+            <Scenario as clap::ValueEnum>::value_variants().to_vec()
+        } else {
+            args.scenarios.clone()
+        },
         socket,
         timeout: Duration::from_millis(args.timeout_ms),
         read_timeout: Duration::from_millis(args.read_timeout_ms),
@@ -429,7 +427,7 @@ fn min_max(values: impl Iterator<Item = u64>) -> (u64, u64) {
 async fn worker(index: usize, plan: Plan, stop: Arc<AtomicBool>, churn: Arc<Churn>) {
     let mut round = index;
     while !stop.load(Ordering::Relaxed) {
-        let scenario = SCENARIOS[round % SCENARIOS.len()];
+        let scenario = plan.scenarios[round % plan.scenarios.len()];
         round += 1;
         match tokio::time::timeout(SCENARIO_LIMIT, play(scenario, round, &plan, &churn)).await {
             Ok(Ok(())) => {}
