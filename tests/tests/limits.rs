@@ -333,6 +333,10 @@ fn backlog_is_accepted_once_file_descriptors_free_up() {
     // The limit caps descriptor numbers and new ones take the lowest free number: probe an
     // idle daemon's lowest free one and allow three more.
     let probe = Daemon::start(&[]);
+    // The socket accepts as soon as it is bound, before the event loop has made its own
+    // descriptors (epoll, signal pipe); a PONG means they exist. Read earlier, on a loaded
+    // machine, the probe found too few, and no client fitted under the limit.
+    ping(&mut probe.connect());
     let used: std::collections::BTreeSet<u64> =
         std::fs::read_dir(format!("/proc/{}/fd", probe.pid()))
             .unwrap()
