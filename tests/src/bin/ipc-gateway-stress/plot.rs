@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::Sample;
 
@@ -161,10 +162,17 @@ fn panel(
         chart
             .draw_series(LineSeries::new([(x, lo), (x, hi)], grey))
             .map_err(|e| anyhow!("{e}"))?;
-        // Names one under the other, so that marks close together stay readable.
+        // Names one under the other, so that marks close together stay readable; left of
+        // the line near the right edge, where they would be cut off.
         let y = hi - (hi - lo) * 0.07 * i as f64;
+        let (text, h) = if x > 0.8 * x_max {
+            (format!("{name} "), HPos::Right)
+        } else {
+            (format!(" {name}"), HPos::Left)
+        };
+        let style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(h, VPos::Top));
         chart
-            .draw_series([Text::new(format!(" {name}"), (x, y), ("sans-serif", 13))])
+            .draw_series([Text::new(text, (x, y), style)])
             .map_err(|e| anyhow!("{e}"))?;
     }
     chart
