@@ -88,10 +88,17 @@ impl Clock {
 }
 
 /// Clients by token, with token reuse. Tokens are slots; the core's `ConnId` is never reused.
+///
+/// A slot emptied while a batch of events is being handled is not reused before the next
+/// poll: the batch may still hold an event of the socket that had it (a hang-up, say, when a
+/// reply write to a client that left failed earlier in the batch), and that event would be
+/// taken for the new client's and could close it.
 #[derive(Default)]
 struct Clients {
     slots: Vec<Option<Client>>,
     free: Vec<usize>,
+    /// Emptied since the last poll; free from the next one.
+    released: Vec<usize>,
     by_conn: std::collections::BTreeMap<ConnId, usize>,
 }
 
@@ -126,8 +133,14 @@ impl Clients {
         let index = token.0.checked_sub(FIRST_CLIENT)?;
         let client = self.slots.get_mut(index)?.take()?;
         self.by_conn.remove(&client.id);
-        self.free.push(index);
+        self.released.push(index);
         Some(client)
+    }
+
+    /// Called before each poll: the slots emptied since the last one may be reused, since no
+    /// event of their old sockets can come any more (those sockets are deregistered).
+    fn recycle(&mut self) {
+        self.free.append(&mut self.released);
     }
 }
 
@@ -195,6 +208,7 @@ impl<U: UpstreamIo> EventLoop<U> {
             } else {
                 Some(Duration::ZERO)
             };
+            self.clients.recycle();
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -539,5 +553,37 @@ fn peer_credentials(stream: &UnixStream) -> PeerCredentials {
             pid: Some(cred.pid.as_raw_nonzero().get()),
         },
         Err(_) => PeerCredentials::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(id: u64) -> Client {
+        let (stream, _peer) = UnixStream::pair().expect("socketpair");
+        Client {
+            stream,
+            id: ConnId(id),
+            write_blocked: false,
+            write_interest: false,
+        }
+    }
+
+    #[test]
+    fn a_slot_emptied_in_a_batch_is_reused_only_after_the_next_poll() {
+        let mut clients = Clients::default();
+        let first = clients.insert(client(1));
+        assert!(clients.remove(first).is_some());
+        // Same batch: a stale event for `first` must not find a new client there.
+        let second = clients.insert(client(2));
+        assert_ne!(second, first);
+        assert!(clients.get_mut(first).is_none());
+        // After the next poll the slot is free again.
+        clients.recycle();
+        assert_eq!(clients.vacant(), first);
+        assert_eq!(clients.insert(client(3)), first);
+        assert_eq!(clients.token_of(ConnId(3)), Some(first));
+        assert_eq!(clients.token_of(ConnId(2)), Some(second));
     }
 }

@@ -173,15 +173,26 @@ impl Daemon {
         Daemon::spawn_command(Command::new(binary()), socket, env, args)
     }
 
-    /// Starts a daemon whose open-file limit is `nofile` (through the shell's `ulimit -n`,
-    /// which needs no privilege) and waits until it is ready.
+    /// Starts a daemon whose open-file limit, soft and hard, is `nofile` (through the shell's
+    /// `ulimit -n`, which needs no privilege) and waits until it is ready.
     pub fn start_with_fd_limit(nofile: u64, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_under_ulimit("-n", nofile, env)
+    }
+
+    /// Starts a daemon whose soft open-file limit is `nofile`, its hard limit left as this
+    /// process has it (`ulimit -S -n`), and waits until it is ready.
+    pub fn start_with_soft_fd_limit(nofile: u64, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_under_ulimit("-Sn", nofile, env)
+    }
+
+    fn start_under_ulimit(option: &str, nofile: u64, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("creating a temporary directory");
         let socket = dir.path().join("gw.sock");
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(r#"ulimit -n "$1" && exec "$0""#)
+            .arg(r#"ulimit "$1" "$2" && exec "$0""#)
             .arg(binary())
+            .arg(option)
             .arg(nofile.to_string());
         let mut daemon = Daemon::spawn_command(cmd, &socket, env, &[]);
         daemon._dir = Some(dir);
@@ -635,6 +646,12 @@ pub fn try_rss_kb(pid: u32) -> Result<u64, String> {
 /// The process's peak resident set size so far in KiB (`VmHWM` in /proc/PID/status).
 pub fn peak_rss_kb(pid: u32) -> u64 {
     proc_status_kb(pid, "VmHWM:").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A kB figure of /proc/PID/status (`field` with its colon, e.g. `"VmRSS:"`); `None` if the
+/// process is gone or has no such line.
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    proc_status_kb(pid, field).ok()
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> Result<u64, String> {

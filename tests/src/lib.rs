@@ -5,8 +5,10 @@
 //! repeated in its tests.
 
 pub mod daemon;
+pub mod figures;
 pub mod frame;
 pub mod golden;
+pub mod launch;
 pub mod nats_load;
 pub mod nats_server;
 pub mod router_double;

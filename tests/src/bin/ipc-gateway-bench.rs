@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ipc_gateway_tests::figures::ratio;
 use ipc_gateway_tests::frame::{self, Frame, HEADER_LEN, RESPONSE_ERROR, RESPONSE_OK, TASK_SUBMIT};
 use mio::net::{UnixListener as MioListener, UnixStream as MioStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -1207,14 +1208,6 @@ fn print_result(r: &RunResult) {
         r.ok,
         r.error_count(),
     );
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 && a.is_finite() {
-        format!("{:.2}", a / b)
-    } else {
-        "n/a".to_string()
-    }
 }
 
 /// The table of every run, then the gateway's ratios to each echo floor that ran.

@@ -19,47 +19,32 @@
 //! Every run reports the CPU that each process used, so that the limit can be seen: on a small
 //! machine the four parties (load generator, daemon, nats-server, stand-in) share the cores.
 
-use std::io::{self, BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rustix::process::{kill_process, Pid, Signal};
+use ipc_gateway_tests::launch::{
+    admit_all_env, nats_env, Captured, CpuMeter, CpuUse, GatewayDaemon, NatsProcess, StandIn,
+    StandInCount, STANDIN_QUEUE, STANDIN_REPLY, STANDIN_THREAD, SUBJECT,
+};
 use tokio::runtime::Runtime;
 
 use super::{
-    bench_payload, frame, kernel_release, new_histogram, print_counts, print_memory,
-    print_run_notes, ratio, run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window,
-    DRAIN_GRACE, GATEWAY, HEADER_LEN, RESPONSE_OK, SINGLE_THREAD_MAX_BYTES, TASK_SUBMIT,
+    bench_payload, kernel_release, new_histogram, print_counts, print_memory, print_run_notes,
+    ratio, run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY,
+    HEADER_LEN, SINGLE_THREAD_MAX_BYTES,
 };
 
-/// The Router's decide subject (router.md section 1), the daemon's default.
-const SUBJECT: &str = "beamline.router.v1.decide";
 /// The name of the direct runs, as printed in the results.
 const DIRECT: &str = "direct";
 /// The direct runs that send the gateway's own request (`--direct-envelope`).
 const DIRECT_ENV: &str = "direct-env";
-/// The stand-in's subscriptions share this queue group: each request reaches one of them.
-const STANDIN_QUEUE: &str = "bench-standin";
-/// The stand-in's answer to every request: a Router success reply (router.md section 4).
-const STANDIN_REPLY: &str = r#"{"ok":true,"decision":{"provider_id":"bench","priority":50,"expected_latency_ms":0,"expected_cost":0.0,"reason":"bench"},"context":{}}"#;
-/// Thread names, by which the CPU of this process's parts is told apart in /proc.
-const STANDIN_THREAD: &str = "standin";
+/// The thread name of the direct clients' runtime (its CPU is the load generator's).
 const DIRECT_THREAD: &str = "direct-nats";
-/// How long nats-server and the daemon may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the daemon may take to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How much of a child's stderr is kept for error messages.
-const TAIL_BYTES: usize = 16 * 1024;
 
 /// Options of `--mode nats`. All are optional so that stub mode can refuse them.
 #[derive(clap::Args, Debug)]
@@ -188,504 +173,17 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
-/// Keeps the last [`TAIL_BYTES`] of a pipe, read on a thread until end of stream.
-fn keep_tail(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
-    let tail = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&tail);
-    let handle = thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let mut tail = sink.lock().unwrap_or_else(PoisonError::into_inner);
-                    tail.extend_from_slice(&chunk[..n]);
-                    let excess = tail.len().saturating_sub(TAIL_BYTES);
-                    tail.drain(..excess);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-    });
-    (tail, handle)
-}
-
-fn tail_text(tail: &Mutex<Vec<u8>>) -> String {
-    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner);
-    String::from_utf8_lossy(&tail).trim_end().to_string()
-}
-
-/// A loopback TCP port that nobody listened on a moment ago.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Kills a child (if it still runs) and reaps it.
-fn kill_and_reap(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-}
-
-/// `nats-server -a 127.0.0.1 -p PORT`, killed on drop. Not the test library's
-/// `nats_server::NatsServer`: that one panics on failure and takes its binary from the
-/// environment, where the bench reports errors and takes `--nats-server PATH`.
-struct NatsServer {
-    child: Child,
-    url: String,
-    version: String,
-}
-
-impl NatsServer {
-    fn start(program: &Path) -> Result<NatsServer> {
-        let version = Command::new(program)
-            .arg("--version")
-            .output()
-            .map(|out| {
-                let text = String::from_utf8_lossy(&out.stdout);
-                text.trim()
-                    .trim_start_matches("nats-server:")
-                    .trim()
-                    .to_string()
-            })
-            .with_context(|| {
-                format!(
-                    "cannot run {} (install the nats-server package, or pass --nats-server PATH)",
-                    program.display()
-                )
-            })?;
-        // The port is free when chosen but could be taken before the server binds it: retry.
-        let mut last_error = anyhow!("no attempt");
-        for _ in 0..5 {
-            let port = free_port()?;
-            let mut child = Command::new(program)
-                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("cannot start {}", program.display()))?;
-            let (tail, drain) = keep_tail(child.stderr.take().expect("piped stderr"));
-            match wait_for_nats(&mut child, port) {
-                Ok(()) => {
-                    let url = format!("nats://127.0.0.1:{port}");
-                    // The drain thread ends with the process.
-                    drop(drain);
-                    return Ok(NatsServer {
-                        child,
-                        url,
-                        version,
-                    });
-                }
-                Err(e) => {
-                    kill_and_reap(&mut child);
-                    let _ = drain.join();
-                    last_error = anyhow!("{e:#}; its stderr:\n{}", tail_text(&tail));
-                }
-            }
-        }
-        Err(last_error.context("nats-server did not start"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
-/// Waits until the server on `port` greets a client with INFO.
-fn wait_for_nats(child: &mut Child, port: u16) -> Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("nats-server exited ({status})");
-        }
-        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut line = String::new();
-            BufReader::new(stream).read_line(&mut line)?;
-            if line.starts_with("INFO ") {
-                return Ok(());
-            }
-            bail!("port {port} answered {line:?}, not a NATS INFO");
-        }
-        if Instant::now() >= deadline {
-            bail!("nothing listens on port {port} after {READY_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What the stand-in saw on one of its connections.
-#[derive(Default)]
-struct StandInCounters {
-    requests: AtomicU64,
-    request_bytes: AtomicU64,
-    with_headers: AtomicU64,
-}
-
-/// The counters of all stand-in connections at one moment.
-#[derive(Debug, Clone, Default)]
-struct StandInCount {
-    per_conn: Vec<u64>,
-    request_bytes: u64,
-    with_headers: u64,
-}
-
-impl StandInCount {
-    fn requests(&self) -> u64 {
-        self.per_conn.iter().sum()
-    }
-
-    fn since(&self, before: &StandInCount) -> StandInCount {
-        let per_conn = self.per_conn.iter().zip(&before.per_conn);
-        StandInCount {
-            per_conn: per_conn.map(|(a, b)| a - b).collect(),
-            request_bytes: self.request_bytes - before.request_bytes,
-            with_headers: self.with_headers - before.with_headers,
-        }
-    }
-}
-
-/// A request as the stand-in received it: payload and NATS headers.
-type Captured = (Bytes, Option<async_nats::HeaderMap>);
-
-/// The Router stand-in: `conns` async-nats connections on the stand-in runtime, each with one
-/// subscription to the decide subject in one queue group, answering every request at once.
-/// Its tasks run until the runtime shuts down. It keeps the first request that came with NATS
-/// headers (the gateway's), for `--direct-envelope`.
-struct StandIn {
-    counters: Vec<Arc<StandInCounters>>,
-    sample: Arc<Mutex<Option<Captured>>>,
-}
-
-impl StandIn {
-    async fn start(url: &str, conns: usize) -> Result<StandIn> {
-        let reply = Bytes::from_static(STANDIN_REPLY.as_bytes());
-        let mut counters = Vec::with_capacity(conns);
-        let sample: Arc<Mutex<Option<Captured>>> = Arc::default();
-        let sampled = Arc::new(AtomicBool::new(false));
-        for k in 0..conns {
-            let client = async_nats::ConnectOptions::new()
-                .name(format!("bench-standin-{k}"))
-                .connect(url)
-                .await
-                .with_context(|| format!("stand-in connection {k} to {url}"))?;
-            let mut sub = client
-                .queue_subscribe(SUBJECT, STANDIN_QUEUE.to_string())
-                .await
-                .context("stand-in subscription")?;
-            // The subscription is in place at the server before any request is sent.
-            client.flush().await.context("stand-in flush")?;
-            let count = Arc::new(StandInCounters::default());
-            let (answer, seen, reply) = (client, Arc::clone(&count), reply.clone());
-            let (sample, sampled) = (Arc::clone(&sample), Arc::clone(&sampled));
-            tokio::spawn(async move {
-                while let Some(msg) = sub.next().await {
-                    seen.requests.fetch_add(1, Ordering::Relaxed);
-                    let size = msg.payload.len() as u64;
-                    seen.request_bytes.fetch_add(size, Ordering::Relaxed);
-                    if msg.headers.is_some() {
-                        seen.with_headers.fetch_add(1, Ordering::Relaxed);
-                        if !sampled.swap(true, Ordering::Relaxed) {
-                            let mut sample = sample.lock().unwrap_or_else(PoisonError::into_inner);
-                            *sample = Some((msg.payload.clone(), msg.headers.clone()));
-                        }
-                    }
-                    if let Some(inbox) = msg.reply {
-                        if answer.publish(inbox, reply.clone()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            counters.push(count);
-        }
-        Ok(StandIn { counters, sample })
-    }
-
-    /// The first request that came with NATS headers.
-    fn sample(&self) -> Option<Captured> {
-        let sample = self.sample.lock().unwrap_or_else(PoisonError::into_inner);
-        sample.clone()
-    }
-
-    fn count(&self) -> StandInCount {
-        let mut count = StandInCount::default();
-        for c in &self.counters {
-            count.per_conn.push(c.requests.load(Ordering::Relaxed));
-            count.request_bytes += c.request_bytes.load(Ordering::Relaxed);
-            count.with_headers += c.with_headers.load(Ordering::Relaxed);
-        }
-        count
-    }
-}
-
-/// The daemon in NATS mode, on a socket in its own temporary directory; killed on drop.
-struct GatewayDaemon {
-    child: Child,
-    socket: PathBuf,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl GatewayDaemon {
-    /// Starts the daemon and waits until a TASK_SUBMIT through it gets RESPONSE_OK (so NATS is
-    /// connected and the stand-in answers).
-    fn start(bin: &Path, url: &str, connections: usize, pipeline: usize) -> Result<GatewayDaemon> {
-        if !bin.is_file() {
-            bail!(
-                "no daemon executable at {}: build it with `cargo build --release -p \
-                 ipc-gateway`, or pass --gateway-bin PATH (or --direct-only)",
-                bin.display()
-            );
-        }
-        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        let socket = dir.path().join("gw.sock");
-        let mut cmd = Command::new(bin);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CGW_") || key == "RUST_LOG" {
-                cmd.env_remove(key);
-            }
-        }
-        // The limits must not be what is measured: every request of the load is admitted.
-        let inflight_per_conn = pipeline.max(10);
-        let inflight = (connections * inflight_per_conn).max(1000);
-        cmd.env("CGW_IPC_SOCKET_PATH", &socket)
-            .env("CGW_HTTP_ADDR", "off")
-            .env("CGW_IPC_NATS_ENABLE", "1")
-            .env("CGW_IPC_NATS_URL", url)
-            .env("CGW_IPC_ROUTER_SUBJECT", SUBJECT)
-            .env(
-                "CGW_IPC_MAX_CONNECTIONS",
-                (connections + 8).max(64).to_string(),
-            )
-            .env("CGW_IPC_MAX_INFLIGHT", inflight.to_string())
-            .env(
-                "CGW_IPC_MAX_INFLIGHT_PER_CONN",
-                inflight_per_conn.to_string(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let (stderr, _drain) = keep_tail(child.stderr.take().expect("piped stderr"));
-        let mut daemon = GatewayDaemon {
-            child,
-            socket,
-            stderr,
-            _dir: dir,
-        };
-        if let Err(e) = daemon.wait_ready() {
-            kill_and_reap(&mut daemon.child);
-            let stderr = tail_text(&daemon.stderr);
-            bail!("{e:#}\n--- daemon stderr (tail) ---\n{stderr}\n---");
-        }
-        Ok(daemon)
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the daemon exited at start ({})", describe_status(status));
-            }
-            match self.probe() {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => bail!(
-                    "the daemon did not answer a TASK_SUBMIT with RESPONSE_OK within \
-                     {READY_TIMEOUT:?}: {e:#}"
-                ),
-                Err(_) => thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-
-    /// One TASK_SUBMIT on a fresh connection; Ok if the reply is RESPONSE_OK.
-    fn probe(&self) -> Result<()> {
-        let mut stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let payload = bench_payload(256)?;
-        frame::write_frame(&mut stream, TASK_SUBMIT, &payload)?;
-        match frame::read_frame(&mut stream)? {
-            Some(reply) if reply.kind == RESPONSE_OK => Ok(()),
-            Some(reply) => bail!(
-                "probe reply type 0x{:02X}: {}",
-                reply.kind,
-                String::from_utf8_lossy(&reply.payload)
-            ),
-            None => bail!("the daemon closed the probe connection"),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited after [`STOP_TIMEOUT`].
-    fn stop(mut self) -> String {
-        let pid = Pid::from_child(&self.child);
-        if kill_process(pid, Signal::TERM).is_err() {
-            kill_and_reap(&mut self.child);
-            return "killed".to_string();
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return describe_status(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        kill_and_reap(&mut self.child);
-        format!("still running {STOP_TIMEOUT:?} after SIGTERM: killed")
-    }
-}
-
-impl Drop for GatewayDaemon {
-    fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
-fn describe_status(status: ExitStatus) -> String {
-    match status.code() {
-        Some(code) => format!("exit status {code}"),
-        None => status.to_string(),
-    }
-}
-
-/// CPU time (user + system, in clock ticks) of processes and of groups of this process's
-/// threads, from /proc.
-struct CpuMeter {
-    ticks_per_second: f64,
-    nats_pid: u32,
-    daemon_pid: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct CpuSnapshot {
-    at: Instant,
-    nats: u64,
-    daemon: u64,
-    bench: u64,
-    standin: u64,
-    /// Every process of the machine (/proc/stat), to see how much others took.
-    machine: u64,
-}
-
-/// Cores kept busy, on average, between two snapshots.
-#[derive(Debug, Clone, Copy)]
-struct CpuUse {
-    daemon: Option<f64>,
-    nats: f64,
-    standin: f64,
-    /// The load generator: the rest of this process (IPC client threads or direct runtime).
-    client: f64,
-    /// Every process of the machine, these included.
-    machine: f64,
-    /// Between the two snapshots.
-    seconds: f64,
-}
-
-impl CpuUse {
-    fn total(&self) -> f64 {
-        self.daemon.unwrap_or(0.0) + self.nats + self.standin + self.client
-    }
-
-    /// What processes outside this run took.
-    fn others(&self) -> f64 {
-        (self.machine - self.total()).max(0.0)
-    }
-}
-
-/// Busy ticks of all CPUs together, from the first line of /proc/stat.
-fn machine_busy_ticks() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
-        return 0;
-    };
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0;
-    };
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|t| t.parse().unwrap_or(0))
-        .collect();
-    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
-    at(0) + at(1) + at(2) + at(5) + at(6) + at(7)
-}
-
-/// utime + stime of a /proc/.../stat file, and the command name in it.
-fn stat_ticks(path: &str) -> Option<(String, u64)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let name = text.get(open + 1..close)?.to_string();
-    // After the name: state is field 3; utime and stime are fields 14 and 15.
-    let mut fields = text.get(close + 1..)?.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((name, utime + stime))
-}
-
-/// CPU ticks of this process's live threads whose name starts with `prefix`.
-fn own_threads_ticks(prefix: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| {
-            let task = task.ok()?;
-            let path = format!("{}/stat", task.path().display());
-            let (name, ticks) = stat_ticks(&path)?;
-            name.starts_with(prefix).then_some(ticks)
-        })
-        .sum()
-}
-
-impl CpuMeter {
-    fn snapshot(&self) -> CpuSnapshot {
-        let process = |pid: Option<u32>| {
-            pid.and_then(|pid| stat_ticks(&format!("/proc/{pid}/stat")))
-                .map_or(0, |(_, t)| t)
-        };
-        CpuSnapshot {
-            at: Instant::now(),
-            nats: process(Some(self.nats_pid)),
-            daemon: process(self.daemon_pid),
-            // The whole process, threads that already ended included.
-            bench: stat_ticks("/proc/self/stat").map_or(0, |(_, t)| t),
-            standin: own_threads_ticks(STANDIN_THREAD),
-            machine: machine_busy_ticks(),
-        }
-    }
-
-    fn between(&self, a: &CpuSnapshot, b: &CpuSnapshot) -> CpuUse {
-        let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-        let cores = |x: u64, y: u64| y.saturating_sub(x) as f64 / self.ticks_per_second / secs;
-        let standin = cores(a.standin, b.standin);
-        CpuUse {
-            daemon: self.daemon_pid.map(|_| cores(a.daemon, b.daemon)),
-            nats: cores(a.nats, b.nats),
-            standin,
-            client: (cores(a.bench, b.bench) - standin).max(0.0),
-            machine: cores(a.machine, b.machine),
-            seconds: secs,
-        }
-    }
+/// The daemon in NATS mode, its limits high enough for the whole load; ready once a request
+/// went through to the stand-in.
+fn start_daemon(
+    bin: &Path,
+    url: &str,
+    connections: usize,
+    pipeline: usize,
+) -> Result<GatewayDaemon> {
+    let mut env = nats_env(url);
+    env.extend(admit_all_env(connections, pipeline));
+    GatewayDaemon::start(bin, &env, &bench_payload(256)?)
 }
 
 /// Counts one reply (or request error) of a direct client, as `ConnOutcome::record` does for
@@ -1076,7 +574,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
     let connections = args.connections as usize;
     let max_pipeline = s.pipelines.iter().copied().max().unwrap_or(1);
 
-    let server = NatsServer::start(&s.nats_server)?;
+    let server = NatsProcess::start(&s.nats_server)?;
     let url = server.url.clone();
     let standin_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(s.standin_threads)
@@ -1095,7 +593,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
     let mut gateway_error = None;
     let daemon = match &s.gateway_bin {
         None => None,
-        Some(bin) => match GatewayDaemon::start(bin, &url, connections, max_pipeline) {
+        Some(bin) => match start_daemon(bin, &url, connections, max_pipeline) {
             Ok(daemon) => Some(daemon),
             Err(e) => {
                 gateway_error = Some(format!("{e:#}"));
@@ -1147,7 +645,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
             "  gateway      {} (pid {}), socket {}, CGW_IPC_NATS_ENABLE=1 CGW_IPC_NATS_URL={url}",
             bin.display(),
             d.pid(),
-            d.socket.display()
+            d.socket().display()
         ),
         _ if args.nats.direct_only => println!("  gateway      not run (--direct-only)"),
         _ => println!("  gateway      NOT RUN: the daemon could not be started (below)"),
@@ -1169,11 +667,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
         print_memory(d.pid(), "before");
     }
 
-    let meter = CpuMeter {
-        ticks_per_second: rustix::param::clock_ticks_per_second() as f64,
-        nats_pid: server.pid(),
-        daemon_pid: daemon.as_ref().map(GatewayDaemon::pid),
-    };
+    let meter = CpuMeter::new(Some(server.pid()), daemon.as_ref().map(GatewayDaemon::pid));
     let mut runs: Vec<NatsRun> = Vec::new();
     let mut shown_request = false;
     for repeat in 1..=s.repeat {
@@ -1204,7 +698,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
                 Ok::<_, anyhow::Error>(())
             };
             if let Some(d) = &daemon {
-                measure(GATEWAY, &mut || run_load(GATEWAY, &d.socket, &load))?;
+                measure(GATEWAY, &mut || run_load(GATEWAY, d.socket(), &load))?;
                 if !shown_request {
                     shown_request = true;
                     print_captured(standin.sample().as_ref());
