@@ -4,7 +4,10 @@
 # that start the real daemon on temporary sockets. Each stage prints its wall time, so that the
 # CI budget (README, "Tests") stays visible as the suite grows.
 #
-# Long sweeps stay off by default; see README.md ("Tests") for the variables that enable them.
+# Long runs stay off by default; see README.md ("Tests") for the variables that enable them:
+#   CGW_LONG_TESTS=1   the 60 s nats-server outage test
+#   CHAOS_SECS=1800    a longer chaos soak than the 30 s smoke (CHAOS_SEED picks the schedule)
+#   SIM_SEEDS=N        long simulation sweeps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,5 +51,18 @@ loom_models() {
         cargo test -p ipc-gateway --release handoff::loom_tests
 }
 stage loom loom_models
+
+# The release daemon under valgrind memcheck, stub and NATS mode (tests/memcheck.sh installs
+# valgrind if it is missing). It builds the release binaries the chaos soak then uses.
+stage memcheck tests/memcheck.sh
+
+# The chaos soak (tests/src/bin/ipc-gateway-chaos): the daemon against a 3-node nats-server
+# cluster and Router doubles under seeded faults, invariants checked by an outside observer.
+# 30 s with a fixed seed by default; CHAOS_SECS and CHAOS_SEED for longer runs.
+chaos_soak() {
+    cargo run --release -p ipc-gateway-tests --bin ipc-gateway-chaos -- \
+        --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_SECS:-30}"
+}
+stage chaos chaos_soak
 
 echo "run-all: all stages passed in $((SECONDS - suite_start)) s"
