@@ -188,7 +188,23 @@ impl NatsServer {
             .as_ref()
             .ok_or_else(|| format!("nats-server on port {} is not running", self.port))?;
         kill_process(Pid::from_child(child), signal)
-            .map_err(|e| format!("kill({}, {signal:?}): {e}", child.id()))
+            .map_err(|e| format!("kill({}, {signal:?}): {e}", child.id()))?;
+        if signal == Signal::STOP {
+            // kill() only queues the stop: each thread stops when it is next scheduled, and
+            // on a loaded machine one may still answer a client meanwhile. Frozen means
+            // every thread has stopped.
+            let pid = child.id();
+            let deadline = Instant::now() + NATS_START_TIMEOUT;
+            while !all_threads_stopped(pid) {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "nats-server {pid} did not stop within {NATS_START_TIMEOUT:?}"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
     }
 
     /// Puts the server into lame duck mode (`nats-server --signal ldm=PID`): it stops
@@ -312,6 +328,22 @@ impl Drop for NatsServer {
             );
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in /proc/PID/task/*/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, after_name) = stat.rsplit_once(") ")?;
+                after_name.chars().next()
+            })
+            .is_some_and(|state| state == 'T')
+    })
 }
 
 /// Connects to `port`, reads the server's first line and returns its INFO JSON.
