@@ -489,6 +489,9 @@ fn stats_summary(stats: &serde_json::Value) -> String {
         "dropped_replies",
         "late_replies",
         "backpressure_rejections",
+        "breaker",
+        "reconnects",
+        "failed_on_disconnect",
     ];
     keys.iter()
         .filter(|k| !stats[**k].is_null())
