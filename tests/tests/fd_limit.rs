@@ -17,6 +17,9 @@ const CLIENTS: u64 = 3 * LOW_SOFT;
 
 /// The daemon's `fd_limit` log line, parsed.
 fn fd_limit_line(daemon: &Daemon) -> Value {
+    // The log reaches us through a pipe drained by another thread: the daemon's socket may
+    // accept before the line written ahead of it has been read here (seen under a CPU hog).
+    daemon.wait_stderr_contains(r#""event":"fd_limit""#, daemon::START_TIMEOUT);
     let stderr = daemon.stderr();
     let line = stderr
         .lines()
