@@ -320,6 +320,22 @@ impl Daemon {
         }
     }
 
+    /// Waits for the exit after a SIGTERM or SIGINT and checks what gateway.md section 8
+    /// promises: exit status 0 and the socket file gone.
+    pub fn expect_clean_exit(&mut self) {
+        let status = self.wait_exit(START_TIMEOUT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status after the signal: {status}"
+        );
+        assert!(
+            !self.socket.exists(),
+            "socket file {} still there after exit",
+            self.socket.display()
+        );
+    }
+
     /// Everything the daemon wrote to stderr so far.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&lock(&self.stderr)).into_owned()

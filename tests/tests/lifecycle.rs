@@ -53,13 +53,7 @@ fn sigterm_drains_requests_in_flight() {
         expect_echo(&recv(&mut stream), &json!({"n": n}));
     }
     expect_error_code(&mut stream, 6);
-    let status = daemon.wait_exit(START_TIMEOUT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIGTERM: {status}"
-    );
-    assert!(!socket.exists(), "socket file still there after exit");
+    daemon.expect_clean_exit();
 }
 
 /// SIGINT on an idle daemon: it removes the socket file and exits 0.
@@ -68,9 +62,7 @@ fn sigint_exits_0_and_removes_socket() {
     let mut daemon = Daemon::start(&[]);
     ping(&mut daemon.connect());
     daemon.signal(Signal::INT);
-    let status = daemon.wait_exit(START_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
-    assert!(!daemon.socket_path().exists(), "socket file left behind");
+    daemon.expect_clean_exit();
 }
 
 /// A request still in flight when the drain timeout (300 ms) ends gets error 6, and the

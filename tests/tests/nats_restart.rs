@@ -48,6 +48,19 @@ fn start_daemon(server: &NatsServer) -> Daemon {
     start_nats_daemon(&server.url(), TIMEOUT_MS)
 }
 
+/// `clients` connections with 8 requests each in flight, as fast as replies come, each reply
+/// checked against its request.
+fn pipelined_load(daemon: &Daemon, clients: usize) -> Load {
+    Load::start(
+        daemon,
+        clients,
+        8,
+        Duration::ZERO,
+        payload,
+        router_double_success(),
+    )
+}
+
 fn payload(client: usize, n: u64) -> Value {
     json!({"task_type": "restart_test", "client": client, "n": n})
 }
@@ -102,14 +115,7 @@ fn kill_under_load_then_restart(outage: Duration) {
     let mut server = NatsServer::start();
     let _double = RouterDouble::start(&server.url());
     let daemon = start_daemon(&server);
-    let load = Load::start(
-        &daemon,
-        8,
-        8,
-        Duration::ZERO,
-        payload,
-        router_double_success(),
-    );
+    let load = pipelined_load(&daemon, 8);
     load.wait_more_oks(200, WITHIN);
 
     let killed_at = Instant::now();
@@ -205,14 +211,7 @@ fn sigstop_for_ten_seconds_answers_everything_by_its_deadline() {
     let server = NatsServer::start();
     let _double = RouterDouble::start(&server.url());
     let daemon = start_nats_daemon(&server.url(), DEFAULT_TIMEOUT_MS);
-    let load = Load::start(
-        &daemon,
-        4,
-        8,
-        Duration::ZERO,
-        payload,
-        router_double_success(),
-    );
+    let load = pipelined_load(&daemon, 4);
     load.wait_more_oks(200, WITHIN);
 
     let mut pinger = daemon.connect();
