@@ -28,7 +28,9 @@
 //! while Closed, and marks an Open or HalfOpen breaker as caused by the outage;
 //! [`CircuitBreaker::handle_link_restored`] then closes it, so that a reconnect never inherits
 //! an Open breaker and the first request after the handshake is served. The open time is not
-//! reset by that: a Router that really fails re-opens the breaker for the doubled time.
+//! reset by that: a Router that really fails re-opens the breaker for the doubled time. It
+//! returns to its base once the Router answers, in HalfOpen or in Closed (without the latter,
+//! a soak with many outages ratcheted it to 60 s for good).
 //!
 //! Every admitted request carries a [`Permit`] naming the breaker epoch it was admitted in.
 //! Outcomes are counted only for the epoch they belong to: a slow request admitted while Closed
@@ -243,7 +245,13 @@ impl CircuitBreaker {
                     self.open(now, TransitionCause::RouterTimeouts, count);
                 }
             }
-            (State::Closed { failures }, Verdict::Success) => *failures = 0,
+            (State::Closed { failures }, Verdict::Success) => {
+                // A Router that answers while Closed is healthy: its next opening starts
+                // from the base time again. (A breaker closed by a reconnect rather than by
+                // answered probes has not shown that yet.)
+                *failures = 0;
+                self.next_open = self.config.open_duration;
+            }
             (State::HalfOpen { probes, successes }, verdict) => {
                 *probes = probes.saturating_sub(1);
                 match verdict {
@@ -524,6 +532,22 @@ mod tests {
     }
 
     #[test]
+    fn a_router_answering_after_a_reconnect_resets_the_open_time() {
+        let mut b = CircuitBreaker::new(BreakerConfig::default());
+        fail_n(&mut b, 5, at(0));
+        b.handle_link_lost(at(1));
+        b.handle_link_restored(at(2));
+        let p = b.try_acquire(at(2)).unwrap();
+        b.record(p, Outcome::RouterReplied, at(2));
+        fail_n(&mut b, 5, at(3));
+        assert_eq!(
+            b.poll_timeout(),
+            Some(at(8)),
+            "the base 5 s, not the doubled 10 s"
+        );
+    }
+
+    #[test]
     fn an_opening_on_a_live_link_survives_a_reconnect_that_came_before_it() {
         let mut b = CircuitBreaker::new(BreakerConfig::default());
         b.handle_link_lost(at(0));
@@ -675,7 +699,10 @@ mod tests {
                                     m.failures += 1;
                                     if m.failures >= cfg.failures_to_open { m.open(now); }
                                 }
-                                ("closed", _) if success => m.failures = 0,
+                                ("closed", _) if success => {
+                                    m.failures = 0;
+                                    m.open_ms = 1_000;
+                                }
                                 ("half_open", "half_open") => {
                                     m.probes.retain(|p| *p != id);
                                     if failure {
