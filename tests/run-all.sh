@@ -60,7 +60,10 @@ stage memcheck tests/memcheck.sh
 # cluster and Router doubles under seeded faults, invariants checked by an outside observer.
 # 30 s with a fixed seed by default; CHAOS_SECS and CHAOS_SEED for longer runs.
 chaos_soak() {
-    cargo run --release -p ipc-gateway-tests --bin ipc-gateway-chaos -- \
+    # The same build command as memcheck.sh, so nothing is rebuilt (building the tests
+    # package alone would unify features differently and recompile it: minutes on CI).
+    cargo build --release -p ipc-gateway -p ipc-gateway-tests
+    "${CARGO_TARGET_DIR:-target}/release/ipc-gateway-chaos" \
         --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_SECS:-30}"
 }
 stage chaos chaos_soak
