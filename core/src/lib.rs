@@ -7,35 +7,37 @@
 //! and the fuzzers all drive exactly the same logic. [`gateway::Gateway`] is the entry point;
 //! its doc gives the call order.
 //!
-//! One state machine per module: [`frame`] (IPC codec), [`connection`] (one client),
-//! [`inflight`] (requests and deadlines), [`breaker`] (circuit breaker), [`stub`] (the embedded
-//! Router), routed together by [`gateway`].
-//! [`nats_codec`] speaks the NATS client protocol (INFO … -ERR in, CONNECT … PONG out);
-//! [`nats_session`] is the NATS upstream (connect, keepalive, reconnect, request-reply) over
-//! [`nats_pool`] (servers, backoff), `nats_requests` (its request book and reconnect buffer)
-//! and [`router_envelope`] (the Router request), configured by [`nats_config`].
+//! The layout follows the architecture (design.md):
+//!
+//! - [`ipc`]: what clients speak: [`frame`] (codec), [`connection`] (one client), [`payload`],
+//!   [`capabilities`], [`error`].
+//! - [`nats`]: the NATS upstream: [`nats_codec`], [`nats_session`], [`nats_pool`],
+//!   [`nats_config`], [`router_envelope`].
+//! - [`gateway`]: routing between clients, admission, the breaker, the in-flight table and the
+//!   upstream; shutdown; invariants.
+//! - [`upstream`]: the seam to whatever answers tasks, and the embedded [`stub`] Router.
+//! - At the top, shared by all: [`breaker`], [`inflight`], [`time`], [`rng`].
 
 #![forbid(unsafe_code)]
 
 pub mod breaker;
-pub mod capabilities;
-pub mod connection;
-pub mod error;
-pub mod frame;
 pub mod fuzzing;
 pub mod gateway;
 pub mod inflight;
-pub mod nats_codec;
-pub mod nats_config;
-pub mod nats_pool;
-mod nats_requests;
-pub mod nats_session;
-pub mod payload;
+pub mod ipc;
+pub mod nats;
 pub mod rng;
-pub mod router_envelope;
-pub mod stub;
 pub mod time;
 pub mod upstream;
+
+// The flat paths the crate had before it was grouped into folders, so that its users do not
+// churn: `ipc_gateway_core::frame` is `ipc_gateway_core::ipc::frame`, and so on.
+pub use ipc::{capabilities, connection, error, frame, payload};
+pub use nats::{
+    codec as nats_codec, config as nats_config, envelope as router_envelope, pool as nats_pool,
+    session as nats_session,
+};
+pub use upstream::stub;
 
 pub use connection::ConnId;
 pub use gateway::{Action, Gateway, GatewayConfig, PeerCredentials};

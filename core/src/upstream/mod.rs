@@ -10,6 +10,8 @@
 //! calls [`Upstream::cancel`] so the upstream forgets its reply token. An upstream that reports
 //! an id the gateway no longer knows is normal (a late or duplicate reply) and is counted.
 
+pub mod stub;
+
 use bytes::Bytes;
 
 use crate::breaker::Outcome;

@@ -39,7 +39,7 @@ use crate::nats_codec::{
 };
 pub use crate::nats_config::{NatsConfig, NatsStats, SessionAction, SessionState};
 use crate::nats_pool::{ServerPool, ServerUrl};
-use crate::nats_requests::{Pending, Place, RequestBook};
+use crate::nats::requests::{Pending, Place, RequestBook};
 use crate::rng::Rng;
 use crate::router_envelope::build_router_request;
 use crate::time::Instant;
