@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant as WallClock};
 
 use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder, MAX_FRAME_BYTES};
-use ipc_gateway_core::stub::StubUpstream;
+use ipc_gateway_core::stub::{StubConfig, StubUpstream};
 use ipc_gateway_core::{Gateway, GatewayConfig, Instant, PeerCredentials};
 
 const CONNECTIONS: usize = 8;
@@ -39,7 +39,8 @@ fn batch() -> Vec<u8> {
 }
 
 fn gateway_run(batch: &[u8]) -> Duration {
-    let mut gw = Gateway::new(GatewayConfig::default(), StubUpstream::new(Duration::ZERO));
+    let mut gw: Gateway<StubUpstream> =
+        Gateway::new(GatewayConfig::default(), StubConfig::default());
     let now = Instant::ZERO;
     let conns: Vec<_> = (0..CONNECTIONS)
         .map(|_| gw.handle_client_opened(PeerCredentials::default(), now))

@@ -16,7 +16,8 @@
 //! - [`gateway`]: routing between clients, admission, the breaker, the in-flight table and the
 //!   upstream; shutdown; invariants.
 //! - [`upstream`]: the seam to whatever answers tasks, and the embedded [`stub`] Router.
-//! - At the top, shared by all: [`breaker`], [`inflight`], [`time`], [`rng`].
+//! - At the top, shared by all: [`breaker`], [`inflight`], [`output_queue`], [`time`],
+//!   [`rng`].
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod gateway;
 pub mod inflight;
 pub mod ipc;
 pub mod nats;
+pub mod output_queue;
 pub mod rng;
 pub mod time;
 pub mod upstream;

@@ -3,6 +3,7 @@
 //! ipc-protocol.md or gateway.md: exact codes, messages, counters, and the actions a shell sees.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder};
 use ipc_gateway_core::gateway::AllowedUids;
 use ipc_gateway_core::inflight::RequestId;
 use ipc_gateway_core::upstream::{
-    FailureCause, TaskKind, Upstream, UpstreamEvent, UpstreamRequest,
+    FailureCause, Identity, TaskKind, Upstream, UpstreamEvent, UpstreamRequest,
 };
 use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
 use serde_json::{json, Value};
@@ -30,7 +31,43 @@ struct Scripted {
     link: Option<u64>,
 }
 
+/// What the test feeds the scripted upstream through `Gateway::handle_upstream`.
+enum Script {
+    /// An outcome to report.
+    Event(UpstreamEvent),
+    /// The link goes down (`None`) or the n-th comes up.
+    Link(Option<u64>),
+    /// What `pending()` reports from now on.
+    Holding(usize),
+}
+
 impl Upstream for Scripted {
+    type Config = Scripted;
+    type Input<'a> = Script;
+    type Action = std::convert::Infallible;
+
+    fn new(config: Scripted, _identity: Identity) -> Scripted {
+        config
+    }
+    fn handle_input(&mut self, input: Script, _now: Instant) {
+        match input {
+            Script::Event(e) => self.events.push_back(e),
+            Script::Link(link) => self.link = link,
+            Script::Holding(n) => self.holding = n,
+        }
+    }
+    fn poll_action(&mut self) -> Option<Self::Action> {
+        None
+    }
+    fn is_flush(action: &Self::Action) -> bool {
+        match *action {}
+    }
+    fn handle_shutdown(&mut self, _now: Instant) {}
+    fn handle_abort(&mut self, _now: Instant) {}
+    fn is_closed(&self) -> bool {
+        true
+    }
+    fn assert_invariants(&self) {}
     fn submit(&mut self, r: UpstreamRequest, _now: Instant) {
         self.submitted
             .push((r.id, r.kind, r.payload.json().clone()));
@@ -102,7 +139,7 @@ fn config() -> GatewayConfig {
 struct Harness {
     gw: Gateway<Scripted>,
     received: BTreeMap<ConnId, Vec<u8>>,
-    actions: Vec<Action>,
+    actions: Vec<Action<Infallible>>,
 }
 
 const USER: PeerCredentials = PeerCredentials {
@@ -113,7 +150,7 @@ const USER: PeerCredentials = PeerCredentials {
 impl Harness {
     fn new(config: GatewayConfig) -> Harness {
         Harness {
-            gw: Gateway::new(config, Scripted::default()),
+            gw: Gateway::<Scripted>::new(config, Scripted::default()),
             received: BTreeMap::new(),
             actions: Vec::new(),
         }
@@ -136,9 +173,7 @@ impl Harness {
     }
 
     fn reply(&mut self, event: UpstreamEvent, now: Instant) {
-        self.gw.upstream_mut().events.push_back(event);
-        // The NATS session reports replies through handle_timeout's upstream poll as well.
-        self.gw.handle_timeout(now);
+        self.gw.handle_upstream(Script::Event(event), now);
         self.pump(now);
     }
 
@@ -282,8 +317,8 @@ fn deadline_gives_timeout_and_the_late_reply_is_dropped() {
 /// Request ids carry the seeded instance prefix and differ between requests and seeds.
 #[test]
 fn request_ids_are_unique_and_seeded() {
-    let a = Gateway::new(config(), Scripted::default());
-    let b = Gateway::new(
+    let a = Gateway::<Scripted>::new(config(), Scripted::default());
+    let b = Gateway::<Scripted>::new(
         GatewayConfig {
             seed: 43,
             ..config()
@@ -381,7 +416,7 @@ fn only_router_timeouts_open_the_breaker() {
         BreakerState::Closed,
         "no responders and link failures"
     );
-    h.gw.upstream_mut().link = None;
+    h.gw.handle_upstream(Script::Link(None), ms(100));
     for i in 0..3 {
         h.task(c, "{}", ms(100 + i * 200));
         h.tick(ms(100 + i * 200 + 100));
@@ -391,7 +426,7 @@ fn only_router_timeouts_open_the_breaker() {
         BreakerState::Closed,
         "timeouts while the link is down"
     );
-    h.gw.upstream_mut().link = Some(2);
+    h.gw.handle_upstream(Script::Link(Some(2)), ms(1000));
     for i in 0..3 {
         h.task(c, "{}", ms(1000 + i * 200));
         h.tick(ms(1000 + i * 200 + 100));
@@ -447,10 +482,10 @@ fn a_reconnect_closes_a_breaker_the_lost_link_opened() {
         h.tick(ms(i * 200 + 100));
     }
     assert_eq!(h.gw.breaker_state(), BreakerState::Open);
-    h.gw.upstream_mut().link = None;
+    h.gw.handle_upstream(Script::Link(None), ms(600));
     h.tick(ms(600));
     assert_eq!(h.gw.breaker_state(), BreakerState::Open);
-    h.gw.upstream_mut().link = Some(2);
+    h.gw.handle_upstream(Script::Link(Some(2)), ms(700));
     h.tick(ms(700));
     assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
     let asked = h.submitted().len();
@@ -667,10 +702,10 @@ fn drain_answers_in_flight_refuses_new_and_completes() {
     let mut h = Harness::new(config());
     let c = h.open(ms(0));
     h.task(c, "{}", ms(0));
-    assert!(!h.gw.is_draining());
-    h.gw.begin_shutdown(ms(1));
+    assert!(!h.gw.is_shutting_down());
+    h.gw.handle_shutdown(ms(1));
     h.pump(ms(1));
-    assert!(h.gw.is_draining());
+    assert!(h.gw.is_shutting_down());
     h.tick(ms(50));
     assert!(
         h.frames(c).is_empty(),
@@ -679,10 +714,14 @@ fn drain_answers_in_flight_refuses_new_and_completes() {
     assert_eq!(h.gw.inflight_len(), 1);
     h.task(c, "{}", ms(2));
     assert_eq!(h.submitted().len(), 1);
-    assert!(!h.actions.contains(&Action::ShutdownComplete));
+    assert!(!h
+        .actions
+        .contains(&Action::ShutdownComplete { forced: false }));
     let id = h.submitted()[0];
     h.reply(ok(id, "{}"), ms(3));
-    assert!(h.actions.contains(&Action::ShutdownComplete));
+    assert!(h
+        .actions
+        .contains(&Action::ShutdownComplete { forced: false }));
     let frames = h.frames(c);
     assert_eq!(
         frames[0].0,
@@ -700,7 +739,7 @@ fn drain_answers_in_flight_refuses_new_and_completes() {
     });
     let c = h.open(ms(0));
     h.task(c, "{}", ms(0));
-    h.gw.begin_shutdown(ms(0));
+    h.gw.handle_shutdown(ms(0));
     h.pump(ms(0));
     assert_eq!(h.gw.poll_timeout(), Some(ms(1000)));
     h.tick(ms(1000));
@@ -709,14 +748,16 @@ fn drain_answers_in_flight_refuses_new_and_completes() {
         (e[0]["code"].as_u64(), e[0]["request_id"].is_string()),
         (Some(6), true)
     );
-    assert!(h.actions.contains(&Action::ShutdownComplete));
+    assert!(h
+        .actions
+        .contains(&Action::ShutdownComplete { forced: false }));
     assert_eq!(h.gw.upstream().cancelled, h.submitted());
 }
 
 /// A client that does not read is closed at the output cap, and its requests are cancelled.
 #[test]
 fn output_cap_closes_and_cancels() {
-    let mut gw = Gateway::new(config(), Scripted::default());
+    let mut gw = Gateway::<Scripted>::new(config(), Scripted::default());
     let c = gw.handle_client_opened(USER, ms(0));
     gw.handle_client_bytes(c, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(0));
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(900));
@@ -727,11 +768,13 @@ fn output_cap_closes_and_cancels() {
     gw.handle_client_bytes(c, &pings, ms(0));
     while gw.poll_action().is_some() {}
     let id = gw.upstream().submitted[0].0;
-    gw.upstream_mut().events.push_back(UpstreamEvent::Reply {
-        id,
-        payload: Bytes::from(body),
-    });
-    gw.handle_timeout(ms(1));
+    gw.handle_upstream(
+        Script::Event(UpstreamEvent::Reply {
+            id,
+            payload: Bytes::from(body),
+        }),
+        ms(1),
+    );
     let mut actions = Vec::new();
     while let Some(a) = gw.poll_action() {
         actions.push(a);
@@ -744,11 +787,13 @@ fn output_cap_closes_and_cancels() {
     gw.handle_client_bytes(c, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(2));
     let ids: Vec<RequestId> = gw.upstream().submitted.iter().map(|s| s.0).collect();
     let big = format!("{{\"pad\":\"{}\"}}", "y".repeat(3000));
-    gw.upstream_mut().events.push_back(UpstreamEvent::Reply {
-        id: ids[1],
-        payload: Bytes::from(big),
-    });
-    gw.handle_timeout(ms(3));
+    gw.handle_upstream(
+        Script::Event(UpstreamEvent::Reply {
+            id: ids[1],
+            payload: Bytes::from(big),
+        }),
+        ms(3),
+    );
     let mut actions = Vec::new();
     while let Some(a) = gw.poll_action() {
         actions.push(a);
@@ -786,9 +831,9 @@ fn quiescence_requires_every_part_to_be_empty() {
     h.reply(ok(h.submitted()[0], "{}"), ms(1));
     assert!(h.gw.is_quiescent());
     // Something the upstream still holds.
-    h.gw.upstream_mut().holding = 1;
+    h.gw.handle_upstream(Script::Holding(1), ms(1));
     assert!(!h.gw.is_quiescent());
-    h.gw.upstream_mut().holding = 0;
+    h.gw.handle_upstream(Script::Holding(0), ms(1));
     // A partial frame, whose read deadline is a timer.
     h.gw.handle_client_bytes(c, &[0, 0], ms(2));
     assert!(!h.gw.is_quiescent());
@@ -808,12 +853,13 @@ fn quiescence_requires_every_part_to_be_empty() {
 /// given up on at the drain deadline plus a 2 s flush grace, not before.
 #[test]
 fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
-    let mut gw = Gateway::new(config(), Scripted::default());
+    let mut gw = Gateway::<Scripted>::new(config(), Scripted::default());
     let c = gw.handle_client_opened(USER, ms(0));
     gw.handle_client_bytes(c, &encode_frame(kind::PING, b""), ms(0));
-    gw.begin_shutdown(ms(0));
+    gw.handle_shutdown(ms(0));
     let drained = |gw: &mut Gateway<Scripted>| {
-        std::iter::from_fn(|| gw.poll_action()).any(|a| a == Action::ShutdownComplete)
+        std::iter::from_fn(|| gw.poll_action())
+            .any(|a| a == Action::ShutdownComplete { forced: false })
     };
     assert!(!drained(&mut gw), "the PONG is not written yet");
     let queued: usize = gw.client_output(c).map(<[u8]>::len).sum();
@@ -822,10 +868,10 @@ fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
     gw.handle_client_written(c, 1, ms(1));
     assert!(drained(&mut gw));
 
-    let mut gw = Gateway::new(config(), Scripted::default());
+    let mut gw = Gateway::<Scripted>::new(config(), Scripted::default());
     let c = gw.handle_client_opened(USER, ms(0));
     gw.handle_client_bytes(c, &encode_frame(kind::PING, b""), ms(0));
-    gw.begin_shutdown(ms(0));
+    gw.handle_shutdown(ms(0));
     assert_eq!(gw.poll_timeout(), Some(ms(1000)));
     gw.handle_timeout(ms(1000));
     assert!(!drained(&mut gw), "the flush grace has only begun");

@@ -9,11 +9,12 @@ use bytes::Bytes;
 use ipc_gateway_core::error::ErrorCode;
 use ipc_gateway_core::inflight::RequestId;
 use ipc_gateway_core::nats_session::{
-    to_base36, NatsConfig, NatsSession, SessionAction, SessionState, MAX_REPLY_BYTES,
+    to_base36, LinkId, NatsConfig, NatsInput, NatsSession, SessionAction, SessionState,
+    MAX_REPLY_BYTES,
 };
 use ipc_gateway_core::payload::validate_task_payload;
 use ipc_gateway_core::router_envelope::EnvelopeMode;
-use ipc_gateway_core::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use ipc_gateway_core::upstream::{Identity, TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
 use ipc_gateway_core::Instant;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -103,6 +104,8 @@ fn info(extra: Value) -> Vec<u8> {
 struct Shell {
     s: NatsSession,
     now: Instant,
+    /// The link of the last `Connect`, which every report names.
+    link: LinkId,
     /// Bytes written on the current socket.
     wire: Vec<u8>,
     connects: Vec<(String, u16, Instant)>,
@@ -115,8 +118,9 @@ struct Shell {
 impl Shell {
     fn new(config: NatsConfig) -> Shell {
         Shell {
-            s: NatsSession::new(config),
+            s: NatsSession::new(config, IDENTITY),
             now: Instant::ZERO,
+            link: LinkId(0),
             wire: Vec::new(),
             connects: Vec::new(),
             disconnects: 0,
@@ -129,7 +133,7 @@ impl Shell {
         self.settle();
         let out: Vec<u8> = self.s.output().flatten().copied().collect();
         self.wire.extend_from_slice(&out);
-        self.s.consume_output(out.len());
+        self.report(NatsInput::Written(self.link, out.len()));
         while let Some(e) = self.s.poll_event() {
             self.events.push(e);
         }
@@ -139,12 +143,13 @@ impl Shell {
     fn settle(&mut self) {
         while let Some(a) = self.s.poll_action() {
             match a {
-                SessionAction::Connect { host, port } => {
+                SessionAction::Connect { link, host, port } => {
                     self.connects.push((host, port, self.now));
+                    self.link = link;
                     self.wire.clear();
                 }
-                SessionAction::Disconnect => self.disconnects += 1,
-                SessionAction::Transmit => self.transmits += 1,
+                SessionAction::Disconnect { .. } => self.disconnects += 1,
+                SessionAction::Transmit { .. } => self.transmits += 1,
             }
         }
         while let Some(e) = self.s.poll_event() {
@@ -164,8 +169,13 @@ impl Shell {
                 break;
             }
         }
-        self.s.consume_output(n);
+        self.report(NatsInput::Written(self.link, n));
         n
+    }
+
+    /// Reports a socket event on the current link.
+    fn report(&mut self, input: NatsInput<'_>) {
+        self.s.handle_input(input, self.now);
     }
 
     /// Submits without writing anything.
@@ -187,17 +197,17 @@ impl Shell {
     }
 
     fn server(&mut self, bytes: &[u8]) {
-        self.s.handle_bytes(bytes, self.now);
+        self.report(NatsInput::Received(self.link, bytes));
         self.pump();
     }
 
     fn connected(&mut self) {
-        self.s.handle_connected(self.now);
+        self.report(NatsInput::Connected(self.link));
         self.pump();
     }
 
     fn closed(&mut self) {
-        self.s.handle_closed(self.now);
+        self.report(NatsInput::Closed(self.link));
         self.pump();
     }
 
@@ -271,11 +281,15 @@ impl Shell {
     }
 }
 
+/// The request id prefix and seed a gateway would hand the session.
+const IDENTITY: Identity = Identity {
+    instance: 0xabcd_0001,
+    seed: 7,
+};
+
 fn config(servers: &str) -> NatsConfig {
     let mut c = NatsConfig {
         client_name: "ipc-gateway@test".into(),
-        seed: 7,
-        request_id_prefix: 0xabcd_0001,
         ..NatsConfig::default()
     };
     c.set_servers(servers).unwrap();
@@ -665,7 +679,7 @@ fn unwritten_requests_survive_a_disconnect() {
         ms(0),
     );
     // The shell did not write before the socket failed.
-    sh.s.handle_closed(ms(0));
+    sh.s.handle_input(NatsInput::Closed(sh.link), ms(0));
     sh.pump();
     assert!(sh.failed().is_empty());
     assert_eq!(sh.s.pending(), 1);
@@ -701,7 +715,7 @@ fn backoff_sequence_with_jitter() {
     let mut delays = Vec::new();
     let mut first_retry = None;
     for _ in 0..7 {
-        sh.s.handle_connect_failed(sh.now);
+        sh.s.handle_input(NatsInput::ConnectFailed(sh.link), sh.now);
         sh.pump();
         assert_eq!(sh.s.state(), SessionState::Connecting);
         let next = sh.s.poll_timeout().unwrap();
@@ -720,7 +734,9 @@ fn backoff_sequence_with_jitter() {
     // Deterministic for a seed.
     let mut again = Shell::new(config("h:1"));
     again.at(ms(0));
-    again.s.handle_connect_failed(ms(0));
+    again
+        .s
+        .handle_input(NatsInput::ConnectFailed(again.link), ms(0));
     again.pump();
     assert_eq!(again.s.poll_timeout(), first_retry);
     // A connect timeout counts as a failure too.
@@ -742,15 +758,15 @@ fn backoff_sequence_with_jitter() {
 fn rotation_across_servers() {
     let mut sh = Shell::new(config("a:1,b:2,c:3"));
     sh.at(ms(0));
-    sh.s.handle_connect_failed(ms(0));
+    sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
     sh.pump();
-    sh.s.handle_connect_failed(ms(0));
+    sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
     sh.pump();
     assert_eq!(sh.connects.len(), 3, "one immediate pass");
     let mut hosts: Vec<String> = sh.connects.iter().map(|c| c.0.clone()).collect();
     hosts.sort();
     assert_eq!(hosts, ["a", "b", "c"]);
-    sh.s.handle_connect_failed(ms(0));
+    sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
     sh.pump();
     assert_eq!(sh.connects.len(), 3, "backoff after the pass");
     sh.at(sh.s.poll_timeout().unwrap());
@@ -912,7 +928,7 @@ fn handshake_timeout() {
 fn drain_waits_for_answers_then_closes() {
     let mut sh = connected(config("h:1"), &info(json!({})));
     sh.submit(1, TaskKind::Submit, "{}");
-    sh.s.begin_drain(sh.now);
+    sh.s.handle_shutdown(sh.now);
     sh.pump();
     assert_eq!(sh.s.state(), SessionState::Draining);
     sh.submit(2, TaskKind::Submit, "{}");
@@ -1080,12 +1096,12 @@ fn partial_writes_continue_exactly_where_the_shell_stopped() {
         sh.submit_unwritten(id, &format!(r#"{{"n":{id}}}"#));
         assert!(sh.s.has_output());
     }
-    sh.s.handle_bytes(b"PING\r\n", sh.now);
+    sh.s.handle_input(NatsInput::Received(sh.link, b"PING\r\n"), sh.now);
     sh.settle();
     let expected = output_bytes(&sh.s);
     let starts = frame_starts(&expected);
     assert_eq!(starts.len(), 4, "three requests and a PONG");
-    sh.s.consume_output(0);
+    sh.s.handle_input(NatsInput::Written(sh.link, 0), sh.now);
     assert_eq!(
         output_bytes(&sh.s),
         expected,
@@ -1195,7 +1211,7 @@ fn closed_during_the_tcp_connect_tries_the_next_server() {
 fn closed_while_waiting_to_retry_changes_nothing() {
     let mut sh = Shell::new(config("h:1"));
     sh.at(ms(0));
-    sh.s.handle_connect_failed(ms(0));
+    sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
     sh.pump();
     let retry = sh.s.poll_timeout().unwrap();
     assert!(retry > ms(0));
@@ -1217,7 +1233,7 @@ fn close_fails_everything_and_then_ignores_the_socket() {
     sh.submit(1, TaskKind::Submit, "{}");
     sh.submit_unwritten(2, "{}");
     assert!(sh.s.has_output());
-    sh.s.close(ms(5));
+    sh.s.handle_abort(ms(5));
     sh.pump();
     assert_eq!(sh.failed(), vec![(1, 6), (2, 6)]);
     assert_eq!(sh.disconnects, 1);
@@ -1225,11 +1241,11 @@ fn close_fails_everything_and_then_ignores_the_socket() {
     assert_eq!((sh.s.pending(), sh.s.poll_timeout()), (0, None));
     assert!(!sh.s.has_output(), "nothing more is written");
     let written = sh.wire.len();
-    sh.s.close(ms(6));
+    sh.s.handle_abort(ms(6));
     sh.closed();
     sh.server(b"PING\r\n");
     assert!(!sh.s.has_output(), "a closed session answers nothing");
-    sh.s.begin_drain(ms(7));
+    sh.s.handle_shutdown(ms(7));
     sh.at(ms(60_000));
     assert_eq!((sh.connects.len(), sh.disconnects), (1, 1));
     assert_eq!(sh.s.state(), SessionState::Closed);
@@ -1244,10 +1260,10 @@ fn close_fails_everything_and_then_ignores_the_socket() {
 fn begin_drain_without_a_connection_closes_at_once() {
     let mut sh = Shell::new(config("h:1"));
     sh.at(ms(0));
-    sh.s.handle_connect_failed(ms(0));
+    sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
     sh.pump();
     sh.submit(1, TaskKind::Submit, "{}");
-    sh.s.begin_drain(ms(1));
+    sh.s.handle_shutdown(ms(1));
     sh.pump();
     assert_eq!(sh.failed(), vec![(1, 6)]);
     assert_eq!(sh.s.state(), SessionState::Closed);
@@ -1259,7 +1275,7 @@ fn begin_drain_without_a_connection_closes_at_once() {
     let mut sh = Shell::new(config("h:1"));
     sh.at(ms(0));
     sh.submit(1, TaskKind::Submit, "{}");
-    sh.s.begin_drain(ms(1));
+    sh.s.handle_shutdown(ms(1));
     sh.pump();
     assert_eq!(sh.failed(), vec![(1, 6)]);
     assert_eq!(sh.s.state(), SessionState::Closed);
@@ -1275,10 +1291,10 @@ fn begin_drain_without_a_connection_closes_at_once() {
 fn drain_timeout_counts_from_the_first_begin_drain() {
     let mut sh = connected(config("h:1"), &info(json!({})));
     sh.submit(1, TaskKind::Submit, "{}");
-    sh.s.begin_drain(ms(0));
+    sh.s.handle_shutdown(ms(0));
     sh.pump();
     sh.now = ms(10_000);
-    sh.s.begin_drain(ms(10_000));
+    sh.s.handle_shutdown(ms(10_000));
     sh.pump();
     assert_eq!(sh.s.state(), SessionState::Draining);
     sh.at(ms(29_999));
@@ -1347,7 +1363,7 @@ fn connection_lost_while_draining_fails_what_was_queued() {
     let mut sh = connected(config("h:1"), &info(json!({})));
     sh.submit(1, TaskKind::Submit, "{}");
     sh.submit_unwritten(2, "{}");
-    sh.s.begin_drain(sh.now);
+    sh.s.handle_shutdown(sh.now);
     sh.settle();
     assert_eq!(sh.s.state(), SessionState::Draining);
     sh.closed();
@@ -1418,7 +1434,7 @@ fn state_change_logs_name_the_server_with_credentials_masked() {
     let scenario = || {
         let mut sh = Shell::new(config("nats://alice:s3cret@nats1:4333"));
         sh.at(ms(0));
-        sh.s.handle_connect_failed(ms(0));
+        sh.s.handle_input(NatsInput::ConnectFailed(sh.link), ms(0));
         sh.pump();
         sh.at(sh.s.poll_timeout().unwrap());
         sh.handshake(&info(json!({})));
@@ -1531,7 +1547,7 @@ fn drain_fails_buffered_requests_at_once() {
     sh.server(&info(json!({"ldm": true})));
     sh.submit(2, TaskKind::Submit, "{}");
     assert!(sh.s.buffered_bytes() > 0);
-    sh.s.begin_drain(sh.now);
+    sh.s.handle_shutdown(sh.now);
     sh.pump();
     assert_eq!(sh.failed(), vec![(2, 6)]);
     assert_eq!((sh.s.pending(), sh.s.buffered_bytes()), (1, 0));
@@ -1549,7 +1565,7 @@ fn cancel_withdraws_only_its_own_unpolled_outcome() {
     for id in 1..=3 {
         sh.submit(id, TaskKind::Submit, "{}");
     }
-    sh.s.handle_closed(sh.now);
+    sh.s.handle_input(NatsInput::Closed(sh.link), sh.now);
     sh.s.cancel(RequestId(2));
     sh.pump();
     assert_eq!(sh.failed(), vec![(1, 8), (3, 8)]);
@@ -1645,11 +1661,11 @@ fn transmit_is_announced_when_output_becomes_pending() {
         "new output after a complete write"
     );
     // The connection drops with output unwritten; the next one announces its handshake.
-    sh.s.handle_closed(sh.now);
+    sh.s.handle_input(NatsInput::Closed(sh.link), sh.now);
     sh.settle();
     let before = sh.transmits;
-    sh.s.handle_connected(sh.now);
-    sh.s.handle_bytes(&info(json!({})), sh.now);
+    sh.s.handle_input(NatsInput::Connected(sh.link), sh.now);
+    sh.s.handle_input(NatsInput::Received(sh.link, &info(json!({}))), sh.now);
     sh.settle();
     assert_eq!(sh.transmits, before + 1);
     assert!(sh.s.has_output());

@@ -17,7 +17,6 @@ use ipc_gateway_core::gateway::{AllowedUids, GatewayConfig};
 use ipc_gateway_core::nats_config::NatsConfig;
 use ipc_gateway_core::nats_pool::ServerUrl;
 use ipc_gateway_core::router_envelope::{EnvelopeDefaults, EnvelopeMode};
-use ipc_gateway_core::upstream::instance_prefix;
 
 /// The kernel's limit on a Unix socket path (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -275,9 +274,8 @@ impl Cli {
 }
 
 impl Settings {
-    /// The NATS session's configuration. `seed` is the gateway's: the session derives its
-    /// inbox and jitter from a different stream of it, and the request id prefix from the
-    /// same draw as the gateway, so the Router sees the ids the clients see.
+    /// The NATS session's configuration. Its seed and request id prefix are not here: the
+    /// gateway derives both from its own seed (`Identity::derive` in the core).
     pub fn nats_config(&self, hostname: &str) -> NatsConfig {
         let n = &self.nats;
         NatsConfig {
@@ -293,8 +291,6 @@ impl Settings {
                 policy_id: n.policy_id.clone(),
             },
             client_name: format!("ipc-gateway@{hostname}"),
-            seed: self.gateway.seed ^ 0x6e61_7473_5f73_6573,
-            request_id_prefix: instance_prefix(self.gateway.seed),
             // The gateway has answered every request when it hands over; what remains is
             // output to flush.
             drain_timeout: Duration::from_secs(2),
@@ -599,8 +595,6 @@ mod tests {
         assert_eq!(c.envelope.mode, EnvelopeMode::Legacy);
         assert_eq!(c.envelope.tenant_id, "acme");
         assert_eq!(c.client_name, "ipc-gateway@box");
-        assert_eq!(c.request_id_prefix, instance_prefix(42));
-        assert_ne!(c.seed, 42, "the session draws from its own stream");
     }
 
     #[test]

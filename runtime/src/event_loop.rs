@@ -2,8 +2,10 @@
 //! into syscalls. No logic lives here that a simulator would need to repeat: limits, deadlines,
 //! ordering and closing decisions are the core's.
 //!
-//! Each turn: wait for readiness or the core's next deadline → feed events (accept, read,
-//! write, signals) → `handle_timeout` → drain `poll_action` until empty → repeat.
+//! Each turn: wait for readiness or the core's next deadline → feed every event of the batch
+//! (accept, read, write, signals, the upstream's socket) → `handle_timeout` → poll
+//! `poll_action` until `None`, acting on each → repeat. The order of actions is the core's
+//! (`Gateway`'s call contract); this file only turns them into syscalls.
 //!
 //! - Edge-triggered: on readiness a socket is read until `WouldBlock`; a connection gets at
 //!   most [`READS_PER_TURN`] reads per turn (pelikan's fairness rule), the rest waits for the
@@ -18,18 +20,17 @@
 //!   `ResumeRead` it reads at once, because bytes already queued raise no new edge.
 //! - Rust ignores SIGPIPE for us, so a write to a vanished client is an `EPIPE` error, never a
 //!   dead process.
-//! - With NATS enabled, the session's socket is one more source here ([`NatsLink`]). What the
-//!   session queues during a turn is written once at the end of the turn, so requests from
-//!   many clients leave in one syscall.
+//! - With NATS enabled, the session's socket is one more source here
+//!   ([`crate::nats_link::NatsLink`]). The core hands out the session's `Transmit` last in a
+//!   poll round, so the requests of every client served in the turn leave in one syscall.
 //! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
 
 use std::collections::BTreeSet;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 use std::time::Duration;
 
 use ipc_gateway_core::gateway::READ_SLACK;
-use ipc_gateway_core::nats_session::{NatsSession, SessionState};
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token};
@@ -38,12 +39,14 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{error, info, warn};
 
 use crate::listener::BoundSocket;
-use crate::nats_link::{NatsLink, UpstreamIo};
+use crate::nats_link::{UpstreamIo, UpstreamLink};
+use crate::vectored::{write_once, WriteStep};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const NATS: Token = Token(2);
-const RESOLVER: Token = Token(3);
+/// The upstream's socket, and its helper thread's waker.
+const UPSTREAM: Token = Token(2);
+const UPSTREAM_WAKER: Token = Token(3);
 // Tokens 4..16 are kept for the HTTP listener and its connections.
 const FIRST_CLIENT: usize = 16;
 
@@ -54,11 +57,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Reads one connection may do in one turn before others get theirs.
 const READS_PER_TURN: usize = 16;
-/// Slices handed to one vectored write.
-const MAX_IOVECS: usize = 64;
 /// Unread input discarded before closing, so the client sees our last frame and then EOF
 /// rather than a reset; bounded so a flooding client cannot keep us here.
-const DRAIN_BEFORE_CLOSE: usize = 1024 * 1024;
+const DISCARD_BEFORE_CLOSE: usize = 1024 * 1024;
 
 /// How the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -145,7 +146,7 @@ impl Clients {
 }
 
 /// The daemon's event loop around a gateway.
-pub struct EventLoop<U> {
+pub struct EventLoop<U: UpstreamIo> {
     poll: Poll,
     gateway: Gateway<U>,
     socket: Option<BoundSocket>,
@@ -157,10 +158,8 @@ pub struct EventLoop<U> {
     read_again: BTreeSet<Token>,
     /// `accept` failed; the backlog is retried at this time.
     accept_again: Option<std::time::Instant>,
-    /// The NATS socket, with NATS enabled.
-    nats: Option<NatsLink>,
-    /// The gateway finished its drain; the loop ends once the NATS session has closed too.
-    gateway_done: bool,
+    /// The upstream's I/O (the NATS socket; nothing for the stub).
+    link: U::Link,
 }
 
 impl<U: UpstreamIo> EventLoop<U> {
@@ -171,10 +170,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let nats = match gateway.upstream().nats_ref() {
-            Some(_) => Some(NatsLink::new(poll.registry(), NATS, RESOLVER)?),
-            None => None,
-        };
+        let link = U::open_link(poll.registry(), UPSTREAM, UPSTREAM_WAKER)?;
         Ok(EventLoop {
             poll,
             gateway,
@@ -185,17 +181,15 @@ impl<U: UpstreamIo> EventLoop<U> {
             read_buf: vec![0; READ_SLACK],
             read_again: BTreeSet::new(),
             accept_again: None,
-            nats,
-            gateway_done: false,
+            link,
         })
     }
 
-    /// Runs until the drain completes or a second signal arrives.
+    /// Runs until the shutdown completes or a second signal arrives.
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let nats_read_again = self.nats.as_ref().is_some_and(NatsLink::wants_read_again);
-            let timeout = if self.read_again.is_empty() && !nats_read_again {
+            let timeout = if self.read_again.is_empty() && !self.link.wants_read_again() {
                 let core = self.gateway.poll_timeout().map(|t| {
                     // Round up to the next millisecond: epoll's resolution, and waking a
                     // little late is harmless while waking early spins.
@@ -218,20 +212,14 @@ impl<U: UpstreamIo> EventLoop<U> {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
-                    SIGNALS => {
-                        if let Some(exit) = self.on_signals(now) {
-                            return Ok(exit);
-                        }
+                    SIGNALS => self.on_signals(now),
+                    UPSTREAM => {
+                        self.link
+                            .on_event(event, &mut self.gateway, self.poll.registry(), now);
                     }
-                    NATS => {
-                        if let Some(link) = self.nats.as_mut() {
-                            link.on_event(event, &mut self.gateway, self.poll.registry(), now);
-                        }
-                    }
-                    RESOLVER => {
-                        if let Some(link) = self.nats.as_mut() {
-                            link.on_resolved(&mut self.gateway, self.poll.registry(), now);
-                        }
+                    UPSTREAM_WAKER => {
+                        self.link
+                            .on_resolved(&mut self.gateway, self.poll.registry(), now);
                     }
                     // EPOLLHUP: the client closed both directions (a half-close raises only
                     // RDHUP), so nobody will read replies. Its requests are cancelled now,
@@ -249,18 +237,12 @@ impl<U: UpstreamIo> EventLoop<U> {
                         }
                     }
                 }
-                // Write what this event produced before reading the next connection: its
-                // client can send its next requests while we serve the others.
-                if self.apply_actions(now) {
-                    return Ok(Exit::Drained);
-                }
             }
             for token in std::mem::take(&mut self.read_again) {
                 self.read(token, now);
             }
-            if let Some(link) = self.nats.as_mut() {
-                link.read_postponed(&mut self.gateway, self.poll.registry(), now);
-            }
+            self.link
+                .read_postponed(&mut self.gateway, self.poll.registry(), now);
             if self
                 .accept_again
                 .is_some_and(|t| t <= std::time::Instant::now())
@@ -272,16 +254,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             if self.gateway.poll_timeout().is_some_and(|t| t <= now) {
                 self.gateway.handle_timeout(now);
             }
-            if self.apply_actions(now) {
-                return Ok(Exit::Drained);
-            }
-            if let Some(link) = self.nats.as_mut() {
-                if link.has_pending_output() {
-                    link.flush(&mut self.gateway, self.poll.registry(), now);
-                }
-            }
-            if self.apply_actions(now) {
-                return Ok(Exit::Drained);
+            if let Some(exit) = self.apply_actions(now) {
+                return Ok(exit);
             }
         }
     }
@@ -322,29 +296,19 @@ impl<U: UpstreamIo> EventLoop<U> {
         }
     }
 
-    /// Returns the exit if the loop must end now.
-    fn on_signals(&mut self, now: Instant) -> Option<Exit> {
+    /// A signal: SIGUSR1 logs the stats line; SIGTERM and SIGINT go to the core, which
+    /// decides between a drain and, on the second, an exit at once.
+    fn on_signals(&mut self, now: Instant) {
         let signals: Vec<i32> = self.signals.pending().collect();
         for signal in signals {
             if signal == SIGUSR1 {
                 self.log_stats();
                 continue;
             }
-            if self.gateway.is_draining() {
-                warn!(
-                    event = "shutdown_forced",
-                    component = "ipc_bridge",
-                    signal,
-                    "second signal: exiting at once"
-                );
-                self.close_listener();
-                return Some(Exit::Interrupted);
-            }
             info!(event = "signal_received", component = "ipc_bridge", signal);
             self.close_listener();
-            self.gateway.begin_shutdown(now);
+            self.gateway.handle_shutdown(now);
         }
-        None
     }
 
     /// Stops accepting and removes the socket file, so new clients fail fast and a successor
@@ -397,29 +361,20 @@ impl<U: UpstreamIo> EventLoop<U> {
                 return;
             }
             let id = client.id;
-            let slices: Vec<IoSlice<'_>> = self
-                .gateway
-                .client_output(id)
-                .take(MAX_IOVECS)
-                .map(IoSlice::new)
-                .collect();
-            if slices.is_empty() {
-                if client.write_interest {
-                    client.write_interest = false;
-                    let readable = Interest::READABLE;
-                    let _ = self
-                        .poll
-                        .registry()
-                        .reregister(&mut client.stream, token, readable);
+            match write_once(&mut client.stream, self.gateway.client_output(id)) {
+                WriteStep::Wrote(n) => self.gateway.handle_client_written(id, n, now),
+                WriteStep::Empty => {
+                    if client.write_interest {
+                        client.write_interest = false;
+                        let readable = Interest::READABLE;
+                        let _ =
+                            self.poll
+                                .registry()
+                                .reregister(&mut client.stream, token, readable);
+                    }
+                    return;
                 }
-                return;
-            }
-            match client.stream.write_vectored(&slices) {
-                Ok(n) => {
-                    drop(slices);
-                    self.gateway.handle_client_written(id, n, now);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                WriteStep::Blocked => {
                     client.write_blocked = true;
                     if client.write_interest {
                         return;
@@ -430,15 +385,12 @@ impl<U: UpstreamIo> EventLoop<U> {
                         self.poll
                             .registry()
                             .reregister(&mut client.stream, token, both);
-                    drop(slices);
                     if registered.is_err() {
                         self.drop_client(token, now);
                     }
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    drop(slices);
+                WriteStep::Failed(_) => {
                     self.drop_client(token, now);
                     return;
                 }
@@ -455,12 +407,9 @@ impl<U: UpstreamIo> EventLoop<U> {
         }
     }
 
-    /// Carries out the core's actions; true when the drain is complete and the NATS
-    /// connection (if any) closed.
-    fn apply_actions(&mut self, now: Instant) -> bool {
-        if let Some(link) = self.nats.as_mut() {
-            link.apply_actions(&mut self.gateway, self.poll.registry(), now);
-        }
+    /// Carries out the core's actions, in the core's order, until it asks for nothing more;
+    /// the exit once the core says the shutdown is complete.
+    fn apply_actions(&mut self, now: Instant) -> Option<Exit> {
         while let Some(action) = self.gateway.poll_action() {
             match action {
                 Action::Transmit(id) => {
@@ -482,32 +431,28 @@ impl<U: UpstreamIo> EventLoop<U> {
                         }
                     }
                 }
-                Action::ShutdownComplete => {
-                    self.gateway_done = true;
-                    // Every request is answered by now: what the session still holds is
-                    // output to flush, then it closes (gateway.md section 8).
-                    self.gateway
-                        .handle_upstream(now, |u| u.nats().map(|s| s.begin_drain(now)));
-                    if let Some(link) = self.nats.as_mut() {
-                        link.apply_actions(&mut self.gateway, self.poll.registry(), now);
-                    }
+                Action::Upstream(action) => {
+                    self.link
+                        .apply(action, &mut self.gateway, self.poll.registry(), now);
+                }
+                Action::ShutdownComplete { forced } => {
+                    return Some(if forced {
+                        Exit::Interrupted
+                    } else {
+                        Exit::Drained
+                    });
                 }
             }
         }
-        self.gateway_done
-            && self
-                .gateway
-                .upstream()
-                .nats_ref()
-                .is_none_or(|s| s.state() == SessionState::Closed)
+        None
     }
 
     /// One line with what an operator (or a test) needs to see that nothing leaks.
     fn log_stats(&self) {
         let g = &self.gateway;
         let stats = g.stats();
-        let nats = g.upstream().nats_ref();
-        let ns = nats.map(NatsSession::stats).cloned().unwrap_or_default();
+        let upstream = g.upstream().report();
+        let ns = &upstream.nats;
         info!(
             event = "stats",
             component = "ipc_bridge",
@@ -519,10 +464,10 @@ impl<U: UpstreamIo> EventLoop<U> {
             dropped_replies = stats.dropped_replies,
             backpressure_rejections = stats.backpressure_rejections,
             breaker = g.breaker_state().name(),
-            upstream = if nats.is_some() { "nats" } else { "stub" },
-            nats_state = nats.map_or("disabled", |s| s.state().name()),
-            nats_server = nats.and_then(NatsSession::server).unwrap_or_default(),
-            reconnect_buffer_bytes = nats.map_or(0, NatsSession::buffered_bytes),
+            upstream = upstream.kind,
+            nats_state = upstream.state,
+            nats_server = upstream.server,
+            reconnect_buffer_bytes = upstream.buffered_bytes,
             late_replies = ns.late_replies,
             duplicate_replies = ns.duplicate_replies,
             unknown_replies = ns.unknown_replies,
@@ -537,7 +482,7 @@ impl<U: UpstreamIo> EventLoop<U> {
 
 fn discard_unread(stream: &mut UnixStream, buf: &mut [u8]) {
     let mut total = 0;
-    while total < DRAIN_BEFORE_CLOSE {
+    while total < DISCARD_BEFORE_CLOSE {
         match stream.read(buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => total += n,

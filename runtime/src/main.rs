@@ -9,13 +9,14 @@ mod listener;
 mod logging;
 mod nats_link;
 mod sync;
+mod vectored;
 
 use std::hash::{BuildHasher, Hasher};
 use std::process::ExitCode;
 
 use clap::Parser;
 use ipc_gateway_core::nats_session::NatsSession;
-use ipc_gateway_core::stub::StubUpstream;
+use ipc_gateway_core::stub::{StubConfig, StubUpstream};
 use ipc_gateway_core::Gateway;
 use tracing::{error, info, warn};
 
@@ -70,11 +71,19 @@ fn main() -> ExitCode {
           upstream = if settings.nats.enabled { "nats" } else { "stub" });
 
     let result = if settings.nats.enabled {
-        let session = NatsSession::new(settings.nats_config(&hostname()));
-        run(Gateway::new(settings.gateway.clone(), session), socket)
+        let nats = settings.nats_config(&hostname());
+        run(
+            Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
+            socket,
+        )
     } else {
-        let stub = StubUpstream::new(settings.stub_delay);
-        run(Gateway::new(settings.gateway.clone(), stub), socket)
+        let stub = StubConfig {
+            delay: settings.stub_delay,
+        };
+        run(
+            Gateway::<StubUpstream>::new(settings.gateway.clone(), stub),
+            socket,
+        )
     };
     match result {
         Ok(Exit::Drained) => ExitCode::SUCCESS,

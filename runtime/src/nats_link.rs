@@ -4,25 +4,28 @@
 //! only opens, reads, writes and closes one non-blocking TCP stream and reports back:
 //!
 //! ```text
-//! Connect{host,port} ─▶ Resolving (hostnames only) ─▶ Connecting (try each address) ─▶ Open
-//!        ▲                         │ no address                │ all refused     │ EOF, error
-//!        └──── session decides ◀───┴── handle_connect_failed ◀─┘   handle_closed ◀┘
-//! Disconnect (any phase) ─▶ Idle; a resolution still running is abandoned by generation
+//! Connect{link,host,port} ─▶ Resolving (hostnames only) ─▶ Connecting (each address) ─▶ Open
+//!        ▲                           │ no address                │ all refused    │ EOF, error
+//!        └────── session decides ◀───┴────── ConnectFailed ◀─────┘        Closed ◀┘
+//! Disconnect (any phase) ─▶ Idle; a resolution still running is abandoned (it names an old link)
 //! ```
 //!
 //! **Name resolution** happens on the [`Resolver`] thread, never on the loop: `getaddrinfo`
 //! blocks (a DNS server that does not answer holds it for seconds), and the loop must keep
 //! serving clients and keepalives meanwhile. IP literals are connected at once without it.
 //! If a lookup hangs, the session's connect timeout fires as for a hanging TCP connect; the
-//! late answer carries an old generation and is ignored.
+//! late answer names a link that is no longer being resolved and is ignored.
 //!
-//! Reads and writes go through [`Gateway::handle_upstream`], so a reply or a failure the
-//! session produces reaches its client in the same turn.
+//! Every report goes through [`Gateway::handle_upstream`] as a [`NatsInput`] naming the
+//! session's link, so a reply or a failure it produces reaches its client in the same turn,
+//! and a report about a link the session has given up is dropped by the session itself.
+//! Writes happen on `Transmit`, which the gateway hands out last in a poll round: the
+//! requests of every client served in one loop turn leave in one syscall.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
-use ipc_gateway_core::nats_session::{NatsSession, SessionAction};
+use ipc_gateway_core::nats_session::{LinkId, NatsInput, NatsSession, NatsStats, SessionAction};
 use ipc_gateway_core::stub::StubUpstream;
 use ipc_gateway_core::upstream::Upstream;
 use ipc_gateway_core::{Gateway, Instant};
@@ -32,31 +35,106 @@ use mio::{Interest, Registry, Token, Waker};
 use tracing::{debug, warn};
 
 use crate::handoff;
+use crate::vectored::{write_once, WriteStep};
 
 /// Reads of the NATS socket per turn before clients get theirs.
 const READS_PER_TURN: usize = 16;
 const READ_BUFFER: usize = 64 * 1024;
-/// Slices handed to one vectored write.
-const MAX_IOVECS: usize = 64;
 
-/// An upstream the event loop can drive: the stub needs no I/O, the NATS session a socket.
+/// What an operator's `stats` line says about the upstream.
+#[derive(Debug, Default)]
+pub struct UpstreamReport {
+    pub kind: &'static str,
+    pub state: &'static str,
+    pub server: String,
+    pub buffered_bytes: usize,
+    pub nats: NatsStats,
+}
+
+/// An upstream the event loop can drive: its [`Upstream::Action`]s in syscalls.
 pub trait UpstreamIo: Upstream {
-    fn nats(&mut self) -> Option<&mut NatsSession> {
-        None
+    /// The shell's side of the upstream's I/O.
+    type Link: UpstreamLink<Self>;
+    /// `token` is for a socket, `waker_token` for a helper thread's answers.
+    fn open_link(registry: &Registry, token: Token, waker_token: Token) -> io::Result<Self::Link>;
+    /// For the `stats` line.
+    fn report(&self) -> UpstreamReport;
+}
+
+/// What the event loop asks of an upstream's I/O side.
+pub trait UpstreamLink<U: Upstream> {
+    /// Carries out one action of the upstream.
+    fn apply(
+        &mut self,
+        action: U::Action,
+        gateway: &mut Gateway<U>,
+        registry: &Registry,
+        now: Instant,
+    );
+    /// Readiness of the link's socket.
+    fn on_event(
+        &mut self,
+        event: &Event,
+        gateway: &mut Gateway<U>,
+        registry: &Registry,
+        now: Instant,
+    );
+    /// The link's helper thread answered (its waker fired).
+    fn on_resolved(&mut self, gateway: &mut Gateway<U>, registry: &Registry, now: Instant);
+    /// Whether reads were cut short and must go on next turn without sleeping.
+    fn wants_read_again(&self) -> bool;
+    /// The reads the per-turn budget postponed.
+    fn read_postponed(&mut self, gateway: &mut Gateway<U>, registry: &Registry, now: Instant);
+}
+
+/// The stub has no I/O.
+pub struct NoLink;
+
+impl UpstreamIo for StubUpstream {
+    type Link = NoLink;
+    fn open_link(_: &Registry, _: Token, _: Token) -> io::Result<NoLink> {
+        Ok(NoLink)
     }
-    fn nats_ref(&self) -> Option<&NatsSession> {
-        None
+    fn report(&self) -> UpstreamReport {
+        UpstreamReport {
+            kind: "stub",
+            state: "disabled",
+            ..UpstreamReport::default()
+        }
     }
 }
 
-impl UpstreamIo for StubUpstream {}
+impl UpstreamLink<StubUpstream> for NoLink {
+    fn apply(
+        &mut self,
+        action: std::convert::Infallible,
+        _: &mut Gateway<StubUpstream>,
+        _: &Registry,
+        _: Instant,
+    ) {
+        match action {}
+    }
+    fn on_event(&mut self, _: &Event, _: &mut Gateway<StubUpstream>, _: &Registry, _: Instant) {}
+    fn on_resolved(&mut self, _: &mut Gateway<StubUpstream>, _: &Registry, _: Instant) {}
+    fn wants_read_again(&self) -> bool {
+        false
+    }
+    fn read_postponed(&mut self, _: &mut Gateway<StubUpstream>, _: &Registry, _: Instant) {}
+}
 
 impl UpstreamIo for NatsSession {
-    fn nats(&mut self) -> Option<&mut NatsSession> {
-        Some(self)
+    type Link = NatsLink;
+    fn open_link(registry: &Registry, token: Token, waker_token: Token) -> io::Result<NatsLink> {
+        NatsLink::new(registry, token, waker_token)
     }
-    fn nats_ref(&self) -> Option<&NatsSession> {
-        Some(self)
+    fn report(&self) -> UpstreamReport {
+        UpstreamReport {
+            kind: "nats",
+            state: self.state().name(),
+            server: self.server().unwrap_or_default(),
+            buffered_bytes: self.buffered_bytes(),
+            nats: self.stats().clone(),
+        }
     }
 }
 
@@ -75,85 +153,54 @@ pub struct NatsLink {
     token: Token,
     stream: Option<TcpStream>,
     phase: Phase,
-    /// Bumped on every Connect and Disconnect, so a stale resolution is recognised.
-    generation: u64,
+    /// The session's link this socket (or resolution) is for.
+    link: LinkId,
     resolver: Resolver,
     read_buf: Vec<u8>,
     /// The last write hit `WouldBlock`; wait for a writable event.
     write_blocked: bool,
-    /// The session announced output; written at the end of the turn, so requests from many
-    /// clients leave in one syscall.
-    output_pending: bool,
     /// Reads were cut short by the per-turn budget.
     read_again: bool,
 }
 
-impl NatsLink {
-    /// `token` is for the socket, `waker_token` for the resolver's answers.
-    pub fn new(registry: &Registry, token: Token, waker_token: Token) -> io::Result<NatsLink> {
-        Ok(NatsLink {
-            token,
-            stream: None,
-            phase: Phase::Idle,
-            generation: 0,
-            resolver: Resolver::start(Waker::new(registry, waker_token)?)?,
-            read_buf: vec![0; READ_BUFFER],
-            write_blocked: false,
-            output_pending: false,
-            read_again: false,
-        })
-    }
-
-    /// Carries out what the session asked for. Call after anything that fed the session.
-    pub fn apply_actions<U: UpstreamIo>(
+impl UpstreamLink<NatsSession> for NatsLink {
+    fn apply(
         &mut self,
-        gateway: &mut Gateway<U>,
+        action: SessionAction,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
-        loop {
-            let Some(action) = gateway
-                .upstream_mut()
-                .nats()
-                .and_then(NatsSession::poll_action)
-            else {
-                return;
-            };
-            match action {
-                SessionAction::Connect { host, port } => {
-                    self.close(registry);
-                    self.generation += 1;
-                    match parse_ip(&host) {
-                        Some(ip) => {
-                            self.connect(vec![SocketAddr::new(ip, port)], gateway, registry, now)
-                        }
-                        None => {
-                            self.phase = Phase::Resolving;
-                            if self.resolver.resolve(self.generation, host, port).is_err() {
-                                self.phase = Phase::Idle;
-                                report(gateway, now, NatsSession::handle_connect_failed);
-                            }
+        match action {
+            SessionAction::Connect { link, host, port } => {
+                self.close(registry);
+                self.link = link;
+                match parse_ip(&host) {
+                    Some(ip) => {
+                        self.connect(vec![SocketAddr::new(ip, port)], gateway, registry, now)
+                    }
+                    None => {
+                        self.phase = Phase::Resolving;
+                        if self.resolver.resolve(link, host, port).is_err() {
+                            self.phase = Phase::Idle;
+                            gateway.handle_upstream(NatsInput::ConnectFailed(link), now);
                         }
                     }
                 }
-                SessionAction::Disconnect => {
-                    self.close(registry);
-                    self.generation += 1;
-                }
-                SessionAction::Transmit => self.output_pending = true,
             }
+            SessionAction::Disconnect { .. } => self.close(registry),
+            SessionAction::Transmit { .. } => self.flush(gateway, registry, now),
         }
     }
 
-    /// The resolver answered (its waker fired).
-    pub fn on_resolved<U: UpstreamIo>(
+    fn on_resolved(
         &mut self,
-        gateway: &mut Gateway<U>,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
-        while let Some((generation, result)) = self.resolver.answer() {
-            if generation != self.generation || !matches!(self.phase, Phase::Resolving) {
+        while let Some((link, result)) = self.resolver.answer() {
+            if link != self.link || !matches!(self.phase, Phase::Resolving) {
                 continue;
             }
             match result {
@@ -163,113 +210,92 @@ impl NatsLink {
                         warn!(event = "nats_resolve_failed", component = "nats_resilience", error = %e);
                     }
                     self.phase = Phase::Idle;
-                    report(gateway, now, NatsSession::handle_connect_failed);
+                    gateway.handle_upstream(NatsInput::ConnectFailed(link), now);
                 }
             }
         }
-        self.apply_actions(gateway, registry, now);
     }
 
-    /// Readiness of the NATS socket.
-    pub fn on_event<U: UpstreamIo>(
+    fn on_event(
         &mut self,
         event: &Event,
-        gateway: &mut Gateway<U>,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
         match self.phase {
             Phase::Connecting { .. } => self.check_connected(gateway, registry, now),
             Phase::Open => {
-                if event.is_writable() {
-                    self.write_blocked = false;
-                }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     self.read(gateway, registry, now);
                 }
-                if event.is_writable() {
+                if event.is_writable() && self.write_blocked {
+                    // The session's Transmit came while the socket was full: the rest goes
+                    // now.
+                    self.write_blocked = false;
                     self.flush(gateway, registry, now);
                 }
             }
             Phase::Idle | Phase::Resolving => {}
         }
-        self.apply_actions(gateway, registry, now);
     }
 
-    /// Whether reads were cut short and must go on next turn without sleeping.
-    pub fn wants_read_again(&self) -> bool {
+    fn wants_read_again(&self) -> bool {
         self.read_again
     }
 
-    /// The reads the per-turn budget postponed.
-    pub fn read_postponed<U: UpstreamIo>(
+    fn read_postponed(
         &mut self,
-        gateway: &mut Gateway<U>,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
         if std::mem::take(&mut self.read_again) && matches!(self.phase, Phase::Open) {
             self.read(gateway, registry, now);
-            self.apply_actions(gateway, registry, now);
         }
+    }
+}
+
+impl NatsLink {
+    fn new(registry: &Registry, token: Token, waker_token: Token) -> io::Result<NatsLink> {
+        Ok(NatsLink {
+            token,
+            stream: None,
+            phase: Phase::Idle,
+            link: LinkId::default(),
+            resolver: Resolver::start(Waker::new(registry, waker_token)?)?,
+            read_buf: vec![0; READ_BUFFER],
+            write_blocked: false,
+            read_again: false,
+        })
     }
 
     /// Writes what the session queued, as far as the socket takes it.
-    pub fn flush<U: UpstreamIo>(
-        &mut self,
-        gateway: &mut Gateway<U>,
-        registry: &Registry,
-        now: Instant,
-    ) {
-        self.output_pending = false;
+    fn flush(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
         loop {
             let (Phase::Open, Some(stream), false) =
                 (&self.phase, self.stream.as_mut(), self.write_blocked)
             else {
                 return;
             };
-            let Some(session) = gateway.upstream_mut().nats() else {
-                return;
-            };
-            let slices: Vec<IoSlice<'_>> = session
-                .output()
-                .take(MAX_IOVECS)
-                .map(IoSlice::new)
-                .collect();
-            if slices.is_empty() {
-                return;
-            }
-            match stream.write_vectored(&slices) {
-                Ok(n) => {
-                    drop(slices);
-                    gateway.handle_upstream(now, |u| {
-                        if let Some(s) = u.nats() {
-                            s.consume_output(n);
-                        }
-                    });
+            match write_once(stream, gateway.upstream().output()) {
+                WriteStep::Empty => return,
+                WriteStep::Wrote(n) => {
+                    gateway.handle_upstream(NatsInput::Written(self.link, n), now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                WriteStep::Blocked => {
                     self.write_blocked = true;
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    drop(slices);
+                WriteStep::Failed(e) => {
                     debug!(event = "nats_write_failed", component = "nats_resilience", error = %e);
-                    self.lost(gateway, registry, now);
-                    return;
+                    return self.lost(gateway, registry, now);
                 }
             }
-            self.apply_actions(gateway, registry, now);
         }
     }
 
-    /// Output the session announced and the end of the turn should write.
-    pub fn has_pending_output(&self) -> bool {
-        self.output_pending
-    }
-
-    fn read<U: UpstreamIo>(&mut self, gateway: &mut Gateway<U>, registry: &Registry, now: Instant) {
+    fn read(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
         for _ in 0..READS_PER_TURN {
             let Some(stream) = self.stream.as_mut() else {
                 return;
@@ -278,15 +304,8 @@ impl NatsLink {
                 Ok(0) => return self.lost(gateway, registry, now),
                 Ok(n) => {
                     let bytes = &self.read_buf[..n];
-                    gateway.handle_upstream(now, |u| {
-                        if let Some(s) = u.nats() {
-                            s.handle_bytes(bytes, now);
-                        }
-                    });
-                    self.apply_actions(gateway, registry, now);
-                    // The session may have dropped the connection over these bytes, and may
-                    // already have asked for the next one: that socket is not this stream.
-                    if !matches!(self.phase, Phase::Open) || n < self.read_buf.len() {
+                    gateway.handle_upstream(NatsInput::Received(self.link, bytes), now);
+                    if n < self.read_buf.len() {
                         return;
                     }
                 }
@@ -301,17 +320,18 @@ impl NatsLink {
         self.read_again = true;
     }
 
-    /// The peer closed or the socket failed: tell the session, which decides what next.
-    fn lost<U: UpstreamIo>(&mut self, gateway: &mut Gateway<U>, registry: &Registry, now: Instant) {
+    /// The peer closed or the socket failed: drop it and tell the session, which decides
+    /// what next.
+    fn lost(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
         self.close(registry);
-        report(gateway, now, NatsSession::handle_closed);
+        gateway.handle_upstream(NatsInput::Closed(self.link), now);
     }
 
     /// Starts a non-blocking connect to the first address that accepts the attempt.
-    fn connect<U: UpstreamIo>(
+    fn connect(
         &mut self,
         mut addrs: Vec<SocketAddr>,
-        gateway: &mut Gateway<U>,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
@@ -333,13 +353,13 @@ impl NatsLink {
             return;
         }
         self.phase = Phase::Idle;
-        report(gateway, now, NatsSession::handle_connect_failed);
+        gateway.handle_upstream(NatsInput::ConnectFailed(self.link), now);
     }
 
     /// A connecting socket became writable or failed: find out which.
-    fn check_connected<U: UpstreamIo>(
+    fn check_connected(
         &mut self,
-        gateway: &mut Gateway<U>,
+        gateway: &mut Gateway<NatsSession>,
         registry: &Registry,
         now: Instant,
     ) {
@@ -367,7 +387,7 @@ impl NatsLink {
         let _ = stream.set_nodelay(true);
         self.phase = Phase::Open;
         self.write_blocked = false;
-        report(gateway, now, NatsSession::handle_connected);
+        gateway.handle_upstream(NatsInput::Connected(self.link), now);
         // Bytes (the server's INFO) may already be waiting and raise no new edge.
         self.read(gateway, registry, now);
     }
@@ -378,22 +398,8 @@ impl NatsLink {
         }
         self.phase = Phase::Idle;
         self.write_blocked = false;
-        self.output_pending = false;
         self.read_again = false;
     }
-}
-
-/// Tells the session about the socket, delivering whatever outcomes that produced.
-fn report<U: UpstreamIo>(
-    gateway: &mut Gateway<U>,
-    now: Instant,
-    input: fn(&mut NatsSession, Instant),
-) {
-    gateway.handle_upstream(now, |u| {
-        if let Some(s) = u.nats() {
-            input(s, now);
-        }
-    });
 }
 
 /// `127.0.0.1`, `::1` or `[::1]`.
@@ -405,26 +411,26 @@ fn parse_ip(host: &str) -> Option<IpAddr> {
     bare.parse().ok()
 }
 
-type Resolution = (u64, io::Result<Vec<SocketAddr>>);
+type Resolution = (LinkId, io::Result<Vec<SocketAddr>>);
 
 /// One thread that runs `getaddrinfo` for the loop and wakes it with the answer; the
 /// hand-off between the two is [`handoff`], model-checked with loom.
 struct Resolver {
-    side: handoff::LoopSide<(u64, String, u16), Resolution>,
+    side: handoff::LoopSide<(LinkId, String, u16), Resolution>,
 }
 
 impl Resolver {
     fn start(waker: Waker) -> io::Result<Resolver> {
-        let (side, worker) = handoff::channel::<(u64, String, u16), Resolution, _>(waker);
+        let (side, worker) = handoff::channel::<(LinkId, String, u16), Resolution, _>(waker);
         std::thread::Builder::new()
             .name("nats-resolver".into())
             .spawn(move || {
                 // Ends when the loop drops its side.
-                while let Some((generation, host, port)) = worker.next_request() {
+                while let Some((link, host, port)) = worker.next_request() {
                     let result = (host.as_str(), port)
                         .to_socket_addrs()
                         .map(|addrs| addrs.collect());
-                    if worker.answer((generation, result)).is_err() {
+                    if worker.answer((link, result)).is_err() {
                         return;
                     }
                 }
@@ -432,8 +438,8 @@ impl Resolver {
         Ok(Resolver { side })
     }
 
-    fn resolve(&self, generation: u64, host: String, port: u16) -> Result<(), ()> {
-        self.side.submit((generation, host, port)).map_err(|_| ())
+    fn resolve(&self, link: LinkId, host: String, port: u16) -> Result<(), ()> {
+        self.side.submit((link, host, port)).map_err(|_| ())
     }
 
     fn answer(&self) -> Option<Resolution> {

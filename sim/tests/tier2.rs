@@ -788,7 +788,8 @@ fn subjects_headers_envelope() {
                     c.raw
                 );
             }
-            let prefix = ipc_gateway_core::upstream::instance_prefix(opts.gateway_seed(0));
+            let prefix =
+                ipc_gateway_core::upstream::Identity::derive(opts.gateway_seed(0)).instance;
             let mut ids = std::collections::BTreeSet::new();
             let seen: Vec<_> = o.router_seen.iter().collect();
             assert_eq!(seen.len(), n, "one Router request per client request");

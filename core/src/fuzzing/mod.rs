@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::connection::{ConnId, ConnectionLimits};
 use crate::frame::{kind, DecodeError, FrameDecoder, HEADER_LEN};
 use crate::gateway::{Action, AllowedUids, Gateway, GatewayConfig, PeerCredentials};
-use crate::stub::StubUpstream;
+use crate::stub::{StubConfig, StubUpstream};
 use crate::time::Instant;
 use crate::upstream::TaskKind;
 
@@ -145,7 +145,10 @@ pub fn gateway_events(data: &[u8]) {
         seed: 7,
         ..GatewayConfig::default()
     };
-    let mut gw = Gateway::new(config, StubUpstream::new(Duration::from_millis(delay_ms)));
+    let stub = StubConfig {
+        delay: Duration::from_millis(delay_ms),
+    };
+    let mut gw: Gateway<StubUpstream> = Gateway::new(config, stub);
     let mut now = Instant::ZERO;
     let mut peers: BTreeMap<ConnId, Peer> = BTreeMap::new();
     let mut order: Vec<ConnId> = Vec::new();
@@ -229,7 +232,7 @@ pub fn gateway_events(data: &[u8]) {
             }
             5 if !shut_down => {
                 shut_down = true;
-                gw.begin_shutdown(now);
+                gw.handle_shutdown(now);
             }
             _ => {}
         }
@@ -400,7 +403,8 @@ fn pump(
                         p.readable = true;
                     }
                 }
-                Action::ShutdownComplete | Action::Close(_) => {}
+                Action::ShutdownComplete { .. } | Action::Close(_) => {}
+                Action::Upstream(never) => match never {},
             }
             if let Action::Close(id) = action {
                 if let Some(p) = peers.get_mut(&id) {

@@ -15,11 +15,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::inflight::RequestId;
-use crate::nats_config::{NatsConfig, SessionAction};
+use crate::nats_config::{LinkId, NatsConfig, NatsInput, SessionAction};
 use crate::nats_session::{to_base36, NatsSession};
 use crate::payload::validate_task_payload;
 use crate::time::Instant;
-use crate::upstream::{TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
+use crate::upstream::{Identity, TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
 
 /// The shell's view of the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,12 +33,13 @@ struct Driver {
     s: NatsSession,
     now: Instant,
     socket: Socket,
+    /// The link of the last `Connect`, which the shell's reports name.
+    link: LinkId,
     transmit: bool,
     next_id: u64,
     submitted: BTreeSet<u64>,
     answered: BTreeSet<u64>,
     cancelled: BTreeSet<u64>,
-    buffer_bound: usize,
 }
 
 impl Driver {
@@ -46,19 +47,22 @@ impl Driver {
     fn pump(&mut self) {
         while let Some(action) = self.s.poll_action() {
             match action {
-                SessionAction::Connect { .. } => {
+                SessionAction::Connect { link, .. } => {
                     assert_eq!(
                         self.socket,
                         Socket::None,
                         "Connect with a socket still open"
                     );
+                    assert!(link > self.link, "a Connect reused a link id");
                     self.socket = Socket::Opening;
+                    self.link = link;
                 }
-                SessionAction::Disconnect => {
+                SessionAction::Disconnect { link } => {
+                    assert_eq!(link, self.link, "Disconnect of a link not current");
                     self.socket = Socket::None;
                     self.transmit = false;
                 }
-                SessionAction::Transmit => self.transmit = true,
+                SessionAction::Transmit { .. } => self.transmit = true,
             }
         }
         while let Some(event) = self.s.poll_event() {
@@ -70,11 +74,7 @@ impl Driver {
             );
             assert!(self.answered.insert(id.0), "second outcome for {id:?}");
         }
-        assert!(
-            self.s.buffered_bytes() <= self.buffer_bound,
-            "reconnect buffer {} over its bound",
-            self.s.buffered_bytes()
-        );
+        self.s.assert_invariants();
         let open = self.submitted.len()
             - self.answered.len()
             - self.cancelled.difference(&self.answered).count();
@@ -136,21 +136,25 @@ pub fn nats_session_events(data: &[u8]) {
         recent_answers: 4,
         lame_duck_grace: Duration::from_millis(30),
         drain_timeout: Duration::from_millis(60),
-        seed: u64::from(next().unwrap_or(0)),
-        request_id_prefix: 1,
         ..NatsConfig::default()
     };
     let _ = config.set_servers("nats://a:4222,nats://u:p@b:4223");
     let mut d = Driver {
-        s: NatsSession::new(config),
+        s: NatsSession::new(
+            config,
+            Identity {
+                instance: 1,
+                seed: u64::from(next().unwrap_or(0)),
+            },
+        ),
         now: Instant::ZERO,
         socket: Socket::None,
+        link: LinkId(0),
         transmit: false,
         next_id: 1,
         submitted: BTreeSet::new(),
         answered: BTreeSet::new(),
         cancelled: BTreeSet::new(),
-        buffer_bound,
     };
     d.s.handle_timeout(d.now);
     d.pump();
@@ -186,33 +190,33 @@ pub fn nats_session_events(data: &[u8]) {
                 let wire = d.server_op(which, pick);
                 // Sometimes cut short: the rest never arrives on this connection.
                 let cut = usize::from(next().unwrap_or(255)).min(wire.len());
-                d.s.handle_bytes(&wire[..cut], d.now);
+                d.s.handle_input(NatsInput::Received(d.link, &wire[..cut]), d.now);
             }
             5 if d.socket == Socket::Open => {
                 let n = usize::from(next().unwrap_or(0) % 16);
                 let raw: Vec<u8> = (0..n).map(|_| next().unwrap_or(b'\n')).collect();
-                d.s.handle_bytes(&raw, d.now);
+                d.s.handle_input(NatsInput::Received(d.link, &raw), d.now);
             }
             6 => match d.socket {
                 Socket::Opening if next().unwrap_or(0) % 3 != 0 => {
                     d.socket = Socket::Open;
-                    d.s.handle_connected(d.now);
+                    d.s.handle_input(NatsInput::Connected(d.link), d.now);
                 }
                 Socket::Opening => {
                     d.socket = Socket::None;
-                    d.s.handle_connect_failed(d.now);
+                    d.s.handle_input(NatsInput::ConnectFailed(d.link), d.now);
                 }
                 Socket::Open => {
                     d.socket = Socket::None;
                     d.transmit = false;
-                    d.s.handle_closed(d.now);
+                    d.s.handle_input(NatsInput::Closed(d.link), d.now);
                 }
                 Socket::None => {}
             },
             7 if d.transmit && d.socket == Socket::Open => {
                 let queued: usize = d.s.output().map(<[u8]>::len).sum();
                 let n = (usize::from(next().unwrap_or(0)) * 16).min(queued);
-                d.s.consume_output(n);
+                d.s.handle_input(NatsInput::Written(d.link, n), d.now);
                 if !d.s.has_output() {
                     d.transmit = false;
                 }
@@ -221,7 +225,7 @@ pub fn nats_session_events(data: &[u8]) {
                 d.now = d.now + Duration::from_millis(u64::from(next().unwrap_or(0) % 64));
                 d.s.handle_timeout(d.now);
             }
-            9 if next().unwrap_or(0) % 8 == 0 => d.s.begin_drain(d.now),
+            9 if next().unwrap_or(0) % 8 == 0 => d.s.handle_shutdown(d.now),
             _ => {}
         }
         d.pump();

@@ -1,21 +1,69 @@
 //! The gateway: routes value messages between client connections, admission, the circuit
-//! breaker, the in-flight table and the upstream.
+//! breaker, the in-flight table and the upstream. It is the one pump every shell drives: the
+//! mio daemon, both simulation tiers and the fuzzer differ only in syscalls.
 //!
-//! Call order, for any shell (the mio daemon, the simulators, the fuzzer):
+//! # The call contract
 //!
-//! 1. Feed what happened: [`Gateway::handle_client_opened`], [`Gateway::handle_client_bytes`],
-//!    [`Gateway::handle_client_written`], [`Gateway::handle_client_eof`],
-//!    [`Gateway::handle_client_closed`], [`Gateway::handle_upstream`] (upstream I/O),
-//!    [`Gateway::begin_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
-//!    [`Gateway::poll_timeout`] has passed (calling it early is harmless).
-//! 2. Drain [`Gateway::poll_action`] until `None`, and act: write a connection's
+//! 1. **Feed what happened**, each with the current time: [`Gateway::handle_client_opened`],
+//!    [`Gateway::handle_client_bytes`], [`Gateway::handle_client_written`],
+//!    [`Gateway::handle_client_eof`], [`Gateway::handle_client_closed`],
+//!    [`Gateway::handle_upstream`] (the upstream's own I/O, as values),
+//!    [`Gateway::handle_shutdown`], and [`Gateway::handle_timeout`] whenever the instant from
+//!    [`Gateway::poll_timeout`] has passed (calling it early is harmless). Time must never go
+//!    backwards. Inputs may be batched: a shell may feed every event of one readiness batch
+//!    before it polls.
+//! 2. **Poll [`Gateway::poll_action`] until `None`** and act: write a connection's
 //!    [`Gateway::client_output`] on `Transmit`, close on `Close`, read again on `ResumeRead`,
-//!    exit on `ShutdownComplete`.
-//! 3. Sleep until [`Gateway::poll_timeout`] or the next I/O event, whichever comes first.
+//!    do the upstream's I/O on `Upstream` (open, write, close its socket), exit on
+//!    `ShutdownComplete`. Acting may feed new inputs; keep polling.
+//! 3. **Sleep** until [`Gateway::poll_timeout`] or the next I/O event, whichever comes first.
+//!
+//! The order of actions is decided here, once: everything comes out in the order it arose,
+//! except the upstream's flush of queued output, which comes out last, once per poll round,
+//! so that the requests of every client fed since the last round leave in one write.
+//!
+//! ```no_run
+//! use ipc_gateway_core::stub::{StubConfig, StubUpstream};
+//! use ipc_gateway_core::{Action, Gateway, GatewayConfig, Instant, PeerCredentials};
+//!
+//! let mut gateway: Gateway<StubUpstream> =
+//!     Gateway::new(GatewayConfig::default(), StubConfig::default());
+//! let mut now = Instant::ZERO;
+//! let conn = gateway.handle_client_opened(PeerCredentials::default(), now);
+//! loop {
+//!     // 1. Feed: bytes a client sent (a PING frame here), and time.
+//!     gateway.handle_client_bytes(conn, &[0, 0, 0, 6, 1, 0x10], now);
+//!     if gateway.poll_timeout().is_some_and(|t| t <= now) {
+//!         gateway.handle_timeout(now);
+//!     }
+//!     // 2. Poll until None, and act.
+//!     while let Some(action) = gateway.poll_action() {
+//!         match action {
+//!             Action::Transmit(id) => {
+//!                 let n: usize = gateway.client_output(id).map(<[u8]>::len).sum();
+//!                 // ... write those bytes to the socket, then:
+//!                 gateway.handle_client_written(id, n, now);
+//!             }
+//!             Action::ResumeRead(_id) => { /* read the socket again */ }
+//!             Action::Close(_id) => { /* close the socket */ }
+//!             Action::Upstream(never) => match never {},
+//!             Action::ShutdownComplete { .. } => return,
+//!         }
+//!     }
+//!     // 3. Sleep until poll_timeout() or the next socket event.
+//!     now = gateway.poll_timeout().unwrap_or(now);
+//! }
+//! ```
 //!
 //! Every request frame gets exactly one reply, in order per connection; every request handed
 //! to the upstream leaves the in-flight table exactly once (reply, timeout, client gone, or
 //! drain end), and a reply for a request that already left is dropped and counted.
+
+mod admission;
+mod invariants;
+mod shutdown;
+
+pub use shutdown::{Shutdown, FLUSH_GRACE};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -29,13 +77,8 @@ use crate::connection::{ClientConnection, ConnId, ConnectionLimits};
 use crate::error::{error_frame, ErrorCode};
 use crate::frame::{kind, DecodeError, Frame, ReplyFrame, MAX_FRAME_BYTES};
 use crate::inflight::{InFlight, InFlightTable, RequestId};
-use crate::payload::validate_task_payload;
 use crate::time::Instant;
-use crate::upstream::{FailureCause, TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
-
-/// After the drain deadline, how long pending reply bytes may still be flushed before the
-/// gateway gives up on clients that do not read.
-const FLUSH_GRACE: Duration = Duration::from_secs(2);
+use crate::upstream::{FailureCause, Identity, TaskKind, Upstream, UpstreamEvent, UpstreamRequest};
 
 /// Which peer uids may connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +142,10 @@ pub struct PeerCredentials {
     pub pid: Option<i32>,
 }
 
-/// What the shell must do.
+/// What the shell must do; `A` is the upstream's own action type.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum Action<A> {
     /// The connection has reply bytes queued: write [`Gateway::client_output`] until it is
     /// empty (waiting for writability as needed) and report with `handle_client_written`.
     Transmit(ConnId),
@@ -111,8 +154,12 @@ pub enum Action {
     /// Reading had paused for backpressure and may go on. Read now: bytes already waiting in
     /// the socket will not raise a new readiness event.
     ResumeRead(ConnId),
-    /// The drain is over: flush nothing more and exit.
-    ShutdownComplete,
+    /// The upstream's I/O: for NATS, open, write or close its socket
+    /// ([`crate::nats_session::SessionAction`]).
+    Upstream(A),
+    /// The shutdown is over (clients answered, upstream closed), or a second signal forced
+    /// it: exit.
+    ShutdownComplete { forced: bool },
 }
 
 /// Counters for metrics and tests. Monotonic unless said otherwise.
@@ -151,7 +198,7 @@ struct Client {
 }
 
 /// The gateway state machine. See the module doc for the call order.
-pub struct Gateway<U> {
+pub struct Gateway<U: Upstream> {
     config: GatewayConfig,
     upstream: U,
     clients: BTreeMap<ConnId, Client>,
@@ -165,12 +212,14 @@ pub struct Gateway<U> {
     /// order.
     newest_no_responders: Option<RequestId>,
     read_deadlines: BTreeSet<(Instant, ConnId)>,
-    actions: VecDeque<Action>,
+    actions: VecDeque<Action<U::Action>>,
+    /// The upstream's flush, handed out after everything else (module doc).
+    upstream_flush: Option<U::Action>,
     next_conn: u64,
     /// Prefix of request ids, from the seed, so ids differ between gateway instances.
     instance: u32,
     capabilities: Bytes,
-    drain: Option<Drain>,
+    shutdown: Shutdown,
     /// Connections whose decoding may go on because a reply freed an in-flight slot. Worked
     /// off at the end of the turn rather than at once: answering from inside the upstream's
     /// reply path would recurse once per pipelined frame.
@@ -178,16 +227,13 @@ pub struct Gateway<U> {
     stats: GatewayStats,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Drain {
-    deadline: Instant,
-    leftovers_failed: bool,
-    complete: bool,
-}
-
 impl<U: Upstream> Gateway<U> {
-    pub fn new(config: GatewayConfig, upstream: U) -> Gateway<U> {
-        let instance = crate::upstream::instance_prefix(config.seed);
+    /// Builds the gateway and its upstream, deriving the upstream's [`Identity`] (request id
+    /// prefix, seed) from the gateway's seed.
+    pub fn new(config: GatewayConfig, upstream: U::Config) -> Gateway<U> {
+        let identity = Identity::derive(config.seed);
+        let instance = identity.instance;
+        let upstream = U::new(upstream, identity);
         Gateway {
             capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
             breaker: CircuitBreaker::new(config.breaker),
@@ -200,9 +246,10 @@ impl<U: Upstream> Gateway<U> {
             inflight: InFlightTable::new(),
             read_deadlines: BTreeSet::new(),
             actions: VecDeque::new(),
+            upstream_flush: None,
             next_conn: 0,
             instance,
-            drain: None,
+            shutdown: Shutdown::Running,
             to_resume: BTreeSet::new(),
             stats: GatewayStats::default(),
         }
@@ -284,7 +331,7 @@ impl<U: Upstream> Gateway<U> {
     /// The shell wrote `n` bytes of the connection's output.
     pub fn handle_client_written(&mut self, id: ConnId, n: usize, now: Instant) {
         if let Some(client) = self.clients.get_mut(&id) {
-            client.conn.consume_output(n);
+            client.conn.handle_written(n);
             if !client.conn.has_output() {
                 client.transmitting = false;
             }
@@ -310,32 +357,11 @@ impl<U: Upstream> Gateway<U> {
         self.finish_turn(now);
     }
 
-    /// SIGTERM/SIGINT: new task requests get error 6; requests in flight are answered until
-    /// the drain timeout, then get error 6; the shell is told `ShutdownComplete` when all is
-    /// answered and written. The shell closes the listener itself.
-    pub fn begin_shutdown(&mut self, now: Instant) {
-        if self.drain.is_none() {
-            info!(
-                event = "shutdown_started",
-                component = "ipc_bridge",
-                inflight = self.inflight.len(),
-                connections = self.clients.len(),
-                drain_ms = self.config.drain_timeout.as_millis() as u64
-            );
-            self.drain = Some(Drain {
-                deadline: now + self.config.drain_timeout,
-                leftovers_failed: false,
-                complete: false,
-            });
-        }
-        self.finish_turn(now);
-    }
-
     /// Lets time pass: stub replies fall due, requests time out, partial frames time out, the
     /// breaker half-opens, the drain ends. Calling it early is harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.upstream.handle_timeout(now);
-        self.drain_upstream(now);
+        self.deliver_outcomes(now);
         while let Some((id, entry)) = self.inflight.pop_expired(now) {
             let outcome = if !self.upstream.awaiting_router(id) {
                 Outcome::LinkFailed
@@ -381,51 +407,26 @@ impl<U: Upstream> Gateway<U> {
             }
         }
         self.breaker.handle_timeout(now);
-        if let Some(drain) = self.drain {
-            if now >= drain.deadline && !drain.leftovers_failed {
-                if let Some(d) = self.drain.as_mut() {
-                    d.leftovers_failed = true;
-                }
-                for id in self.inflight.ids() {
-                    if let Some(entry) = self.inflight.remove(id) {
-                        self.upstream.cancel(id);
-                        self.breaker.record(entry.permit, Outcome::Abandoned, now);
-                        let rid = self.request_id_text(id);
-                        let frame = error_frame(
-                            ErrorCode::ShuttingDown,
-                            "Shutting down: the drain timeout passed before the Router replied",
-                            Some(&rid),
-                        );
-                        self.complete(id, entry, frame, ErrorCode::ShuttingDown.code(), now);
-                    }
-                }
-            }
-        }
         self.finish_turn(now);
     }
 
     // ----- outputs ------------------------------------------------------------------------
 
     /// The next thing the shell must do.
-    pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+    pub fn poll_action(&mut self) -> Option<Action<U::Action>> {
+        self.actions
+            .pop_front()
+            .or_else(|| self.upstream_flush.take().map(Action::Upstream))
     }
 
     /// When [`Gateway::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let drain = self
-            .drain
-            .and_then(|d| match (d.complete, d.leftovers_failed) {
-                (true, _) => None,
-                (false, false) => Some(d.deadline),
-                (false, true) => Some(d.deadline + FLUSH_GRACE),
-            });
         [
             self.inflight.next_deadline(),
             self.read_deadlines.first().map(|&(t, _)| t),
             self.breaker.poll_timeout(),
             self.upstream.poll_timeout(),
-            drain,
+            self.shutdown.deadline(),
         ]
         .into_iter()
         .flatten()
@@ -468,90 +469,16 @@ impl<U: Upstream> Gateway<U> {
         self.breaker.state()
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.drain.is_some()
-    }
-
     pub fn upstream(&self) -> &U {
         &self.upstream
     }
 
-    pub fn upstream_mut(&mut self) -> &mut U {
-        &mut self.upstream
-    }
-
-    /// Feeds the upstream something only it understands (the NATS socket's bytes, say), then
-    /// delivers the outcomes that produced. Use this rather than [`Gateway::upstream_mut`]
-    /// for any input that can answer or fail requests: outcomes left in the upstream would
-    /// reach their clients only at the next `handle_*` call.
-    pub fn handle_upstream<R>(&mut self, now: Instant, feed: impl FnOnce(&mut U) -> R) -> R {
-        let result = feed(&mut self.upstream);
-        self.drain_upstream(now);
+    /// An event of the upstream's own I/O (for NATS, what happened to its socket); the
+    /// outcomes it produced reach their clients in the same turn.
+    pub fn handle_upstream(&mut self, input: U::Input<'_>, now: Instant) {
+        self.upstream.handle_input(input, now);
+        self.deliver_outcomes(now);
         self.finish_turn(now);
-        result
-    }
-
-    /// Checks the bookkeeping invariants of gateway.md section 1 that hold at every instant;
-    /// panics with a description of the first violated one. Meant for simulators and fuzzers.
-    pub fn assert_invariants(&self) {
-        let owned: usize = self
-            .clients
-            .values()
-            .map(|c| c.conn.waiting_requests().count())
-            .sum();
-        assert_eq!(
-            owned,
-            self.inflight.len(),
-            "every in-flight request belongs to one live client"
-        );
-        for (id, client) in &self.clients {
-            assert_eq!(
-                client.conn.waiting_requests().count(),
-                client.conn.waiting(),
-                "conn {id:?}: waiting count = its waiting slots"
-            );
-            assert!(
-                client.conn.waiting() <= self.config.connection.max_inflight,
-                "per-connection limit"
-            );
-            for rid in client.conn.waiting_requests() {
-                assert_eq!(
-                    self.inflight.get(rid).map(|e| e.conn),
-                    Some(*id),
-                    "request {rid:?} points back to its connection"
-                );
-            }
-            assert!(
-                client.conn.buffered_input() <= self.config.connection.max_frame_bytes + READ_SLACK,
-                "conn {id:?}: input buffer {} exceeds a frame plus one read",
-                client.conn.buffered_input()
-            );
-        }
-        assert!(
-            self.inflight.len() <= self.config.max_inflight,
-            "global in-flight limit"
-        );
-        assert!(
-            self.admitted_connections <= self.config.max_connections,
-            "connection limit"
-        );
-        assert_eq!(
-            self.admitted_connections,
-            self.clients.values().filter(|c| c.admitted).count(),
-            "admitted connection count"
-        );
-    }
-
-    /// Whether nothing is held any more: no requests, timers or buffered bytes (the no-leak
-    /// invariant, checked once traffic has stopped and deadlines have passed).
-    pub fn is_quiescent(&self) -> bool {
-        self.inflight.is_empty()
-            && self.upstream.pending() == 0
-            && self.read_deadlines.is_empty()
-            && self
-                .clients
-                .values()
-                .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output())
     }
 
     // ----- routing ------------------------------------------------------------------------
@@ -600,44 +527,7 @@ impl<U: Upstream> Gateway<U> {
             method = task.method(),
             payload_size = frame.payload.len()
         );
-        let refuse = |code: ErrorCode, message: &str| (code, message.to_string());
-        let refusal = if self.drain.is_some() {
-            Some(refuse(
-                ErrorCode::ShuttingDown,
-                "Shutting down: the gateway is draining",
-            ))
-        } else {
-            None
-        };
-        let payload = match refusal {
-            Some(r) => Err(r),
-            None => {
-                validate_task_payload(frame.payload).map_err(|m| (ErrorCode::InvalidPayload, m))
-            }
-        };
-        let admitted = payload.and_then(|payload| {
-            if self.inflight.len() >= self.config.max_inflight {
-                self.stats.backpressure_rejections += 1;
-                info!(
-                    event = "backpressure_reject",
-                    component = "ipc_backpressure",
-                    conn_id = id.0,
-                    inflight = self.inflight.len(),
-                    limit = self.config.max_inflight
-                );
-                return Err(refuse(
-                    ErrorCode::Overloaded,
-                    &format!("Overloaded: {} requests in flight", self.inflight.len()),
-                ));
-            }
-            match self.breaker.try_acquire(now) {
-                Some(permit) => Ok((payload, permit)),
-                None => Err(refuse(
-                    ErrorCode::RouterUnavailable,
-                    "Router unavailable: circuit breaker open",
-                )),
-            }
-        });
+        let admitted = self.admit(id, frame.payload, now);
         let (payload, permit) = match admitted {
             Ok(ok) => ok,
             Err((code, message)) => {
@@ -665,10 +555,11 @@ impl<U: Upstream> Gateway<U> {
             deadline,
         };
         self.upstream.submit(request, now);
-        self.drain_upstream(now);
+        self.deliver_outcomes(now);
     }
 
-    fn drain_upstream(&mut self, now: Instant) {
+    /// Hands the upstream's outcomes to their requests' clients.
+    fn deliver_outcomes(&mut self, now: Instant) {
         while let Some(event) = self.upstream.poll_event() {
             let (id, reply, code, outcome) = match event {
                 UpstreamEvent::Reply { id, payload } => (
@@ -731,7 +622,7 @@ impl<U: Upstream> Gateway<U> {
             "request {id:?} had no open slot on {:?}",
             entry.conn
         );
-        client.conn.refresh(now);
+        client.conn.update_read_timer(now);
         debug!(
             event = "response_sent",
             component = "ipc_bridge",
@@ -851,12 +742,10 @@ impl<U: Upstream> Gateway<U> {
         self.last_link = link;
     }
 
-    /// End of every input: breaker transitions are logged and counted, and a drain that has
-    /// nothing left to wait for completes.
+    /// End of every input: paused connections go on decoding, breaker transitions are logged
+    /// and counted, the shutdown moves on, and the upstream's actions join the queue.
     fn finish_turn(&mut self, now: Instant) {
-        while let Some(id) = self.to_resume.pop_first() {
-            self.process_frames(id, now);
-        }
+        self.resume_decoding(now);
         self.observe_link(now);
         while let Some(t) = self.breaker.poll_transition() {
             *self
@@ -873,24 +762,25 @@ impl<U: Upstream> Gateway<U> {
                 open_ms = t.open_for.as_millis() as u64
             );
         }
-        if let Some(drain) = self.drain {
-            // Every request in flight holds a slot on its connection (assert_invariants), so
-            // no unanswered slot anywhere also means nothing in flight.
-            let flushed = self
-                .clients
-                .values()
-                .all(|c| c.conn.unanswered_slots() == 0 && !c.conn.has_output());
-            let given_up = drain.leftovers_failed && now >= drain.deadline + FLUSH_GRACE;
-            if !drain.complete && (flushed || given_up) {
-                if let Some(d) = self.drain.as_mut() {
-                    d.complete = true;
-                }
-                info!(
-                    event = "shutdown_complete",
-                    component = "ipc_bridge",
-                    flushed
-                );
-                self.actions.push_back(Action::ShutdownComplete);
+        self.advance_shutdown(now);
+        self.collect_upstream_actions();
+    }
+
+    /// Connections whose replies freed in-flight slots decode what they buffered.
+    fn resume_decoding(&mut self, now: Instant) {
+        while let Some(id) = self.to_resume.pop_first() {
+            self.process_frames(id, now);
+        }
+    }
+
+    /// Moves the upstream's actions into the one queue. The flush is held back and handed out
+    /// last ([`Gateway::poll_action`]).
+    fn collect_upstream_actions(&mut self) {
+        while let Some(action) = self.upstream.poll_action() {
+            if U::is_flush(&action) {
+                self.upstream_flush = Some(action);
+            } else {
+                self.actions.push_back(Action::Upstream(action));
             }
         }
     }

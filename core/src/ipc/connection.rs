@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use crate::frame::{DecodeError, Frame, FrameDecoder, ReplyFrame};
 use crate::inflight::RequestId;
+use crate::output_queue::OutputQueue;
 use crate::time::Instant;
 
 /// Connection ids come from a counter in the gateway and are never reused.
@@ -63,9 +64,7 @@ pub struct ClientConnection {
     /// Slots waiting for the upstream (counts against `limits.max_inflight`).
     waiting: usize,
     /// Answered replies not yet written, oldest first.
-    out: VecDeque<ReplyFrame>,
-    /// Bytes of `out[0]` already written.
-    out_offset: usize,
+    out: OutputQueue<ReplyFrame>,
     /// Bytes of `out` plus answered slots still held behind a waiting one, with overhead.
     held_bytes: usize,
     /// When the incomplete frame now buffered started arriving.
@@ -81,8 +80,7 @@ impl ClientConnection {
             slots: VecDeque::new(),
             first_seq: 0,
             waiting: 0,
-            out: VecDeque::new(),
-            out_offset: 0,
+            out: OutputQueue::default(),
             held_bytes: 0,
             partial_since: None,
             closing: false,
@@ -152,7 +150,7 @@ impl ClientConnection {
         *slot = Slot::Answered(reply);
         while let Some(Slot::Answered(_)) = self.slots.front() {
             if let Some(Slot::Answered(frame)) = self.slots.pop_front() {
-                self.out.push_back(frame);
+                self.out.push(frame);
             }
             self.first_seq += 1;
         }
@@ -189,34 +187,17 @@ impl ClientConnection {
 
     /// The queued reply bytes, in order, for a vectored write.
     pub fn output(&self) -> impl Iterator<Item = &[u8]> {
-        self.out
-            .iter()
-            .enumerate()
-            .flat_map(|(i, f)| f.slices_from(if i == 0 { self.out_offset } else { 0 }))
+        self.out.output()
     }
 
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }
 
-    /// Drops the first `n` bytes of the output queue after the shell wrote them.
-    pub fn consume_output(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.out.front() else {
-                break;
-            };
-            let rest = front.wire_len() - self.out_offset;
-            if n >= rest {
-                n -= rest;
-                self.held_bytes -= rest + SLOT_OVERHEAD;
-                self.out_offset = 0;
-                self.out.pop_front();
-            } else {
-                self.out_offset += n;
-                self.held_bytes -= n;
-                n = 0;
-            }
-        }
+    /// The shell wrote the first `n` bytes of [`Self::output`].
+    pub fn handle_written(&mut self, n: usize) {
+        let finished = self.out.consume(n);
+        self.held_bytes = self.held_bytes.saturating_sub(n + finished * SLOT_OVERHEAD);
     }
 
     /// The instant at which the partial frame now held times out.
@@ -257,7 +238,7 @@ impl ClientConnection {
     }
 
     /// Re-evaluates the read timer after the in-flight count changed.
-    pub fn refresh(&mut self, now: Instant) {
+    pub fn update_read_timer(&mut self, now: Instant) {
         self.update_partial(now);
     }
 }
@@ -361,10 +342,10 @@ mod tests {
         let s = c.open_slot(None);
         c.answer(s, reply(b"hello"));
         let whole: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
-        c.consume_output(8);
+        c.handle_written(8);
         let rest: Vec<u8> = c.output().flat_map(|s| s.to_vec()).collect();
         assert_eq!(rest, &whole[8..]);
-        c.consume_output(3);
+        c.handle_written(3);
         assert!(!c.has_output());
         for _ in 0..15 {
             let s = c.open_slot(None);
@@ -392,15 +373,15 @@ mod tests {
         let s = c.open_slot(None);
         c.answer(s, reply(b""));
         assert_eq!((c.held_bytes(), c.over_output_cap()), (1070, true));
-        c.consume_output(100);
+        c.handle_written(100);
         assert_eq!(c.held_bytes(), 970, "partial writes count byte by byte");
-        c.consume_output(836);
+        c.handle_written(836);
         assert_eq!(
             c.held_bytes(),
             70,
             "a finished frame gives back its overhead too"
         );
-        c.consume_output(6);
+        c.handle_written(6);
         assert_eq!((c.held_bytes(), c.has_output()), (0, false));
     }
 
@@ -444,7 +425,7 @@ mod tests {
         );
         let later = t0 + Duration::from_secs(3);
         c.answer(a, reply(b"x"));
-        c.refresh(later);
+        c.update_read_timer(later);
         assert_eq!(c.read_deadline(), Some(later + Duration::from_secs(10)));
     }
 
@@ -464,7 +445,7 @@ mod tests {
         );
         c.answer(a, reply(b"ok"));
         assert!(!c.is_finished());
-        c.consume_output(6 + 2 + 6 + 3);
+        c.handle_written(6 + 2 + 6 + 3);
         assert!(c.is_finished());
     }
 }

@@ -28,18 +28,13 @@ pub struct NatsConfig {
     pub envelope: EnvelopeDefaults,
     /// CONNECT `name`, e.g. `ipc-gateway@<host>`.
     pub client_name: String,
-    /// Seeds the inbox name, jitter, server shuffle and trace ids.
-    pub seed: u64,
-    /// The gateway's request id prefix ([`crate::upstream::instance_prefix`] of its seed), so
-    /// the Router sees the ids the client sees.
-    pub request_id_prefix: u32,
     /// Tokens remembered after their answer, to tell duplicates from late replies.
     pub recent_answers: usize,
     /// After a lame duck INFO, how long requests already written may still be answered on
     /// this server before the session moves on. nats-server closes lame duck clients only
     /// after its 10 s `lame_duck_grace_period`, so 2 s is safe.
     pub lame_duck_grace: Duration,
-    /// How long `begin_drain` waits for answers before closing anyway.
+    /// How long `handle_shutdown` waits for answers before closing anyway.
     pub drain_timeout: Duration,
     pub decoder_limits: DecoderLimits,
 }
@@ -57,8 +52,6 @@ impl Default for NatsConfig {
             subject: "beamline.router.v1.decide".to_owned(),
             envelope: EnvelopeDefaults::default(),
             client_name: "ipc-gateway".to_owned(),
-            seed: 0,
-            request_id_prefix: 0,
             recent_answers: 4096,
             lame_duck_grace: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
@@ -108,22 +101,65 @@ impl SessionState {
     }
 }
 
+/// One socket the session asked for. Every `Connect` names a new link; the shell reports
+/// what happens to that socket under its link, and the session ignores reports about any link
+/// but its current one (a stale resolution, a read that raced a `Disconnect`), so no shell
+/// keeps a generation counter of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LinkId(pub u64);
+
 /// What the shell must do with the socket.
 #[must_use]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionAction {
-    /// Open a non-blocking TCP connection, then report `handle_connected` or
-    /// `handle_connect_failed`. Any previous socket was already closed by a `Disconnect`.
-    Connect { host: String, port: u16 },
-    /// Close the socket; report nothing more about it.
-    Disconnect,
-    /// Output is queued: write [`crate::nats_session::NatsSession::output`] and report with `consume_output`.
-    Transmit,
+    /// Open a non-blocking TCP connection for `link`, then report [`NatsInput::Connected`] or
+    /// [`NatsInput::ConnectFailed`]. Any previous socket was already closed by a `Disconnect`.
+    Connect {
+        link: LinkId,
+        host: String,
+        port: u16,
+    },
+    /// Close the link's socket; report nothing more about it.
+    Disconnect { link: LinkId },
+    /// Output is queued for the link: write [`crate::nats_session::NatsSession::output`] and
+    /// report [`NatsInput::Written`]. The gateway hands this out last in a turn
+    /// ([`crate::upstream::Upstream::is_flush`]), so one write carries the whole turn.
+    Transmit { link: LinkId },
+}
+
+/// What the shell reports about a link's socket ([`crate::upstream::Upstream::handle_input`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsInput<'a> {
+    /// The TCP connection is established.
+    Connected(LinkId),
+    /// The TCP connection could not be established (refused, no address, unreachable).
+    ConnectFailed(LinkId),
+    /// Bytes read from the socket.
+    Received(LinkId, &'a [u8]),
+    /// The shell wrote this many bytes of the session's output.
+    Written(LinkId, usize),
+    /// The peer closed the socket or it failed.
+    Closed(LinkId),
+}
+
+impl NatsInput<'_> {
+    /// The link the report is about.
+    pub fn link(&self) -> LinkId {
+        match *self {
+            NatsInput::Connected(l)
+            | NatsInput::ConnectFailed(l)
+            | NatsInput::Received(l, _)
+            | NatsInput::Written(l, _)
+            | NatsInput::Closed(l) => l,
+        }
+    }
 }
 
 /// Counters for metrics and tests; monotonic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatsStats {
+    /// Reports about a link that is no longer the current one, ignored.
+    pub stale_inputs: u64,
     pub connect_attempts: u64,
     /// Connections that reached Connected after an earlier one was lost.
     pub reconnects: u64,

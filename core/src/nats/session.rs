@@ -33,23 +33,37 @@ use tracing::{debug, info, warn};
 
 use crate::error::ErrorCode;
 use crate::inflight::RequestId;
+use crate::nats::requests::{Pending, Place, RequestBook};
 use crate::nats_codec::{
     encode_connect, encode_hpub, encode_ping, encode_pong, encode_pub, encode_sub, ConnectOptions,
     NatsDecoder, ServerInfo, ServerOp,
 };
-pub use crate::nats_config::{NatsConfig, NatsStats, SessionAction, SessionState};
+pub use crate::nats_config::{
+    LinkId, NatsConfig, NatsInput, NatsStats, SessionAction, SessionState,
+};
 use crate::nats_pool::{ServerPool, ServerUrl};
-use crate::nats::requests::{Pending, Place, RequestBook};
+use crate::output_queue::OutputQueue;
 use crate::rng::Rng;
 use crate::router_envelope::build_router_request;
 use crate::time::Instant;
-use crate::upstream::{request_id_text, FailureCause, Upstream, UpstreamEvent, UpstreamRequest};
+use crate::upstream::{
+    request_id_text, FailureCause, Identity, Upstream, UpstreamEvent, UpstreamRequest,
+};
 
 /// The largest Router reply an IPC frame can carry (ipc-protocol.md section 2).
 pub const MAX_REPLY_BYTES: usize = crate::frame::MAX_FRAME_BYTES - crate::frame::HEADER_LEN;
 
 /// The subscription id of the reply inbox: the only subscription this client makes.
 const INBOX_SID: u64 = 1;
+
+/// Who ended a stream: when the session ends it, the shell must be told to close the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClosedBy {
+    /// The peer closed it, or it failed: the shell already knows.
+    Peer,
+    /// The session gives it up (protocol error, stale, lame duck): `Disconnect` the shell.
+    Session,
+}
 
 /// The socket's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,9 +109,13 @@ impl Link {
 #[derive(Debug)]
 pub struct NatsSession {
     config: NatsConfig,
+    /// The request id prefix, so the Router sees the ids the client sees.
+    instance: u32,
     rng: Rng,
     pool: ServerPool,
     link: Link,
+    /// The link of the latest `Connect`; reports about any other are stale.
+    link_id: LinkId,
     started: bool,
     ever_connected: bool,
     /// Links that completed their handshake, this one included: the link's number for
@@ -116,22 +134,21 @@ pub struct NatsSession {
     inbox: String,
     /// Requests held, the reconnect buffer, recently answered tokens.
     requests: RequestBook,
-    out: VecDeque<Bytes>,
-    out_offset: usize,
+    out: OutputQueue<Bytes>,
     /// Bytes ever queued / ever written on the current connection.
     queued_total: u64,
     written_total: u64,
     transmit_announced: bool,
     actions: VecDeque<SessionAction>,
     events: VecDeque<UpstreamEvent>,
-    /// The latest time seen, for inputs that carry none (`cancel`, `consume_output`).
+    /// The latest time seen, for inputs that carry none (`cancel`).
     now: Instant,
     stats: NatsStats,
 }
 
 impl NatsSession {
-    pub fn new(mut config: NatsConfig) -> NatsSession {
-        let mut rng = Rng::new(config.seed);
+    pub fn new(mut config: NatsConfig, identity: Identity) -> NatsSession {
+        let mut rng = Rng::new(identity.seed);
         if config.servers.is_empty() {
             config.servers = vec![ServerUrl {
                 host: "localhost".to_owned(),
@@ -151,11 +168,13 @@ impl NatsSession {
             requests: RequestBook::new(config.recent_answers),
             decoder: NatsDecoder::new(config.decoder_limits),
             config,
+            instance: identity.instance,
             rng,
             pool,
             link: Link::Down {
                 retry_at: Instant::ZERO,
             },
+            link_id: LinkId(0),
             started: false,
             ever_connected: false,
             links_up: 0,
@@ -165,8 +184,7 @@ impl NatsSession {
             lame_duck: None,
             draining: None,
             inbox: format!("_INBOX.{nuid}"),
-            out: VecDeque::new(),
-            out_offset: 0,
+            out: OutputQueue::default(),
             queued_total: 0,
             written_total: 0,
             transmit_announced: false,
@@ -179,9 +197,32 @@ impl NatsSession {
 
     // ----- transport inputs -----------------------------------------------------------------
 
+    /// What the shell reports about a link's socket. Reports about a link other than the
+    /// latest `Connect`'s are stale (the shell already closed that socket) and are ignored.
+    pub fn handle_input(&mut self, input: NatsInput<'_>, now: Instant) {
+        self.record_now(now);
+        if input.link() != self.link_id {
+            self.stats.stale_inputs += 1;
+            debug!(
+                event = "nats_stale_input",
+                component = "nats_resilience",
+                link = input.link().0,
+                current = self.link_id.0
+            );
+            return;
+        }
+        match input {
+            NatsInput::Connected(_) => self.handle_connected(now),
+            NatsInput::ConnectFailed(_) => self.handle_connect_failed(now),
+            NatsInput::Received(_, bytes) => self.handle_bytes(bytes, now),
+            NatsInput::Written(_, n) => self.handle_written(n),
+            NatsInput::Closed(_) => self.handle_closed(now),
+        }
+    }
+
     /// The TCP connection asked for by the last `Connect` is established.
-    pub fn handle_connected(&mut self, now: Instant) {
-        self.tick(now);
+    fn handle_connected(&mut self, now: Instant) {
+        self.record_now(now);
         if let Link::Opening { .. } = self.link {
             self.decoder = NatsDecoder::new(self.config.decoder_limits);
             self.link = Link::AwaitInfo {
@@ -192,16 +233,16 @@ impl NatsSession {
     }
 
     /// The TCP connection asked for by the last `Connect` failed.
-    pub fn handle_connect_failed(&mut self, now: Instant) {
-        self.tick(now);
+    fn handle_connect_failed(&mut self, now: Instant) {
+        self.record_now(now);
         if let Link::Opening { .. } = self.link {
             self.attempt_failed(now, "connect failed");
         }
     }
 
     /// Bytes read from the socket.
-    pub fn handle_bytes(&mut self, bytes: &[u8], now: Instant) {
-        self.tick(now);
+    fn handle_bytes(&mut self, bytes: &[u8], now: Instant) {
+        self.record_now(now);
         if !self.link.has_stream() {
             return;
         }
@@ -220,39 +261,26 @@ impl NatsSession {
                 Err(e) => {
                     warn!(event = "nats_protocol_error", component = "nats_resilience",
                           server = %self.server_text(), error = %e);
-                    self.lose(now, "protocol error", true);
+                    self.lose(now, "protocol error", ClosedBy::Session);
                 }
             }
         }
     }
 
     /// The socket was closed by the peer or failed.
-    pub fn handle_closed(&mut self, now: Instant) {
-        self.tick(now);
+    fn handle_closed(&mut self, now: Instant) {
+        self.record_now(now);
         match self.link {
             Link::Opening { .. } => self.attempt_failed(now, "connect failed"),
-            l if l.has_stream() => self.lose(now, "connection closed", false),
+            l if l.has_stream() => self.lose(now, "connection closed", ClosedBy::Peer),
             _ => {}
         }
     }
 
     /// The shell wrote `n` bytes of [`NatsSession::output`].
-    pub fn consume_output(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.out.front() else {
-                break;
-            };
-            let rest = front.len() - self.out_offset;
-            let step = n.min(rest);
-            self.written_total += step as u64;
-            n -= step;
-            if step == rest {
-                self.out.pop_front();
-                self.out_offset = 0;
-            } else {
-                self.out_offset += step;
-            }
-        }
+    fn handle_written(&mut self, n: usize) {
+        self.written_total += n as u64;
+        self.out.consume(n);
         if self.out.is_empty() {
             self.transmit_announced = false;
             self.check_drain();
@@ -262,8 +290,8 @@ impl NatsSession {
     /// Shutdown: nothing new is sent, buffered requests fail with error 6, answers to
     /// requests on the wire still arrive; once they are in (or cancelled, or the drain
     /// timeout passed) and the output is flushed, the socket is closed.
-    pub fn begin_drain(&mut self, now: Instant) {
-        self.tick(now);
+    fn begin_shutdown(&mut self, now: Instant) {
+        self.record_now(now);
         if self.draining.is_some() || self.link == Link::Closed {
             return;
         }
@@ -286,8 +314,8 @@ impl NatsSession {
     }
 
     /// Closes at once: everything still held fails with error 6.
-    pub fn close(&mut self, now: Instant) {
-        self.tick(now);
+    fn close(&mut self, now: Instant) {
+        self.record_now(now);
         if self.link == Link::Closed {
             return;
         }
@@ -305,16 +333,9 @@ impl NatsSession {
 
     // ----- outputs --------------------------------------------------------------------------
 
-    pub fn poll_action(&mut self) -> Option<SessionAction> {
-        self.actions.pop_front()
-    }
-
     /// The queued bytes, in order, for a vectored write.
     pub fn output(&self) -> impl Iterator<Item = &[u8]> {
-        self.out.iter().enumerate().map(|(i, b)| {
-            b.get(if i == 0 { self.out_offset } else { 0 }..)
-                .unwrap_or_default()
-        })
+        self.out.output()
     }
 
     pub fn has_output(&self) -> bool {
@@ -369,9 +390,41 @@ impl NatsSession {
         self.requests.recent_len()
     }
 
+    /// The session's invariants, against its own configured bounds (gateway.md section 2);
+    /// panics with the first one violated. Meant for simulators and fuzzers.
+    pub fn assert_invariants(&self) {
+        assert!(
+            self.requests.buffered_bytes() <= self.config.reconnect_buffer_bytes,
+            "reconnect buffer holds {} bytes, over its bound of {}",
+            self.requests.buffered_bytes(),
+            self.config.reconnect_buffer_bytes
+        );
+        assert!(
+            self.requests.recent_len() <= self.config.recent_answers,
+            "recent-answers ring holds {}, over its bound of {}",
+            self.requests.recent_len(),
+            self.config.recent_answers
+        );
+        // Requests already written fail at once when the connection drops; only requests
+        // never written may wait (in the buffer) while not connected.
+        if !matches!(self.link, Link::Up { .. }) {
+            assert_eq!(
+                self.requests.len(),
+                self.requests.buffered_count(),
+                "a written request outlived its connection ({:?})",
+                self.state()
+            );
+        }
+        if self.link == Link::Closed {
+            assert_eq!(self.requests.len(), 0, "a closed session holds requests");
+            assert!(self.out.is_empty(), "a closed session holds output");
+        }
+    }
+
     // ----- internals: connection lifecycle --------------------------------------------------
 
-    fn tick(&mut self, now: Instant) {
+    /// Inputs that carry no time (`cancel`) use the latest one seen.
+    fn record_now(&mut self, now: Instant) {
         self.now = self.now.max(now);
     }
 
@@ -387,7 +440,9 @@ impl NatsSession {
         self.stats.connect_attempts += 1;
         info!(event = "nats_connecting", component = "nats_resilience", server = %url,
               attempt = self.stats.connect_attempts);
+        self.link_id.0 += 1;
         self.actions.push_back(SessionAction::Connect {
+            link: self.link_id,
             host: url.host.clone(),
             port: url.port,
         });
@@ -424,10 +479,11 @@ impl NatsSession {
         }
     }
 
-    /// An established stream ended (handshake or connected). `we_close`: tell the shell.
-    fn lose(&mut self, now: Instant, reason: &'static str, we_close: bool) {
-        if we_close {
-            self.actions.push_back(SessionAction::Disconnect);
+    /// An established stream ended (handshake or connected).
+    fn lose(&mut self, now: Instant, reason: &'static str, closed_by: ClosedBy) {
+        if closed_by == ClosedBy::Session {
+            self.actions
+                .push_back(SessionAction::Disconnect { link: self.link_id });
         }
         let was_up = matches!(self.link, Link::Up { .. });
         self.link = Link::Down { retry_at: now };
@@ -455,7 +511,6 @@ impl NatsSession {
         }
         self.stats.failed_on_disconnect += failed;
         self.out.clear();
-        self.out_offset = 0;
         self.queued_total = 0;
         self.written_total = 0;
         self.transmit_announced = false;
@@ -471,11 +526,11 @@ impl NatsSession {
 
     fn finish_close(&mut self) {
         if self.link.has_stream() || matches!(self.link, Link::Opening { .. }) {
-            self.actions.push_back(SessionAction::Disconnect);
+            self.actions
+                .push_back(SessionAction::Disconnect { link: self.link_id });
         }
         self.link = Link::Closed;
         self.out.clear();
-        self.out_offset = 0;
         self.transmit_announced = false;
         info!(event = "nats_closed", component = "nats_resilience");
     }
@@ -499,7 +554,7 @@ impl NatsSession {
         let awaiting = self.requests.any_written();
         if matches!(self.link, Link::Up { .. }) && (!awaiting || now >= deadline) {
             self.stats.lame_duck_switches += 1;
-            self.lose(now, "lame duck", true);
+            self.lose(now, "lame duck", ClosedBy::Session);
         }
     }
 
@@ -555,7 +610,7 @@ impl NatsSession {
                 if let Link::AwaitInfo { .. } = self.link {
                     warn!(event = "nats_protocol_error", component = "nats_resilience",
                           server = %self.server_text(), error = "message before INFO");
-                    return self.lose(now, "protocol error", true);
+                    return self.lose(now, "protocol error", ClosedBy::Session);
                 }
                 self.handle_msg(op, now);
             }
@@ -587,7 +642,7 @@ impl NatsSession {
             let inbox = format!("{}.*", self.inbox);
             if encode_sub(&inbox, INBOX_SID, &mut b).is_err() {
                 // The inbox is our own alphanumeric text: this cannot fail.
-                return self.lose(now, "invalid inbox", true);
+                return self.lose(now, "invalid inbox", ClosedBy::Session);
             }
             encode_ping(&mut b);
             self.push_out(b.freeze());
@@ -631,7 +686,7 @@ impl NatsSession {
         warn!(event = "nats_server_error", component = "nats_resilience",
               server = %self.server_text(), error = %text, fatal = !benign);
         if !benign {
-            self.lose(now, "server error", true);
+            self.lose(now, "server error", ClosedBy::Session);
         }
     }
 
@@ -719,10 +774,11 @@ impl NatsSession {
             return;
         }
         self.queued_total += bytes.len() as u64;
-        self.out.push_back(bytes);
+        self.out.push(bytes);
         if !self.transmit_announced {
             self.transmit_announced = true;
-            self.actions.push_back(SessionAction::Transmit);
+            self.actions
+                .push_back(SessionAction::Transmit { link: self.link_id });
         }
     }
 
@@ -827,8 +883,51 @@ impl NatsSession {
 }
 
 impl Upstream for NatsSession {
+    type Config = NatsConfig;
+    type Input<'a> = NatsInput<'a>;
+    type Action = SessionAction;
+
+    fn new(config: NatsConfig, identity: Identity) -> NatsSession {
+        NatsSession::new(config, identity)
+    }
+
+    fn handle_input(&mut self, input: NatsInput<'_>, now: Instant) {
+        NatsSession::handle_input(self, input, now);
+    }
+
+    fn poll_action(&mut self) -> Option<SessionAction> {
+        self.actions.pop_front()
+    }
+
+    fn is_flush(action: &SessionAction) -> bool {
+        matches!(action, SessionAction::Transmit { .. })
+    }
+
+    /// Nothing new is sent, buffered requests fail with error 6, answers to requests on the
+    /// wire still arrive; once they are in (or cancelled, or the drain timeout passed) and
+    /// the output is flushed, the socket is closed.
+    fn handle_shutdown(&mut self, now: Instant) {
+        self.begin_shutdown(now);
+    }
+
+    fn handle_abort(&mut self, now: Instant) {
+        self.close(now);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.link == Link::Closed
+    }
+
+    fn assert_invariants(&self) {
+        NatsSession::assert_invariants(self);
+    }
+
+    fn is_quiescent(&self) -> bool {
+        self.requests.len() == 0 && self.requests.buffered_bytes() == 0
+    }
+
     fn submit(&mut self, request: UpstreamRequest, now: Instant) {
-        self.tick(now);
+        self.record_now(now);
         let id = request.id;
         let refuse = |s: &mut NatsSession, code: ErrorCode, message: String, cause| {
             s.events.push_back(UpstreamEvent::Failed {
@@ -855,7 +954,7 @@ impl Upstream for NatsSession {
             );
             return;
         }
-        let rid = request_id_text(self.config.request_id_prefix, id);
+        let rid = request_id_text(self.instance, id);
         let rr = build_router_request(
             &self.config.envelope,
             &rid,
@@ -907,15 +1006,16 @@ impl Upstream for NatsSession {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        self.tick(now);
+        self.record_now(now);
         match self.link {
             Link::Down { retry_at } if now >= retry_at => self.start_attempt(now),
             Link::Opening { deadline } if now >= deadline => {
-                self.actions.push_back(SessionAction::Disconnect);
+                self.actions
+                    .push_back(SessionAction::Disconnect { link: self.link_id });
                 self.attempt_failed(now, "connect timeout");
             }
             Link::AwaitInfo { deadline } | Link::AwaitPong { deadline } if now >= deadline => {
-                self.lose(now, "handshake timeout", true);
+                self.lose(now, "handshake timeout", ClosedBy::Session);
             }
             Link::Up {
                 next_ping,
@@ -926,7 +1026,7 @@ impl Upstream for NatsSession {
                 if pings_out + 1 > self.config.max_pings_outstanding {
                     warn!(event = "nats_stale_connection", component = "nats_resilience",
                           server = %self.server_text(), pings_out);
-                    self.lose(now, "pings unanswered", true);
+                    self.lose(now, "pings unanswered", ClosedBy::Session);
                 } else {
                     self.stats.pings_sent += 1;
                     let mut b = BytesMut::new();

@@ -59,10 +59,27 @@ pub struct UpstreamRequest {
     pub deadline: Instant,
 }
 
-/// The gateway's request id prefix for a seed: the first draw of the seeded RNG, so ids differ
-/// between gateway instances. [`crate::gateway::Gateway`] derives its prefix the same way.
-pub fn instance_prefix(seed: u64) -> u32 {
-    crate::rng::Rng::new(seed).next_u64() as u32
+/// What a gateway hands its upstream at construction: both derived once, from the gateway's
+/// seed, by [`Identity::derive`] in [`crate::gateway::Gateway::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The request id prefix, so ids differ between gateway instances and the Router sees the
+    /// ids the client sees.
+    pub instance: u32,
+    /// Seeds the upstream's own random choices (inbox name, jitter, server shuffle, trace
+    /// ids), on a stream apart from the gateway's.
+    pub seed: u64,
+}
+
+impl Identity {
+    /// The one derivation: the prefix is the first draw of the gateway's seeded RNG; the
+    /// upstream draws from a stream of its own.
+    pub fn derive(gateway_seed: u64) -> Identity {
+        Identity {
+            instance: crate::rng::Rng::new(gateway_seed).next_u64() as u32,
+            seed: gateway_seed ^ 0x6e61_7473_5f73_6573,
+        }
+    }
 }
 
 /// A request id as the Router and the client see it: `{instance:08x}-{n}`, the text
@@ -111,17 +128,46 @@ pub enum UpstreamEvent {
 }
 
 /// A source of answers to tasks, driven by the gateway's pump.
-pub trait Upstream {
+///
+/// The gateway owns its upstream and is its only caller: the shell feeds it through
+/// [`crate::gateway::Gateway::handle_upstream`] and gets its actions through
+/// [`crate::gateway::Gateway::poll_action`] as [`crate::gateway::Action::Upstream`], so that
+/// the order of everything is decided in one place.
+pub trait Upstream: Sized {
+    /// What builds one, apart from its [`Identity`].
+    type Config;
+    /// What the shell reports about the upstream's own I/O (the NATS socket's events).
+    type Input<'a>;
+    /// What the shell must do for the upstream (open, write, close the NATS socket).
+    type Action: std::fmt::Debug;
+
+    /// Builds the upstream; [`crate::gateway::Gateway::new`] calls it.
+    fn new(config: Self::Config, identity: Identity) -> Self;
     /// Takes a request; its outcome arrives later through [`Upstream::poll_event`].
     fn submit(&mut self, request: UpstreamRequest, now: Instant);
     /// Forgets a request whose answer is no longer wanted (timeout, client gone, drain end).
     fn cancel(&mut self, id: RequestId);
+    /// An event of the upstream's own I/O.
+    fn handle_input(&mut self, input: Self::Input<'_>, now: Instant);
     /// Lets time pass; calling it early is harmless.
     fn handle_timeout(&mut self, now: Instant);
+    /// Every client has been answered: flush what is queued and close. Once closed,
+    /// [`Upstream::is_closed`] says so.
+    fn handle_shutdown(&mut self, now: Instant);
+    /// A second signal: close at once, failing whatever is still held.
+    fn handle_abort(&mut self, now: Instant);
     /// When [`Upstream::handle_timeout`] next has work to do.
     fn poll_timeout(&self) -> Option<Instant>;
-    /// The next outcome, drained until `None`.
+    /// The next outcome, polled until `None`.
     fn poll_event(&mut self) -> Option<UpstreamEvent>;
+    /// The next thing the shell must do, polled until `None`.
+    fn poll_action(&mut self) -> Option<Self::Action>;
+    /// Whether the action is the flush of queued output. The gateway hands the flush out
+    /// after everything else a turn produced, so that requests from many clients leave in one
+    /// write.
+    fn is_flush(action: &Self::Action) -> bool;
+    /// Whether a shutdown has closed it (nothing more will be written).
+    fn is_closed(&self) -> bool;
     /// Requests the upstream still holds (for the no-leak invariant).
     fn pending(&self) -> usize;
     /// Whether request `id` is on the wire of the link that is up now, so that only the Router
@@ -135,11 +181,30 @@ pub trait Upstream {
     fn link(&self) -> Option<u64> {
         Some(0)
     }
+    /// Checks the upstream's own invariants against its own configured bounds; panics with a
+    /// description of the first violated one. [`crate::gateway::Gateway::assert_invariants`]
+    /// calls it.
+    fn assert_invariants(&self);
+    /// Whether it holds nothing any more (no request, no buffered byte).
+    fn is_quiescent(&self) -> bool {
+        self.pending() == 0
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request id prefix is the gateway RNG's first draw (ids differ between instances),
+    /// and the upstream's seed is a stream apart from the gateway's.
+    #[test]
+    fn identity_is_derived_once_from_the_gateway_seed() {
+        let a = Identity::derive(42);
+        assert_eq!(a.instance, crate::rng::Rng::new(42).next_u64() as u32);
+        assert_ne!(a.seed, 42, "the upstream draws from its own stream");
+        assert_eq!(a, Identity::derive(42), "the same seed, the same identity");
+        assert_ne!(a.instance, Identity::derive(43).instance);
+    }
 
     #[test]
     fn task_kinds_are_the_three_task_messages() {

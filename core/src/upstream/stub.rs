@@ -12,15 +12,24 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::inflight::RequestId;
 use crate::time::Instant;
-use crate::upstream::{Upstream, UpstreamEvent, UpstreamRequest};
+use crate::upstream::{Identity, Upstream, UpstreamEvent, UpstreamRequest};
 
 const PREFIX: &[u8] = br#"{"message_id":"stub","status":"ok","result":{"echo":"#;
 const SUFFIX: &[u8] = b"}}";
+
+/// How the stub behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StubConfig {
+    /// How long it takes to answer (zero: at once).
+    pub delay: Duration,
+}
 
 /// The stub upstream.
 #[derive(Debug, Default)]
 pub struct StubUpstream {
     delay: Duration,
+    /// A shutdown asked it to close; it has nothing to flush, so it is closed at once.
+    closed: bool,
     /// Replies not yet due, by (due time, id).
     scheduled: BTreeMap<(Instant, RequestId), Bytes>,
     /// When each scheduled request is due, to find it again on cancel.
@@ -49,6 +58,47 @@ impl StubUpstream {
 }
 
 impl Upstream for StubUpstream {
+    type Config = StubConfig;
+    /// The stub does no I/O: there is nothing to report and nothing to do.
+    type Input<'a> = std::convert::Infallible;
+    type Action = std::convert::Infallible;
+
+    fn new(config: StubConfig, _identity: Identity) -> StubUpstream {
+        StubUpstream::new(config.delay)
+    }
+
+    fn handle_input(&mut self, input: Self::Input<'_>, _now: Instant) {
+        match input {}
+    }
+
+    fn poll_action(&mut self) -> Option<Self::Action> {
+        None
+    }
+
+    fn is_flush(action: &Self::Action) -> bool {
+        match *action {}
+    }
+
+    fn handle_shutdown(&mut self, _now: Instant) {
+        self.closed = true;
+    }
+
+    fn handle_abort(&mut self, _now: Instant) {
+        self.closed = true;
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    fn assert_invariants(&self) {
+        assert_eq!(
+            self.scheduled.len(),
+            self.due.len(),
+            "stub: every scheduled reply is findable by its id"
+        );
+    }
+
     fn submit(&mut self, request: UpstreamRequest, now: Instant) {
         let payload = StubUpstream::reply_for(request.payload.json());
         if self.delay.is_zero() {

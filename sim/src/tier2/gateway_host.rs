@@ -3,9 +3,10 @@
 //! (runtime/src/event_loop.rs, runtime/src/nats_link.rs) and differs only in syscalls:
 //!
 //! - every input (accept, client bytes, end of stream, NATS socket events, timer) is fed to
-//!   the core, then [`Shell::pump`] drains `poll_action` (session actions first, as the mio
-//!   shell's `apply_actions`), writes only after `Transmit`, and flushes the NATS output
-//!   once at the end of the turn;
+//!   the core, then [`Shell::pump`] polls `poll_action` until `None` and acts, in the core's
+//!   order: writes only after `Transmit`, the NATS output only on the session's `Transmit`;
+//! - NATS socket events are reported under the session's link id; the session drops reports
+//!   about a link it gave up, so the shell keeps no generation of its own;
 //! - a client is read only while `wants_read` says so; `ResumeRead` wakes its reader;
 //! - `Connect{host,port}` becomes `turmoil::net::TcpStream::connect`; the core's own connect
 //!   and handshake deadlines decide when an attempt has failed (a `Disconnect` aborts the
@@ -25,7 +26,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use ipc_gateway_core::frame::{FrameDecoder, MAX_FRAME_BYTES};
 use ipc_gateway_core::nats_config::SessionState;
-use ipc_gateway_core::nats_session::{NatsSession, SessionAction};
+use ipc_gateway_core::nats_session::{LinkId, NatsInput, NatsSession, SessionAction};
 use ipc_gateway_core::upstream::TaskKind;
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use tokio::io::{AsyncReadExt, AsyncWrite};
@@ -50,11 +51,12 @@ struct ClientIo {
 
 #[derive(Default)]
 struct NatsIo {
-    /// Bumped on every Connect and Disconnect, so a stale task recognises itself.
-    generation: u64,
+    /// The session's link the socket is for.
+    link: LinkId,
     write: Option<OwnedWriteHalf>,
+    /// The attempt and, once up, the reader; aborted on `Disconnect` and on the next
+    /// `Connect`, so it never reports about a socket the shell dropped.
     task: Option<JoinHandle<()>>,
-    output_pending: bool,
 }
 
 /// One gateway host's shell; the test inspects its gateway after the run.
@@ -67,6 +69,8 @@ pub struct Shell {
     wake: Notify,
     base: tokio::time::Instant,
     obs: SharedObs,
+    /// When the core said `ShutdownComplete`, and whether a second signal forced it.
+    pub shutdown_complete: Cell<Option<(Instant, bool)>>,
 }
 
 impl Shell {
@@ -80,29 +84,13 @@ impl Shell {
         self.obs.borrow_mut().trace.record(nanos, &self.name, event);
     }
 
-    /// Carries out everything the core asked for, until it asks for nothing more.
+    /// Carries out everything the core asked for, in the core's order, until it asks for
+    /// nothing more.
     fn pump(self: &Rc<Self>) {
         loop {
-            let mut progressed = false;
-            loop {
-                let action = self.gateway.borrow_mut().upstream_mut().poll_action();
-                let Some(action) = action else { break };
-                progressed = true;
-                self.apply_session(action);
-            }
-            loop {
-                let action = self.gateway.borrow_mut().poll_action();
-                let Some(action) = action else { break };
-                progressed = true;
-                self.apply(action);
-            }
-            if self.nats.borrow().output_pending {
-                progressed = true;
-                self.flush_nats();
-            }
-            if !progressed {
-                break;
-            }
+            let action = self.gateway.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            self.apply(action);
         }
         self.gateway.borrow().assert_invariants();
         self.observe();
@@ -148,7 +136,7 @@ impl Shell {
         }
     }
 
-    fn apply(self: &Rc<Self>, action: Action) {
+    fn apply(self: &Rc<Self>, action: Action<SessionAction>) {
         let now = self.now();
         match action {
             Action::Transmit(id) => {
@@ -168,7 +156,11 @@ impl Shell {
                     c.kick.notify_one();
                 }
             }
-            Action::ShutdownComplete => self.record(format_args!("shutdown_complete")),
+            Action::Upstream(action) => self.apply_session(action),
+            Action::ShutdownComplete { forced } => {
+                self.record(format_args!("shutdown_complete forced={forced}"));
+                self.shutdown_complete.set(Some((self.now(), forced)));
+            }
         }
     }
 
@@ -215,38 +207,35 @@ impl Shell {
 
     fn apply_session(self: &Rc<Self>, action: SessionAction) {
         match action {
-            SessionAction::Connect { host, port } => {
+            SessionAction::Connect { link, host, port } => {
                 self.record(format_args!("nats_connect {host}:{port}"));
-                let generation = self.close_nats();
+                self.close_nats();
+                self.nats.borrow_mut().link = link;
                 let shell = self.clone();
                 let task =
                     spawn_watched(&self.obs, format!("{}: nats link", self.name), async move {
-                        shell.nats_link(generation, host, port).await
+                        shell.nats_link(link, host, port).await
                     });
                 self.nats.borrow_mut().task = Some(task);
             }
-            SessionAction::Disconnect => {
+            SessionAction::Disconnect { .. } => {
                 self.record(format_args!("nats_disconnect"));
                 self.close_nats();
             }
-            SessionAction::Transmit => self.nats.borrow_mut().output_pending = true,
+            SessionAction::Transmit { .. } => self.flush_nats(),
         }
     }
 
-    /// Drops the NATS socket and any attempt in progress; returns the new generation.
-    fn close_nats(&self) -> u64 {
+    /// Drops the NATS socket and any attempt in progress.
+    fn close_nats(&self) {
         let mut nats = self.nats.borrow_mut();
         if let Some(task) = nats.task.take() {
             task.abort();
         }
         nats.write = None;
-        nats.output_pending = false;
-        nats.generation += 1;
-        nats.generation
     }
 
     fn flush_nats(self: &Rc<Self>) {
-        self.nats.borrow_mut().output_pending = false;
         let now = self.now();
         let bytes: Vec<u8> = self
             .gateway
@@ -258,40 +247,34 @@ impl Shell {
         if bytes.is_empty() {
             return;
         }
-        let result = {
+        let (link, result) = {
             let mut nats = self.nats.borrow_mut();
+            let link = nats.link;
             let Some(write) = nats.write.as_mut() else {
                 return;
             };
-            write_now(write, &bytes)
+            (link, write_now(write, &bytes))
         };
         match result {
             Ok(n) => self
                 .gateway
                 .borrow_mut()
-                .handle_upstream(now, |s| s.consume_output(n)),
-            Err(_) => self.nats_lost(now),
+                .handle_upstream(NatsInput::Written(link, n), now),
+            Err(_) => self.nats_lost(link, now),
         }
     }
 
-    fn nats_lost(self: &Rc<Self>, now: Instant) {
+    fn nats_lost(self: &Rc<Self>, link: LinkId, now: Instant) {
         self.record(format_args!("nats_lost"));
         self.close_nats();
         self.gateway
             .borrow_mut()
-            .handle_upstream(now, |s| s.handle_closed(now));
-    }
-
-    fn current(&self, generation: u64) -> bool {
-        self.nats.borrow().generation == generation
+            .handle_upstream(NatsInput::Closed(link), now);
     }
 
     /// One connection attempt and, once up, its reader.
-    async fn nats_link(self: Rc<Self>, generation: u64, host: String, port: u16) {
+    async fn nats_link(self: Rc<Self>, link: LinkId, host: String, port: u16) {
         let connected = TcpStream::connect((host.as_str(), port)).await;
-        if !self.current(generation) {
-            return;
-        }
         let now = self.now();
         let stream = match connected {
             Ok(s) => s,
@@ -299,7 +282,7 @@ impl Shell {
                 self.record(format_args!("nats_connect_failed {}", e.kind()));
                 self.gateway
                     .borrow_mut()
-                    .handle_upstream(now, |s| s.handle_connect_failed(now));
+                    .handle_upstream(NatsInput::ConnectFailed(link), now);
                 self.pump();
                 return;
             }
@@ -309,26 +292,22 @@ impl Shell {
         self.record(format_args!("nats_connected"));
         self.gateway
             .borrow_mut()
-            .handle_upstream(now, |s| s.handle_connected(now));
+            .handle_upstream(NatsInput::Connected(link), now);
         self.pump();
         let mut buf = vec![0u8; READ_BUFFER];
         loop {
             let n = read.read(&mut buf).await;
-            if !self.current(generation) {
-                return;
-            }
             let now = self.now();
             match n {
                 Ok(0) | Err(_) => {
-                    self.nats_lost(now);
+                    self.nats_lost(link, now);
                     self.pump();
                     return;
                 }
                 Ok(n) => {
-                    let bytes = &buf[..n];
                     self.gateway
                         .borrow_mut()
-                        .handle_upstream(now, |s| s.handle_bytes(bytes, now));
+                        .handle_upstream(NatsInput::Received(link, &buf[..n]), now);
                     self.pump();
                 }
             }
@@ -419,6 +398,7 @@ pub async fn run(name: String, gateway: Gateway<NatsSession>, obs: SharedObs) ->
         wake: Notify::new(),
         base: tokio::time::Instant::now(),
         obs: obs.clone(),
+        shutdown_complete: Cell::new(None),
     });
     obs.borrow_mut()
         .gateways
