@@ -22,6 +22,7 @@ fn connected(server: &mut NatsStandin, headers: bool) -> ConnId {
     c
 }
 
+/// The INFO queued on open is JSON with the configured max_payload, headers, ldm and connect_urls.
 #[test]
 fn info_carries_configured_fields() {
     let mut server = NatsStandin::new(ServerConfig {
@@ -40,6 +41,8 @@ fn info_carries_configured_fields() {
     assert_eq!(json["connect_urls"][0], "10.0.0.2:4222");
 }
 
+/// A PING fed one byte at a time and a lowercase `ping` each get one PONG: operations are
+/// reassembled across reads and verbs are case-insensitive.
 #[test]
 fn ping_pong_and_split_input() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -51,6 +54,8 @@ fn ping_pong_and_split_input() {
     assert_eq!(s(server.take_output(c)), "PONG\r\nPONG\r\n");
 }
 
+/// `*` matches exactly one token and `>` one or more trailing ones; wildcards are valid only in
+/// subscriptions, as whole tokens with `>` last, and an empty token is never valid.
 #[test]
 fn wildcards_match_as_nats_does() {
     assert!(subject_matches("a.*", "a.b"));
@@ -67,6 +72,8 @@ fn wildcards_match_as_nats_does() {
     assert!(!valid_subject("a.*", false));
 }
 
+/// A PUB reaches a wildcard subscriber as MSG with its sid and the reply, and is recorded; after
+/// UNSUB nothing arrives, and a requester that did not ask for no_responders hears nothing.
 #[test]
 fn pub_to_subscriber_delivers_msg_and_is_recorded() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -92,6 +99,7 @@ fn pub_to_subscriber_delivers_msg_and_is_recorded() {
     assert!(server.take_output(publisher).is_empty());
 }
 
+/// `UNSUB <sid> <max>` keeps the subscription for exactly max more deliveries, then drops it.
 #[test]
 fn unsub_with_max_stops_after_that_many() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -103,6 +111,8 @@ fn unsub_with_max_stops_after_that_many() {
     assert_eq!(s(server.take_output(sub)).matches("MSG").count(), 2);
 }
 
+/// An HPUB fed byte by byte is recorded with its header lines (version line dropped) and payload,
+/// and reaches a subscriber as an HMSG with the same header block and sizes, byte for byte.
 #[test]
 fn hpub_is_parsed_and_delivered_as_hmsg() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -139,6 +149,8 @@ fn hpub_is_parsed_and_delivered_as_hmsg() {
     );
 }
 
+/// A request nobody receives earns a header-only 503 HMSG on the requester's inbox only when its
+/// CONNECT asked for headers and no_responders; otherwise the server stays silent.
 #[test]
 fn no_responders_503_only_when_asked_for() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -158,6 +170,8 @@ fn no_responders_503_only_when_asked_for() {
     assert!(server.take_output(plain).is_empty());
 }
 
+/// An in-process subscriber receives a client's request with its reply subject, and what it
+/// publishes on that reply reaches the client's inbox subscription as a plain MSG.
 #[test]
 fn local_subscriber_receives_and_replies() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -180,6 +194,8 @@ fn local_subscriber_receives_and_replies() {
     );
 }
 
+/// Violations are fatal as in nats-server: an unknown verb or a PUB over max_payload (judged from
+/// its control line) gets its `-ERR` and a server-side close; a PUB before CONNECT is closed too.
 #[test]
 fn garbage_earns_err_and_close() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -208,6 +224,8 @@ fn garbage_earns_err_and_close() {
     );
 }
 
+/// go_down closes every connection and refuses opens until go_up; every attempt, refused or
+/// accepted, is recorded with the time it was made.
 #[test]
 fn down_refuses_and_attempts_are_counted_with_time() {
     let mut server = NatsStandin::new(ServerConfig::default());
@@ -225,6 +243,8 @@ fn down_refuses_and_attempts_are_counted_with_time() {
     assert_eq!(seen, [(0, true), (5, false), (5, true)]);
 }
 
+/// With ping_interval the server PINGs every interval and, after max_pings_out unanswered, closes
+/// with `-ERR 'Stale Connection'`; any bytes from the client (a PONG) reset the count.
 #[test]
 fn server_keepalive_pings_then_declares_stale() {
     let mut server = NatsStandin::new(ServerConfig {
@@ -253,6 +273,8 @@ fn server_keepalive_pings_then_declares_stale() {
     assert!(server.is_open(d));
 }
 
+/// encode_header_block's output parses back to the same headers, a status-only block parses to
+/// no headers, and a block whose version line is not NATS/1.0 is refused.
 #[test]
 fn header_blocks_round_trip() {
     let h = vec![("a".to_owned(), "1".to_owned())];
