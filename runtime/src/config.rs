@@ -492,6 +492,8 @@ mod tests {
         Cli::try_parse_from(std::iter::once("ipc-gateway").chain(args.iter().copied()))
     }
 
+    /// With no options set, the configuration holds the spec's defaults (socket, mode 0600, limits,
+    /// 4 MiB frames, timeouts, breaker) and allows root and the gateway's own uid.
     #[test]
     fn defaults_match_the_spec() {
         let s = parse(&[]).unwrap().settings(1000, 0).unwrap();
@@ -513,6 +515,8 @@ mod tests {
         assert_eq!(j["breaker"]["failures_to_open"], 5);
     }
 
+    /// A bad value (zero, not a number, a mode the owner cannot read and write, a uid name, an
+    /// over-long socket path, too large a frame) exits with code 2 naming its CGW_IPC_ variable.
     #[test]
     fn invalid_values_name_their_variable() {
         for args in [
@@ -534,6 +538,8 @@ mod tests {
         }
     }
 
+    /// NATS settings are validated with NATS off (the default) too, each refusal naming its
+    /// variable: a bad URL, subject, envelope or keepalive shows at start, not once NATS is on.
     #[test]
     fn nats_settings_are_checked_even_in_stub_mode() {
         for (args, var) in [
@@ -567,6 +573,8 @@ mod tests {
         }
     }
 
+    /// The NATS options land in the session's config (servers, keepalive, envelope, tenant, client
+    /// name with the hostname); the id prefix is the gateway's, the seed a stream of its own.
     #[test]
     fn nats_settings_reach_the_session() {
         let s = parse(&[
@@ -597,6 +605,8 @@ mod tests {
         assert_eq!(c.client_name, "ipc-gateway@box");
     }
 
+    /// User names, passwords and tokens in NATS URLs are masked as `***@host` in the effective
+    /// configuration JSON (--check-config, the config_loaded log), never shown.
     #[test]
     fn credentials_never_reach_check_config() {
         let cli = parse(&[
@@ -617,6 +627,7 @@ mod tests {
         assert_eq!(j["nats"]["envelope"], "router-v1");
     }
 
+    /// A breaker max open time below the base open time is refused, naming both variables.
     #[test]
     fn cross_checks_name_both_variables() {
         let e = parse(&["--breaker-open-ms", "10", "--breaker-max-open-ms", "5"])
@@ -630,6 +641,7 @@ mod tests {
         );
     }
 
+    /// CGW_IPC_ALLOWED_UIDS takes `*` for any uid, or a comma-separated list (spaces allowed).
     #[test]
     fn allowed_uids_star_and_lists() {
         assert_eq!(
@@ -642,6 +654,7 @@ mod tests {
         );
     }
 
+    /// Only CGW_ variables no option reads (likely typos) are reported; known ones and others not.
     #[test]
     fn unknown_cgw_variables_are_reported() {
         let vars = ["CGW_IPC_MAX_CONECTIONS", "CGW_IPC_TIMEOUT_MS", "PATH"].map(String::from);

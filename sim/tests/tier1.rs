@@ -90,6 +90,7 @@ fn full_sweep() -> bool {
     std::env::var_os("SIM_SEED").is_none()
 }
 
+/// (a) With healthy Routers, pipelined requests get only success replies, never an error code.
 #[test]
 fn a_happy_path_pipelined() {
     let seen = sweep_seen("a_happy_path_pipelined", Scenario::Happy, 200, &|w| {
@@ -104,6 +105,8 @@ fn a_happy_path_pipelined() {
     assert!(seen.codes.get(&0).copied().unwrap_or(0) > 0);
 }
 
+/// (b) Every publish: the Router subject, a router.md-valid envelope with the client payload, reply
+/// `<inbox>.<request id in base 36>`, and headers (and CONNECT flags) iff the server offers them.
 #[test]
 fn b_subjects_headers_and_envelope() {
     sweep(
@@ -169,6 +172,8 @@ fn b_subjects_headers_and_envelope() {
     );
 }
 
+/// (c) Every Router error class reaches a client, the session meets no-responders and clients get
+/// error 8; with no Router subscribed, no client ever gets a Router reply.
 #[test]
 fn c_router_errors_no_responders_disconnects() {
     let seen = sweep_seen(
@@ -205,6 +210,8 @@ fn c_router_errors_no_responders_disconnects() {
     }
 }
 
+/// (d) Replies for requests already answered, timed out or abandoned die in the NATS session and
+/// never reach the gateway; the sweep must see timeouts, late and duplicate replies, and leavers.
 #[test]
 fn d_timeouts_and_late_replies() {
     let seen = sweep_seen(
@@ -253,6 +260,8 @@ fn d_timeouts_and_late_replies() {
 /// The bound on the share of reconnect attempts any 100 ms window holds after a restart.
 const STORM_SHARE_BOUND: f64 = 0.35;
 
+/// (e) After each NATS restart the jittered backoff puts at most 35% of the 50-60 gateways'
+/// reconnect attempts in any 100 ms window, and every gateway reconnects and ends Connected.
 #[test]
 fn e_reconnect_storm() {
     let seen = sweep_seen("e_reconnect_storm", Scenario::Storm, 10, &|w| {
@@ -303,6 +312,8 @@ fn e_reconnect_storm() {
     }
 }
 
+/// (f) Over the in-flight limits every shed request gets error 7 (one per counted rejection), no
+/// other error appears, and the sweep sees the gateway pause and resume reading a client.
 #[test]
 fn f_backpressure_shedding_and_paused_reads() {
     let seen = sweep_seen(
@@ -350,6 +361,8 @@ fn hung_at(w: &World) -> Instant {
         .expect("scenario g has Routers that hang")
 }
 
+/// (g) Routers away (no responders) never open the breaker and the first request after they return
+/// succeeds; Routers that hang open it, it refuses requests, half-opens and ends Closed.
 #[test]
 fn g_breaker_lifecycle() {
     sweep("g_breaker_lifecycle", Scenario::Breaker, 120, &|w| {
@@ -426,6 +439,8 @@ fn g_breaker_lifecycle() {
     });
 }
 
+/// (h) A NATS machine that vanishes silently is noticed by keepalive within ping_interval times
+/// (max_pings_out + 1) plus a round trip, and every gateway ends Connected again.
 #[test]
 fn h_vanished_machine_keepalive() {
     let seen = sweep_seen(
@@ -467,6 +482,8 @@ fn h_vanished_machine_keepalive() {
     }
 }
 
+/// Runs are deterministic: a seed replays to the same trace digest, and a neighbouring seed gives
+/// another (the trace records enough to tell runs apart).
 #[test]
 fn same_seed_same_digest() {
     let test = "same_seed_same_digest";
@@ -484,6 +501,8 @@ fn same_seed_same_digest() {
     }
 }
 
+/// A run's options are a function of scenario and seed alone (same seed, same summary; another
+/// seed, another), and the summary starts with the seed, for replay.
 #[test]
 fn options_are_derived_from_the_seed_only() {
     let a = Options::swarm(Scenario::Storm, 7).summary();
@@ -492,6 +511,7 @@ fn options_are_derived_from_the_seed_only() {
     assert!(a.starts_with("seed=7 gws="), "{a}");
 }
 
+/// regression-seeds.txt is compiled in and parsed: the smoke seed it lists for (a) is found.
 #[test]
 fn regression_seed_file_is_read() {
     // The file's own example line keeps this honest: a typo in the parser drops all seeds.

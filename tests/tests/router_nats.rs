@@ -209,6 +209,8 @@ fn check_v1(logged: &Value, sent_text: &str, want: &ExpectV1) -> String {
     request_id.to_owned()
 }
 
+/// router-v1 requests carry every router.md 2/3 field exactly (payload embedded verbatim, trace id
+/// kept, derived or generated), and replies reach the client byte for byte, in order, ids unique.
 #[test]
 fn router_v1_request_fields_and_verbatim_replies() {
     let server = NatsServer::start();
@@ -381,6 +383,8 @@ fn mentions(value: &Value, needle: &str) -> bool {
     }
 }
 
+/// The legacy envelope goes to the configured subject naming the default tenant and policy whatever
+/// the client says, with a unique message_id, the client's object verbatim and its IPC type.
 #[test]
 fn legacy_envelope_on_a_configured_subject() {
     let server = NatsServer::start();
@@ -441,6 +445,8 @@ fn legacy_envelope_on_a_configured_subject() {
     }
 }
 
+/// A Router error reply reaches the client verbatim as RESPONSE_OK and counts as a breaker success:
+/// seven in a row leave a breaker that opens after two failures Closed, with nothing in flight.
 #[test]
 fn router_errors_come_back_verbatim_and_count_as_successes() {
     let server = NatsServer::start();
@@ -481,6 +487,8 @@ fn router_errors_come_back_verbatim_and_count_as_successes() {
     assert_eq!(s["upstream_pending"], json!(0), "{s}");
 }
 
+/// With nobody subscribed a request gets retryable error 8 within 100 ms, not a timeout, and no
+/// responders never count as breaker failures or leave anything in flight.
 #[test]
 fn no_responders_is_error_8_at_once() {
     let server = NatsServer::start();
@@ -534,6 +542,8 @@ fn no_responders_is_error_8_at_once() {
     ping(&mut client);
 }
 
+/// A Router slower than the deadline: error 5 (with the request id) no earlier than the 300 ms
+/// deadline, and its late reply is counted and dropped, never shown to the client.
 #[test]
 fn slow_router_times_out_and_its_late_reply_is_dropped() {
     let server = NatsServer::start();
@@ -577,6 +587,8 @@ fn slow_router_times_out_and_its_late_reply_is_dropped() {
     expect_pong(&mut client);
 }
 
+/// A hundred timed-out requests across ten connections: each gets error 5, each late reply is
+/// counted as late, and nothing stays in flight or holds a reply token.
 #[test]
 fn a_hundred_timeouts_leave_nothing_behind() {
     let server = NatsServer::start();
@@ -622,6 +634,8 @@ fn a_hundred_timeouts_leave_nothing_behind() {
     }
 }
 
+/// A Router that answers twice: the client gets the first copy only; the second is counted as a
+/// duplicate and never taken for another request's answer.
 #[test]
 fn duplicate_replies_reach_the_client_once() {
     let server = NatsServer::start();
@@ -666,6 +680,8 @@ fn duplicate_replies_reach_the_client_once() {
     );
 }
 
+/// Five timeouts open the breaker (logged with cause and count); while open, error 8 comes at once
+/// and nothing is published; after the open time probes pass and it closes again.
 #[test]
 fn breaker_opens_sends_nothing_half_opens_and_closes() {
     let server = NatsServer::start();
@@ -825,6 +841,8 @@ fn leave_with_requests_in_flight(slow_ms: u64) -> (NatsServer, RouterDouble, Dae
     (server, double, daemon)
 }
 
+/// Once the Router has answered a departed client's requests, no connection, in-flight entry or
+/// reply token remains, none of them timed out, and the next client is served as usual.
 #[test]
 fn a_client_that_leaves_leaves_nothing_behind() {
     let (_server, double, daemon) = leave_with_requests_in_flight(400);
