@@ -1,14 +1,17 @@
 //! One client connection: its byte stream in, its replies out, in request order.
 //!
 //! ```text
-//!            frame decoded: a reply slot is opened        last slot answered and flushed
-//!   ┌──────┐ ─────────────────────────────────┐          ┌────────┐ ─────────────────────▶ gone
-//!   │ Open │  in-flight == limit: stop decoding│          │Closing │
-//!   └──────┘  (reading pauses, nothing refused)│          └────────┘
-//!      │ ▲                                     │              ▲
-//!      │ └─ a reply frees a slot: decode again ┘              │
-//!      └──────── decode error, read timeout, refused at accept ┘ (the error is the last reply)
+//!          waiting slots reach max_inflight              last slot answered and written
+//!   Open ─────────────────────────────────▶ Paused        Closing ──────────────────────▶ gone
+//!    ▲ │   (stop decoding and reading;        │              ▲
+//!    │ │    nothing is refused)               │              │ decode error, read timeout,
+//!    │ └──── a reply frees a slot ◀───────────┘              │ refused at accept, end of
+//!    └───────────────────────────────────────────────────────┘ stream (the error, if any,
+//!                                                               is the last reply)
 //! ```
+//!
+//! The labels are the variants of [`ConnState`]; [`ClientConnection::transition`] is the one
+//! place that moves between them.
 //!
 //! v1 frames carry no correlation id, so every request gets a *slot* in a queue at the moment
 //! it is decoded, and replies leave strictly from the front of that queue: a fast local answer
@@ -44,6 +47,29 @@ pub struct ConnectionLimits {
     pub max_unsent_bytes: usize,
 }
 
+/// Where a connection is (the module diagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Reading and decoding.
+    Open,
+    /// `max_inflight` requests wait for the upstream: decoding and reading stop until a reply
+    /// frees a slot. Bytes already read wait, and the read timer does not run: they are held
+    /// because of us, not because of the client.
+    Paused,
+    /// The last reply is queued: nothing more is decoded; the connection goes once every
+    /// slot is answered and written.
+    Closing,
+}
+
+/// What moves a connection between states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnEvent {
+    /// The number of slots waiting for the upstream changed.
+    WaitingChanged,
+    /// The reply just queued is the last.
+    Close,
+}
+
 #[derive(Debug)]
 enum Slot {
     /// A local answer is being prepared (filled in the same call).
@@ -69,7 +95,7 @@ pub struct ClientConnection {
     held_bytes: usize,
     /// When the incomplete frame now buffered started arriving.
     partial_since: Option<Instant>,
-    closing: bool,
+    state: ConnState,
 }
 
 impl ClientConnection {
@@ -83,13 +109,13 @@ impl ClientConnection {
             out: OutputQueue::default(),
             held_bytes: 0,
             partial_since: None,
-            closing: false,
+            state: ConnState::Open,
         }
     }
 
     /// Takes bytes read from the socket. Bytes that arrive while closing are discarded.
     pub fn handle_bytes(&mut self, bytes: &[u8], now: Instant) {
-        if !self.closing {
+        if self.state != ConnState::Closing {
             self.decoder.push(bytes);
         }
         self.update_partial(now);
@@ -98,7 +124,7 @@ impl ClientConnection {
     /// The next frame to act on, or `None` when more bytes are needed, the in-flight limit is
     /// reached, or the connection is closing.
     pub fn next_frame(&mut self, now: Instant) -> Option<Result<Frame, DecodeError>> {
-        if self.closing || self.waiting >= self.limits.max_inflight {
+        if self.state != ConnState::Open {
             return None;
         }
         let next = self.decoder.next_frame().transpose();
@@ -108,7 +134,26 @@ impl ClientConnection {
 
     /// Whether the shell should read from the socket now.
     pub fn wants_read(&self) -> bool {
-        !self.closing && self.waiting < self.limits.max_inflight
+        self.state == ConnState::Open
+    }
+
+    /// Where the connection is.
+    pub fn state(&self) -> ConnState {
+        self.state
+    }
+
+    /// The one transition function (the module diagram).
+    fn transition(&mut self, event: ConnEvent) {
+        let next = match (self.state, event) {
+            (ConnState::Closing, _) | (_, ConnEvent::Close) => ConnState::Closing,
+            _ if self.waiting >= self.limits.max_inflight => ConnState::Paused,
+            _ => ConnState::Open,
+        };
+        if next != ConnState::Open {
+            // Paused or closing: what is buffered now waits on us, or will never be read.
+            self.partial_since = None;
+        }
+        self.state = next;
     }
 
     /// The sequence number the next [`Self::open_slot`] will return.
@@ -124,10 +169,7 @@ impl ClientConnection {
             .push_back(waiting.map_or(Slot::Local, Slot::Upstream));
         if waiting.is_some() {
             self.waiting += 1;
-            if !self.wants_read() {
-                // Paused by the in-flight limit: what is buffered now waits on us.
-                self.partial_since = None;
-            }
+            self.transition(ConnEvent::WaitingChanged);
         }
         seq
     }
@@ -141,13 +183,17 @@ impl ClientConnection {
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return false;
         };
-        match slot {
+        let was_waiting = match slot {
             Slot::Answered(_) => return false,
-            Slot::Upstream(_) => self.waiting -= 1,
-            Slot::Local => {}
-        }
+            Slot::Upstream(_) => true,
+            Slot::Local => false,
+        };
         self.held_bytes += reply.wire_len() + SLOT_OVERHEAD;
         *slot = Slot::Answered(reply);
+        if was_waiting {
+            self.waiting -= 1;
+            self.transition(ConnEvent::WaitingChanged);
+        }
         while let Some(Slot::Answered(_)) = self.slots.front() {
             if let Some(Slot::Answered(frame)) = self.slots.pop_front() {
                 self.out.push(frame);
@@ -167,17 +213,16 @@ impl ClientConnection {
 
     /// Stops decoding: the reply just queued is the connection's last.
     pub fn begin_close(&mut self) {
-        self.closing = true;
-        self.partial_since = None;
+        self.transition(ConnEvent::Close);
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing
+        self.state == ConnState::Closing
     }
 
     /// Closing and everything answered and written: the socket may be closed now.
     pub fn is_finished(&self) -> bool {
-        self.closing && self.slots.is_empty() && self.out.is_empty()
+        self.is_closing() && self.slots.is_empty() && self.out.is_empty()
     }
 
     /// Reply bytes held for this client exceed the cap: it is not reading.
