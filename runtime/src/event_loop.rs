@@ -14,7 +14,7 @@
 //!   write is blocked and dropped once the output is flushed. Permanent write interest would
 //!   wake the loop every time a client reads (an EPOLLOUT edge per read), which cost more
 //!   than the occasional re-registration in the bench.
-//! - A read shorter than the buffer means the socket was drained at that moment; any later
+//! - A read shorter than the buffer means the socket was emptied at that moment; any later
 //!   data raises a new edge, so the extra read that would only return `WouldBlock` is skipped.
 //! - When the core pauses reading (backpressure) the shell simply stops reading; on
 //!   `ResumeRead` it reads at once, because bytes already queued raise no new edge.

@@ -8,7 +8,7 @@
 //!
 //! The guarantees, model-checked by `loom_tests` (`--cfg loom`, see README.md "Tests"):
 //! requests are served in the order submitted; every answer is taken exactly once; the wake
-//! comes after its answer is visible, so a loop that drains the answers on each wake never
+//! comes after its answer is visible, so a loop that takes every answer on each wake never
 //! sleeps with one queued and no wake pending; the worker's `next_request` returns `None`
 //! once the loop side is dropped, so the thread ends, and `submit` fails once the worker side
 //! is gone (its thread ended or panicked).
@@ -136,7 +136,7 @@ impl<Req, Ans, W: Wake> WorkerSide<Req, Ans, W> {
             return Err(answer);
         }
         state.answers.push_back(answer);
-        // The wake must follow the push: a loop woken first could drain an empty queue and
+        // The wake must follow the push: a loop woken first could find an empty queue and
         // go back to sleep with this answer queued and no wake left to come.
         drop(state);
         self.wake.wake();
@@ -255,7 +255,7 @@ mod loom_tests {
     }
 
     /// The loop asks twice (a reconnect bumps the generation while the first lookup runs),
-    /// sleeps on the waker and drains on each wake like `NatsLink::on_resolved`: both answers
+    /// sleeps on the waker and takes every answer on each wake like `NatsLink::on_resolved`: both answers
     /// arrive once each, in order, the stale one is skipped, and the thread ends on drop.
     #[test]
     fn every_answer_arrives_once_in_order_and_wakes_the_loop() {

@@ -141,7 +141,7 @@ pub struct Daemon {
     socket: PathBuf,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
-    drains: Vec<JoinHandle<()>>,
+    pipe_readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
     // Kept only so the directory outlives the process.
     _dir: Option<TempDir>,
@@ -221,8 +221,8 @@ impl Daemon {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
-        let (stdout, drain_out) = drain(child.stdout.take().expect("piped stdout"));
-        let (stderr, drain_err) = drain(child.stderr.take().expect("piped stderr"));
+        let (stdout, stdout_reader) = collect_pipe(child.stdout.take().expect("piped stdout"));
+        let (stderr, stderr_reader) = collect_pipe(child.stderr.take().expect("piped stderr"));
         let socket = env
             .iter()
             .find(|(key, _)| *key == "CGW_IPC_SOCKET_PATH")
@@ -232,7 +232,7 @@ impl Daemon {
             socket,
             stdout,
             stderr,
-            drains: vec![drain_out, drain_err],
+            pipe_readers: vec![stdout_reader, stderr_reader],
             status: None,
             _dir: None,
         }
@@ -292,8 +292,8 @@ impl Daemon {
         if self.status.is_none() {
             if let Some(status) = self.child.try_wait().expect("waitpid") {
                 self.status = Some(status);
-                for drain in self.drains.drain(..) {
-                    let _ = drain.join();
+                for reader in self.pipe_readers.drain(..) {
+                    let _ = reader.join();
                 }
             }
         }
@@ -410,7 +410,7 @@ fn lock(buf: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
 }
 
 /// Copies a pipe into a shared buffer on a thread until end of stream.
-fn drain(pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+fn collect_pipe(pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let handle = append_to(pipe, Arc::clone(&buf));
     (buf, handle)

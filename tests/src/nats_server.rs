@@ -60,7 +60,7 @@ pub struct NatsServer {
     child: Option<Child>,
     /// The log of every run so far (stderr; nats-server logs there).
     log: Arc<Mutex<Vec<u8>>>,
-    drains: Vec<JoinHandle<()>>,
+    pipe_readers: Vec<JoinHandle<()>>,
 }
 
 impl NatsServer {
@@ -96,7 +96,7 @@ impl NatsServer {
                 extra,
                 child: None,
                 log: Arc::new(Mutex::new(Vec::new())),
-                drains: Vec::new(),
+                pipe_readers: Vec::new(),
             };
             server.spawn();
             match server.wait_accepting() {
@@ -115,7 +115,7 @@ impl NatsServer {
             extra,
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
-            drains: Vec::new(),
+            pipe_readers: Vec::new(),
         }
     }
 
@@ -175,8 +175,8 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for drain in self.drains.drain(..) {
-            let _ = drain.join();
+        for reader in self.pipe_readers.drain(..) {
+            let _ = reader.join();
         }
     }
 
@@ -289,8 +289,10 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
-        self.drains.push(append_to(out, Arc::clone(&self.log)));
-        self.drains.push(append_to(err, Arc::clone(&self.log)));
+        self.pipe_readers
+            .push(append_to(out, Arc::clone(&self.log)));
+        self.pipe_readers
+            .push(append_to(err, Arc::clone(&self.log)));
         self.child = Some(child);
     }
 

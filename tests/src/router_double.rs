@@ -53,7 +53,7 @@ pub struct RouterDouble {
     _stdin: Option<ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
-    drains: Vec<JoinHandle<()>>,
+    pipe_readers: Vec<JoinHandle<()>>,
 }
 
 impl RouterDouble {
@@ -90,7 +90,7 @@ impl RouterDouble {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let out_drain = {
+        let stdout_reader = {
             let lines = Arc::clone(&lines);
             thread::spawn(move || {
                 let mut ready = Some(ready_tx);
@@ -106,7 +106,7 @@ impl RouterDouble {
                 }
             })
         };
-        let err_drain = crate::daemon::append_to(stderr_pipe, Arc::clone(&stderr));
+        let stderr_reader = crate::daemon::append_to(stderr_pipe, Arc::clone(&stderr));
         let pid = child.id();
         let mut double = RouterDouble {
             child: Some(child),
@@ -114,7 +114,7 @@ impl RouterDouble {
             _stdin: stdin,
             lines,
             stderr,
-            drains: vec![out_drain, err_drain],
+            pipe_readers: vec![stdout_reader, stderr_reader],
         };
         match ready_rx.recv_timeout(DOUBLE_START_TIMEOUT) {
             Ok(()) => Ok(double),
@@ -141,8 +141,8 @@ impl RouterDouble {
             let _ = child.wait();
         }
         self._stdin = None;
-        for drain in self.drains.drain(..) {
-            let _ = drain.join();
+        for reader in self.pipe_readers.drain(..) {
+            let _ = reader.join();
         }
     }
 

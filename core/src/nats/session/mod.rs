@@ -73,6 +73,15 @@ use link::Link;
 /// The largest Router reply an IPC frame can carry (ipc-protocol.md section 2).
 pub const MAX_REPLY_BYTES: usize = crate::frame::MAX_FRAME_BYTES - crate::frame::HEADER_LEN;
 
+/// A reply token's longest spelling plus its dot: `u64::MAX` in base 36 is 13 characters;
+/// rounded up. Part of a buffered request's cost ([`NatsConfig::reconnect_buffer_bytes`]).
+const REPLY_TOKEN_MAX: usize = 16;
+
+/// The rest of an `HPUB <subject> <reply> <hdr_len> <total_len>\r\n…\r\n` frame beyond
+/// subject, reply and payload: the op, three spaces, two sizes of up to 10 digits and two
+/// CRLFs come to 31 bytes at most; rounded up.
+const PUB_LINE_OVERHEAD: usize = 32;
+
 /// The subscription id of the reply inbox: the only subscription this client makes.
 const INBOX_SID: u64 = 1;
 
@@ -509,12 +518,14 @@ impl Upstream for NatsSession {
             &request.payload,
             &mut self.rng,
         );
+        // What the request costs in the reconnect buffer: its bytes on the wire, so that
+        // `reconnect_buffer_bytes` bounds what a reconnect writes at once.
         let size = self.config.subject.len()
             + self.inbox.len()
-            + 16
+            + REPLY_TOKEN_MAX
             + header_block_len(&rr.headers)
             + rr.body.len()
-            + 32;
+            + PUB_LINE_OVERHEAD;
         let pending = Pending::new(request.deadline, rr.body, rr.headers, size);
         if let Some(message) = self.too_large(&pending) {
             return refuse(
