@@ -255,8 +255,9 @@ mod loom_tests {
     }
 
     /// The loop asks twice (a reconnect asks for a new link while the first lookup runs),
-    /// sleeps on the waker and takes every answer on each wake like `NatsLink::on_resolved`: both answers
-    /// arrive once each, in order, the stale one is skipped, and the thread ends on drop.
+    /// sleeps on the waker and takes every answer on each wake like `NatsLink::on_resolved`:
+    /// both answers arrive once each, in order, the stale one is skipped, and the thread ends
+    /// on drop.
     #[test]
     fn every_answer_arrives_once_in_order_and_wakes_the_loop() {
         loom::model(|| {
