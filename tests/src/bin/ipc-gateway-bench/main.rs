@@ -13,7 +13,7 @@
 //!   architecture: `gateway/echo-1t` is the cost of the gateway's code alone, and
 //!   `echo-1t` against `echo` is the cost of serving everything from one thread.
 //!
-//! `--mode nats` (module `nats`, in `ipc-gateway-bench/nats.rs`) measures the daemon's NATS
+//! `--mode nats` (module `nats`, in `nats.rs`) measures the daemon's NATS
 //! path instead: it starts nats-server, a Router stand-in and the daemon itself, and compares
 //! the gateway with the same load sent straight over NATS by async-nats clients.
 
@@ -36,8 +36,6 @@ use ipc_gateway_tests::frame::{self, Frame, HEADER_LEN, RESPONSE_ERROR, RESPONSE
 use mio::net::{UnixListener as MioListener, UnixStream as MioStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
-// A directory without main.rs is not a binary target: cargo leaves it alone.
-#[path = "ipc-gateway-bench/nats.rs"]
 mod nats;
 
 /// The names of the runs, as printed in the results.
