@@ -27,17 +27,20 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use ipc_gateway_tests::figures::ratio;
+use ipc_gateway_tests::frame::HEADER_LEN;
 use ipc_gateway_tests::launch::{
     admit_all_env, nats_env, Captured, CpuMeter, CpuUse, GatewayDaemon, NatsProcess, StandIn,
     StandInCount, STANDIN_QUEUE, STANDIN_REPLY, STANDIN_THREAD, SUBJECT,
 };
 use tokio::runtime::Runtime;
 
-use super::{
-    bench_payload, kernel_release, new_histogram, print_counts, print_memory, print_run_notes,
-    ratio, run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY,
-    HEADER_LEN, SINGLE_THREAD_MAX_BYTES,
+use crate::cli::{usage_error, Args};
+use crate::load::{
+    bench_payload, new_histogram, run_load, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE,
+    GATEWAY, SINGLE_THREAD_MAX_BYTES,
 };
+use crate::report::{kernel_release, print_counts, print_memory, print_run_notes};
 
 /// The name of the direct runs, as printed in the results.
 const DIRECT: &str = "direct";
