@@ -76,6 +76,14 @@ pub(crate) struct Args {
     #[arg(long, value_name = "PID")]
     pub(crate) pid: Option<u32>,
 
+    /// The daemon executable. --mode nats always starts one [default there: ipc-gateway in the
+    /// directory of this bench's executable; build it with `cargo build --release -p
+    /// ipc-gateway`]. In stub mode, only if given: the bench starts it with its default settings
+    /// on a socket in a temporary directory, loads it instead of --socket, prints its memory as
+    /// --pid does, and stops it at the end.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "pid", "echo_only"])]
+    pub(crate) gateway_bin: Option<PathBuf>,
+
     /// Skip both echo baselines: load the gateway only.
     #[arg(long, conflicts_with = "echo_only")]
     pub(crate) no_echo: bool,
@@ -96,7 +104,8 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) split_io: bool,
 
-    /// `stub`: load an already running daemon (in its default stub mode) and the echo floors.
+    /// `stub`: load a daemon in its default stub mode (already running at --socket, or started
+    /// with --gateway-bin) and the echo floors.
     /// `nats`: start nats-server, a Router stand-in and the daemon in NATS mode, and compare the
     /// gateway path with the same load sent directly over NATS (see the options below).
     #[arg(long, value_enum, default_value_t = Mode::Stub)]
@@ -109,7 +118,7 @@ pub(crate) struct Args {
 /// What the bench measures.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
-    /// The daemon at --socket against the two echo floors.
+    /// The daemon at --socket (or started with --gateway-bin) against the two echo floors.
     Stub,
     /// The gateway's NATS path against async-nats request-reply, both to the same stand-in.
     Nats,

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use clap::Parser;
 use ipc_gateway_tests::frame::HEADER_LEN;
+use ipc_gateway_tests::launch::GatewayDaemon;
 
 mod cli;
 mod echo;
@@ -63,9 +64,19 @@ fn run(args: Args) -> Result<bool> {
     };
     let gateway_run = !args.echo_only;
     let echo_run = !args.no_echo;
+    // --gateway-bin: the daemon is ours, with its default settings (clap keeps --socket, --pid
+    // and --echo-only out); its socket and pid stand for --socket and --pid.
+    let daemon = match &args.gateway_bin {
+        Some(bin) => Some(GatewayDaemon::start(bin, &[], &bench_payload(256)?)?),
+        None => None,
+    };
+    let socket = daemon
+        .as_ref()
+        .map_or(args.socket.as_path(), GatewayDaemon::socket);
+    let pid = daemon.as_ref().map(GatewayDaemon::pid).or(args.pid);
     if gateway_run {
         // Fail before any run, not after the echo baseline, if the gateway is not there.
-        drop(connect(&args.socket, "gateway")?);
+        drop(connect(socket, "gateway")?);
     }
     if let Some(pid) = args.pid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -73,8 +84,15 @@ fn run(args: Args) -> Result<bool> {
         }
     }
 
-    print_settings(&args, &load, frame_len, outstanding);
-    if let Some(pid) = args.pid {
+    print_settings(&args, &load, frame_len, outstanding, socket);
+    if let (Some(d), Some(bin)) = (&daemon, &args.gateway_bin) {
+        println!(
+            "  daemon       {} (pid {}), started by the bench",
+            bin.display(),
+            d.pid()
+        );
+    }
+    if let Some(pid) = pid {
         print_memory(pid, "before");
     }
 
@@ -85,7 +103,7 @@ fn run(args: Args) -> Result<bool> {
         runs.push(run_echo(ECHO_1T, &load)?);
     }
     if gateway_run {
-        runs.push(run_load(GATEWAY, &args.socket, &load)?);
+        runs.push(run_load(GATEWAY, socket, &load)?);
     }
     if echo_run && !echoes_first {
         runs.push(run_echo(ECHO, &load)?);
@@ -99,9 +117,13 @@ fn run(args: Args) -> Result<bool> {
         let all: Vec<&RunResult> = runs.iter().collect();
         print_comparison(&all);
     }
-    if let Some(pid) = args.pid {
+    if let Some(pid) = pid {
         println!();
         print_memory(pid, "after");
+    }
+    if let Some(d) = daemon {
+        let pid = d.pid();
+        println!("daemon pid {pid} stopped: {}", d.stop());
     }
     let failed = runs.iter().any(|r| !r.failures.is_empty());
     if failed {

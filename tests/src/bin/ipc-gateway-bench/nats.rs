@@ -58,11 +58,6 @@ pub(super) struct NatsArgs {
     #[arg(long, value_name = "PATH")]
     nats_server: Option<PathBuf>,
 
-    /// The daemon executable [default: ipc-gateway in the directory of this bench's
-    /// executable; build it with `cargo build --release -p ipc-gateway`].
-    #[arg(long, value_name = "PATH")]
-    gateway_bin: Option<PathBuf>,
-
     /// NATS connections of the Router stand-in, one subscription each in one queue group
     /// [default: 2].
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -102,7 +97,6 @@ impl NatsArgs {
             }
         };
         note(self.nats_server.is_some(), "--nats-server");
-        note(self.gateway_bin.is_some(), "--gateway-bin");
         note(self.standin_conns.is_some(), "--standin-conns");
         note(self.standin_threads.is_some(), "--standin-threads");
         note(self.direct_threads.is_some(), "--direct-threads");
@@ -149,7 +143,7 @@ fn settings(args: &Args) -> Result<Settings> {
     let n = &args.nats;
     let gateway_bin = if n.direct_only {
         None
-    } else if let Some(bin) = &n.gateway_bin {
+    } else if let Some(bin) = &args.gateway_bin {
         Some(bin.clone())
     } else {
         let exe = std::env::current_exe().context("cannot find this bench's executable")?;

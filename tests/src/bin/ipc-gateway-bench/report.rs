@@ -1,6 +1,7 @@
 //! What the stub mode prints: the settings, each run's figures, the table of all runs and the
 //! gateway's ratios to the echo floors, and the daemon's memory (shared with the NATS mode).
 
+use std::path::Path;
 use std::thread;
 
 use anyhow::{Context, Result};
@@ -11,8 +12,14 @@ use crate::echo::{ECHO, ECHO_1T};
 use crate::load::{Load, RunResult, GATEWAY};
 
 /// The settings of a stub-mode run, before any load: `frame_len` is the size of one request
-/// frame, `outstanding` the request bytes in flight on each connection.
-pub(crate) fn print_settings(args: &Args, load: &Load, frame_len: usize, outstanding: usize) {
+/// frame, `outstanding` the request bytes in flight on each connection, `socket` the gateway's.
+pub(crate) fn print_settings(
+    args: &Args,
+    load: &Load,
+    frame_len: usize,
+    outstanding: usize,
+    socket: &Path,
+) {
     let gateway_run = !args.echo_only;
     let echo_run = !args.no_echo;
     let cpus = match thread::available_parallelism() {
@@ -37,7 +44,7 @@ pub(crate) fn print_settings(args: &Args, load: &Load, frame_len: usize, outstan
     );
     println!("  machine      {cpus} CPUs, kernel {}", kernel_release());
     if gateway_run {
-        println!("  gateway      {}", args.socket.display());
+        println!("  gateway      {}", socket.display());
     }
     let order = match (gateway_run, echo_run, args.echo_first) {
         (true, true, false) => {
