@@ -160,7 +160,7 @@ build() {
     echo "building $side ($(short "$commit")) in $tree (log: $log)"
     # --locked: the revision's own Cargo.lock, never re-resolved (tests/Cargo.toml says why).
     if ! (cd "$tree" && cargo build --release --locked -p ipc-gateway -p ipc-gateway-tests \
-        --bin ipc-gateway --bin ipc-gateway-bench) >"$log" 2>&1; then
+        --bin ipc-gateway --bin ipc-gateway-bench) >"$log" 2>&1 9>&-; then
         tail -n 30 "$log" >&2
         die "the $side build failed (full log: $log)"
     fi
@@ -252,10 +252,14 @@ run_bench() {
             row = ("pipeline" in f) ? "P=" f["pipeline"] " " f["target"] : f["target"]
             n = split("rps p50_us p99_us", names, " ")
             for (i = 1; i <= n; i++)
-                if (names[i] in f) printf "%s\t%s\t%s\t%s\t%s\t%s\n", mode, side, round, row, names[i], f[names[i]]
+                if (names[i] in f)
+                    printf "%s\t%s\t%s\t%s\t%s\t%s\n", mode, side, round, row, names[i], f[names[i]]
         }' "$out" >>"$figures"
     local gw
-    gw=$(awk '/^RESULT / && / target=gateway / { for (i = 2; i <= NF; i++) if ($i ~ /^rps=/) printf "%s%s", sep, substr($i, 5); sep = ", " }' "$out")
+    gw=$(awk '/^RESULT / && / target=gateway / {
+        for (i = 2; i <= NF; i++) if ($i ~ /^rps=/) printf "%s%s", sep, substr($i, 5)
+        sep = ", "
+    }' "$out")
     echo "  round $round $mode $side: gateway req/s ${gw:-none} ($((SECONDS - t0)) s)"
 }
 
@@ -271,80 +275,106 @@ phase "bench runs"
 # The medians, their ratios and the verdicts. The ratio gateway/<control> of each run (echo-1t
 # in stub mode, direct in NATS mode: the same code on both sides when only the daemon changed)
 # is added as a figure too: it cancels some of the machine's noise, and the control's own
-# head/base shows how large that noise was.
+# head/base shows how large that noise was. The last column pairs each base run with the head
+# run right after it: the spread of these head/base ratios is the noise between two runs.
 verdicts=$runs_dir/verdicts.txt
-awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$base")" -v head="$(short "$head")" \
-    -v verdicts="$verdicts" '
-    function median(list,    v, n, i, j, x) {
+awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$base")" \
+    -v head="$(short "$head")" -v verdicts="$verdicts" '
+    function sorted(list, v,    n, i, j, x) {
         n = split(list, v, " ")
-        for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] + 0 > x + 0; j--) v[j + 1] = v[j]; v[j + 1] = x }
+        for (i = 2; i <= n; i++) {
+            x = v[i]
+            for (j = i - 1; j >= 1 && v[j] + 0 > x + 0; j--) v[j + 1] = v[j]
+            v[j + 1] = x
+        }
+        return n
+    }
+    function median(list,    v, n) {
+        n = sorted(list, v)
         return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
     }
-    function add(mode, row, fig, side, value,    k) {
+    # "median (min-max)" of the head/base ratios of the rounds that have both sides.
+    function per_round(k,    r, list, v, n) {
+        list = ""
+        for (r = 1; r <= rounds; r++)
+            if ((k, "base", r) in val && (k, "head", r) in val && val[k, "base", r] > 0)
+                list = list " " val[k, "head", r] / val[k, "base", r]
+        n = sorted(list, v)
+        return n ? sprintf("%.3f (%.3f-%.3f)", median(list), v[1], v[n]) : ""
+    }
+    function side_list(k, side,    r, list) {
+        list = ""
+        for (r = 1; r <= rounds; r++) if ((k, side, r) in val) list = list " " val[k, side, r]
+        return list
+    }
+    # One figure: the medians of base and head, head/base, and the ratios round by round.
+    function show(mode, row, fig, label, decimals,    k, b, h, ratio, num, rounds_text) {
         k = mode SUBSEP row SUBSEP fig
-        if (!(k in seen)) { seen[k] = 1; order[mode, ++count[mode]] = row SUBSEP fig }
-        vals[k, side] = vals[k, side] " " value
+        if (side_list(k, "base") == "" || side_list(k, "head") == "") return ""
+        b = median(side_list(k, "base")); h = median(side_list(k, "head"))
+        ratio = b > 0 ? h / b : 0
+        num = "%12." decimals "f"
+        rounds_text = per_round(k)
+        if (fig != "rps" && fig != "ratio")
+            rounds_text = sprintf("%-21s  lower is better", rounds_text)
+        printf "%-20s %-6s " num " " num " %9.3f   %s\n", row, label, b, h, ratio, rounds_text
+        return ratio
     }
     {
         mode = $1; side = $2; round = $3; row = $4; fig = $5
-        add(mode, row, fig, side, $6)
-        if (fig == "rps") rps[mode, side, round, row] = $6
+        k = mode SUBSEP row SUBSEP fig
+        if (!(k in seen)) { seen[k] = 1; order[mode, ++count[mode]] = row SUBSEP fig }
+        val[k, side, round] = $6
         if (!(mode in modes)) { modes[mode] = 1; mode_order[++nmodes] = mode }
-        runs[mode, side, round] = 1
     }
     END {
-        # gateway/<control> of each run, as one more figure of the row "gateway/<control>".
-        for (k in rps) {
-            split(k, p, SUBSEP); mode = p[1]; side = p[2]; round = p[3]; row = p[4]
-            pre = row; sub(/[^ ]*$/, "", pre)  # "P=16 " in NATS mode, "" in stub mode
-            target = substr(row, length(pre) + 1)
-            if (target != "gateway") continue
-            control = (mode == "nats") ? "direct" : "echo-1t"
-            c = rps[mode, side, round, pre control]
-            if (c > 0) ratio_of[mode, pre, control, side, round] = rps[k] / c
-        }
-        for (i = 1; i <= nmodes; i++) {
-            mode = mode_order[i]
-            printf "\n== %s bench: medians of %d runs each, base %s, head %s ==\n", mode, rounds, base, head
-            printf "%-22s %-6s %14s %14s %10s\n", "", "figure", "base", "head", "head/base"
-            worst = ""; worst_row = ""; noise = ""
-            nrows = count[mode]
-            for (r = 1; r <= nrows; r++) {
-                split(order[mode, r], p, SUBSEP); row = p[1]; fig = p[2]
-                k = mode SUBSEP row SUBSEP fig
-                if (!((k, "base") in vals) || !((k, "head") in vals)) continue
-                b = median(vals[k, "base"]); h = median(vals[k, "head"])
-                ratio = b > 0 ? h / b : 0
-                label = fig == "rps" ? "req/s" : (fig == "p50_us" ? "p50 us" : "p99 us")
-                better = fig == "rps" ? "" : "  (lower is better)"
-                printf "%-22s %-6s %14.1f %14.1f %10.3f%s\n", row, label, b, h, ratio, better
-                pre = row; sub(/[^ ]*$/, "", pre); target = substr(row, length(pre) + 1)
-                if (fig == "rps" && target == "gateway") {
-                    if (worst == "" || ratio < worst) { worst = ratio; worst_row = row }
-                    # the per-run ratio to the control, right after the gateway rows
-                    control = (mode == "nats") ? "direct" : "echo-1t"
-                    lb = ""; lh = ""
-                    for (kk in ratio_of) {
-                        split(kk, q, SUBSEP)
-                        if (q[1] != mode || q[2] != pre || q[3] != control) continue
-                        if (q[4] == "base") lb = lb " " ratio_of[kk]; else lh = lh " " ratio_of[kk]
-                    }
-                    if (lb != "" && lh != "") {
-                        mb = median(lb); mh = median(lh)
-                        printf "%-22s %-6s %14.3f %14.3f %10.3f\n", pre "gateway/" control, "req/s", mb, mh, mh / mb
-                    }
+        # The ratio gateway/<control> of each run, a figure of its own after the gateway rows.
+        for (m = 1; m <= nmodes; m++) {
+            mode = mode_order[m]
+            control = mode == "nats" ? "direct" : "echo-1t"
+            for (r = 1; r <= count[mode]; r++) {
+                split(order[mode, r], p, SUBSEP); row = p[1]
+                if (p[2] != "rps" || row !~ /(^| )gateway$/) continue
+                pre = substr(row, 1, length(row) - length("gateway"))  # "P=16 " or ""
+                kg = mode SUBSEP row SUBSEP "rps"; kc = mode SUBSEP pre control SUBSEP "rps"
+                for (s = 1; s <= 2; s++) {
+                    side = s == 1 ? "base" : "head"
+                    for (n = 1; n <= rounds; n++)
+                        if ((kg, side, n) in val && (kc, side, n) in val && val[kc, side, n] > 0)
+                            val[mode SUBSEP pre "gateway/" control SUBSEP "ratio", side, n] = \
+                                val[kg, side, n] / val[kc, side, n]
                 }
-                if (fig == "rps" && target != "gateway") {
+            }
+        }
+        for (m = 1; m <= nmodes; m++) {
+            mode = mode_order[m]
+            control = mode == "nats" ? "direct" : "echo-1t"
+            printf "\n== %s bench: medians of %d runs each, base %s, head %s ==\n", mode, rounds, \
+                base, head
+            printf "%-20s %-6s %12s %12s %9s   %s\n", "", "figure", "base", "head", \
+                "head/base", "per round: median (min-max)"
+            worst = ""; noise = ""
+            for (r = 1; r <= count[mode]; r++) {
+                split(order[mode, r], p, SUBSEP); row = p[1]; fig = p[2]
+                label = fig == "rps" ? "req/s" : (fig == "p50_us" ? "p50 us" : "p99 us")
+                ratio = show(mode, row, fig, label, 0)
+                if (ratio == "" || fig != "rps") continue
+                if (row ~ /(^| )gateway$/) {
+                    if (worst == "" || ratio < worst) { worst = ratio; worst_row = row }
+                    pre = substr(row, 1, length(row) - length("gateway"))
+                    show(mode, pre "gateway/" control, "ratio", "req/s", 3)
+                } else {
                     d = ratio > 1 ? ratio - 1 : 1 - ratio
                     if (noise == "" || d > noise) { noise = d; noise_row = row }
                 }
             }
             if (worst == "") {
                 line = sprintf("VERDICT %s: NO FIGURES (no gateway run on both sides)", mode)
-            } else if (worst >= threshold) {
-                line = sprintf("VERDICT %s: PASS: gateway req/s head/base %.3f >= %s (%s)", mode, worst, threshold, worst_row)
             } else {
-                line = sprintf("VERDICT %s: REGRESSION: gateway req/s head/base %.3f < %s (%s)", mode, worst, threshold, worst_row)
+                word = worst >= threshold ? "PASS" : "REGRESSION"
+                cmp = worst >= threshold ? ">=" : "<"
+                line = sprintf("VERDICT %s: %s: gateway req/s head/base %.3f %s %s (%s)", mode, \
+                    word, worst, cmp, threshold, worst_row)
             }
             # The controls run the same code on both sides when only the daemon changed: when one
             # moves by more than the threshold allows, so can the gateway, by noise alone.
@@ -353,10 +383,10 @@ awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$bas
                 if (noise > 1 - threshold) line = line " (NOISY: more than the threshold allows)"
             }
             print line > verdicts
-            verdict_line[i] = line
+            verdict_line[m] = line
         }
         print ""
-        for (i = 1; i <= nmodes; i++) print verdict_line[i]
+        for (m = 1; m <= nmodes; m++) print verdict_line[m]
     }' "$figures"
 phase "analysis"
 echo "bench-compare: total $((SECONDS - start)) s"
