@@ -4,10 +4,11 @@
 # Before/after figures of the daemon in one run. Builds the release `ipc-gateway` and
 # `ipc-gateway-bench` at BASE_REV and at HEAD (each in a temporary git worktree under
 # target/bench-compare/, removed again), then runs the stub bench and the NATS bench
-# alternately, base then head, round after round, so that whatever else the machine does hits
-# both alike. It prints, per bench and figure, the medians for base and head and head/base, and
-# ends with one verdict line per bench: PASS when the gateway's throughput head/base is at least
-# the threshold (for the NATS bench, at every --pipeline setting), REGRESSION otherwise.
+# alternately, base and head, round after round (base first in odd rounds, head first in even
+# ones), so that whatever else the machine does hits both alike. It prints, per bench and
+# figure, the medians for base and head and head/base, and ends with one verdict line per
+# bench: PASS when the gateway's throughput head/base is at least the threshold (for the NATS
+# bench, at every --pipeline setting), REGRESSION otherwise.
 #
 # Each side runs its own bench binary against its own daemon (--gateway-bin). A base bench from
 # before stub mode had --gateway-bin gets the daemon started here instead, the same way
@@ -263,11 +264,19 @@ run_bench() {
     echo "  round $round $mode $side: gateway req/s ${gw:-none} ($((SECONDS - t0)) s)"
 }
 
-echo "running: ${modes[*]}, base then head, $rounds rounds"
+# Base and head alternate, and which of them goes first alternates too (base head, head base,
+# ...): a run that is always second would meet a different machine (the other's teardown, a
+# rhythm of other load) in every round.
+echo "running: ${modes[*]}, $rounds rounds, base and head alternately (base first in odd rounds)"
 for round in $(seq "$rounds"); do
     for mode in "${modes[@]}"; do
-        run_bench "$mode" base "$round"
-        run_bench "$mode" head "$round"
+        if [ $((round % 2)) -eq 1 ]; then
+            run_bench "$mode" base "$round"
+            run_bench "$mode" head "$round"
+        else
+            run_bench "$mode" head "$round"
+            run_bench "$mode" base "$round"
+        fi
     done
 done
 phase "bench runs"
@@ -275,8 +284,9 @@ phase "bench runs"
 # The medians, their ratios and the verdicts. The ratio gateway/<control> of each run (echo-1t
 # in stub mode, direct in NATS mode: the same code on both sides when only the daemon changed)
 # is added as a figure too: it cancels some of the machine's noise, and the control's own
-# head/base shows how large that noise was. The last column pairs each base run with the head
-# run right after it: the spread of these head/base ratios is the noise between two runs.
+# head/base shows how large that noise was. The last column pairs the base and head runs of
+# each round (run back to back): the spread of these head/base ratios is the noise between two
+# runs.
 verdicts=$runs_dir/verdicts.txt
 awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$base")" \
     -v head="$(short "$head")" -v verdicts="$verdicts" '
