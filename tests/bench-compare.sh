@@ -304,12 +304,14 @@ awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$bas
         return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
     }
     # "median (min-max)" of the head/base ratios of the rounds that have both sides.
+    # Also leaves the lowest and the highest in pr_min and pr_max.
     function per_round(k,    r, list, v, n) {
         list = ""
         for (r = 1; r <= rounds; r++)
             if ((k, "base", r) in val && (k, "head", r) in val && val[k, "base", r] > 0)
                 list = list " " val[k, "head", r] / val[k, "base", r]
         n = sorted(list, v)
+        pr_min = n ? v[1] : ""; pr_max = n ? v[n] : ""
         return n ? sprintf("%.3f (%.3f-%.3f)", median(list), v[1], v[n]) : ""
     }
     function side_list(k, side,    r, list) {
@@ -363,7 +365,7 @@ awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$bas
                 base, head
             printf "%-20s %-6s %12s %12s %9s   %s\n", "", "figure", "base", "head", \
                 "head/base", "per round: median (min-max)"
-            worst = ""; noise = ""
+            worst = ""; noise = ""; split_rounds = ""
             for (r = 1; r <= count[mode]; r++) {
                 split(order[mode, r], p, SUBSEP); row = p[1]; fig = p[2]
                 label = fig == "rps" ? "req/s" : (fig == "p50_us" ? "p50 us" : "p99 us")
@@ -371,6 +373,11 @@ awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$bas
                 if (ratio == "" || fig != "rps") continue
                 if (row ~ /(^| )gateway$/) {
                     if (worst == "" || ratio < worst) { worst = ratio; worst_row = row }
+                    # Some rounds below the threshold and some as far above 1: they disagree.
+                    if (pr_min != "" && pr_min < threshold + 0 && pr_max > 1 / threshold) {
+                        split_rounds = split_rounds sprintf("%s%s rounds %.3f-%.3f", \
+                            split_rounds == "" ? "" : ", ", row, pr_min, pr_max)
+                    }
                     pre = substr(row, 1, length(row) - length("gateway"))
                     show(mode, pre "gateway/" control, "ratio", "req/s", 3)
                 } else {
@@ -386,12 +393,18 @@ awk -F '\t' -v threshold="$threshold" -v rounds="$rounds" -v base="$(short "$bas
                 line = sprintf("VERDICT %s: %s: gateway req/s head/base %.3f %s %s (%s)", mode, \
                     word, worst, cmp, threshold, worst_row)
             }
-            # The controls run the same code on both sides when only the daemon changed: when one
-            # moves by more than the threshold allows, so can the gateway, by noise alone.
-            if (noise != "") {
-                line = line sprintf("; control %s moved %.1f%%", noise_row, noise * 100)
-                if (noise > 1 - threshold) line = line " (NOISY: more than the threshold allows)"
-            }
+            # NOISY: the verdict is within the noise of this run. The controls run the same code
+            # on both sides when only the daemon changed, so when one moves by more than the
+            # threshold allows, so can the gateway; and rounds that disagree (some below the
+            # threshold, some as far above 1) say the same of the gateway itself.
+            noisy = split_rounds
+            if (noise != "" && noise > 1 - threshold)
+                noisy = sprintf("control %s moved %.1f%%%s%s", noise_row, noise * 100, \
+                    noisy == "" ? "" : ", ", noisy)
+            if (noisy != "")
+                line = line "; NOISY (" noisy "): more than the threshold allows"
+            else if (noise != "")
+                line = line sprintf("; controls moved at most %.1f%% (%s)", noise * 100, noise_row)
             print line > verdicts
             verdict_line[m] = line
         }
