@@ -27,17 +27,20 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use ipc_gateway_tests::figures::ratio;
+use ipc_gateway_tests::frame::HEADER_LEN;
 use ipc_gateway_tests::launch::{
     admit_all_env, nats_env, Captured, CpuMeter, CpuUse, GatewayDaemon, NatsProcess, StandIn,
     StandInCount, STANDIN_QUEUE, STANDIN_REPLY, STANDIN_THREAD, SUBJECT,
 };
 use tokio::runtime::Runtime;
 
-use super::{
-    bench_payload, kernel_release, new_histogram, print_counts, print_memory, print_run_notes,
-    ratio, run_load, usage_error, Args, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE, GATEWAY,
-    HEADER_LEN, SINGLE_THREAD_MAX_BYTES,
+use crate::cli::{usage_error, Args};
+use crate::load::{
+    bench_payload, new_histogram, run_load, ConnOutcome, Load, RunResult, Window, DRAIN_GRACE,
+    GATEWAY, SINGLE_THREAD_MAX_BYTES,
 };
+use crate::report::{kernel_release, print_counts, print_memory, print_run_notes};
 
 /// The name of the direct runs, as printed in the results.
 const DIRECT: &str = "direct";
@@ -54,11 +57,6 @@ pub(super) struct NatsArgs {
     /// [default: nats-server, from PATH].
     #[arg(long, value_name = "PATH")]
     nats_server: Option<PathBuf>,
-
-    /// The daemon executable [default: ipc-gateway in the directory of this bench's
-    /// executable; build it with `cargo build --release -p ipc-gateway`].
-    #[arg(long, value_name = "PATH")]
-    gateway_bin: Option<PathBuf>,
 
     /// NATS connections of the Router stand-in, one subscription each in one queue group
     /// [default: 2].
@@ -99,7 +97,6 @@ impl NatsArgs {
             }
         };
         note(self.nats_server.is_some(), "--nats-server");
-        note(self.gateway_bin.is_some(), "--gateway-bin");
         note(self.standin_conns.is_some(), "--standin-conns");
         note(self.standin_threads.is_some(), "--standin-threads");
         note(self.direct_threads.is_some(), "--direct-threads");
@@ -146,7 +143,7 @@ fn settings(args: &Args) -> Result<Settings> {
     let n = &args.nats;
     let gateway_bin = if n.direct_only {
         None
-    } else if let Some(bin) = &n.gateway_bin {
+    } else if let Some(bin) = &args.gateway_bin {
         Some(bin.clone())
     } else {
         let exe = std::env::current_exe().context("cannot find this bench's executable")?;
