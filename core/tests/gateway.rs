@@ -857,16 +857,16 @@ fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
     let c = gw.handle_client_opened(USER, ms(0));
     gw.handle_client_bytes(c, &encode_frame(kind::PING, b""), ms(0));
     gw.handle_shutdown(ms(0));
-    let drained = |gw: &mut Gateway<Scripted>| {
+    let completed = |gw: &mut Gateway<Scripted>| {
         std::iter::from_fn(|| gw.poll_action())
             .any(|a| a == Action::ShutdownComplete { forced: false })
     };
-    assert!(!drained(&mut gw), "the PONG is not written yet");
+    assert!(!completed(&mut gw), "the PONG is not written yet");
     let queued: usize = gw.client_output(c).map(<[u8]>::len).sum();
     gw.handle_client_written(c, queued - 1, ms(1));
-    assert!(!drained(&mut gw), "one byte is still queued");
+    assert!(!completed(&mut gw), "one byte is still queued");
     gw.handle_client_written(c, 1, ms(1));
-    assert!(drained(&mut gw));
+    assert!(completed(&mut gw));
 
     let mut gw = Gateway::<Scripted>::new(config(), Scripted::default());
     let c = gw.handle_client_opened(USER, ms(0));
@@ -874,12 +874,15 @@ fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
     gw.handle_shutdown(ms(0));
     assert_eq!(gw.poll_timeout(), Some(ms(1000)));
     gw.handle_timeout(ms(1000));
-    assert!(!drained(&mut gw), "the flush grace has only begun");
+    assert!(!completed(&mut gw), "the flush grace has only begun");
     assert_eq!(gw.poll_timeout(), Some(ms(3000)));
     gw.handle_timeout(ms(2999));
-    assert!(!drained(&mut gw));
+    assert!(!completed(&mut gw));
     gw.handle_timeout(ms(3000));
-    assert!(drained(&mut gw), "given up at the deadline plus the grace");
+    assert!(
+        completed(&mut gw),
+        "given up at the deadline plus the grace"
+    );
     assert_eq!(gw.poll_timeout(), None, "nothing more to wait for");
 }
 
@@ -888,4 +891,58 @@ fn drain_waits_for_output_then_gives_up_on_clients_that_do_not_read() {
 #[test]
 fn read_slack_is_the_shells_read_size() {
     assert_eq!(ipc_gateway_core::gateway::READ_SLACK, 64 * 1024);
+}
+
+/// The call contract's one ordering rule: the NATS flush is held while client actions come out
+/// at once; `poll_timeout` reports it due, and `handle_timeout` hands it out after the rest.
+#[test]
+fn the_upstream_flush_is_held_until_handle_timeout() {
+    use ipc_gateway_core::nats_session::{NatsConfig, NatsInput, NatsSession, SessionAction};
+    let mut nats = NatsConfig::default();
+    nats.set_servers("nats://127.0.0.1:4222").unwrap();
+    let mut gw = Gateway::<NatsSession>::new(
+        GatewayConfig {
+            allowed_uids: AllowedUids::Any,
+            ..config()
+        },
+        nats,
+    );
+    let actions =
+        |gw: &mut Gateway<NatsSession>| std::iter::from_fn(|| gw.poll_action()).collect::<Vec<_>>();
+    gw.handle_timeout(ms(0));
+    let link = match actions(&mut gw).as_slice() {
+        [Action::Upstream(SessionAction::Connect { link, .. })] => *link,
+        other => panic!("expected one Connect, got {other:?}"),
+    };
+    gw.handle_upstream(NatsInput::Connected(link), ms(1));
+    gw.handle_upstream(
+        NatsInput::Received(link, b"INFO {\"server_id\":\"a\"}\r\n"),
+        ms(1),
+    );
+    assert_eq!(actions(&mut gw), vec![], "CONNECT+SUB+PING are held");
+    assert_eq!(gw.poll_timeout(), Some(ms(1)), "and due at once");
+    gw.handle_timeout(ms(1));
+    assert_eq!(
+        actions(&mut gw),
+        vec![Action::Upstream(SessionAction::Transmit { link })]
+    );
+    let written: usize = gw.upstream().output().map(<[u8]>::len).sum();
+    gw.handle_upstream(NatsInput::Written(link, written), ms(1));
+    gw.handle_upstream(NatsInput::Received(link, b"PONG\r\n"), ms(2));
+
+    let a = gw.handle_client_opened(USER, ms(3));
+    let b = gw.handle_client_opened(USER, ms(3));
+    gw.handle_client_bytes(a, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(3));
+    gw.handle_client_bytes(b, &encode_frame(kind::PING, b""), ms(3));
+    assert_eq!(
+        actions(&mut gw),
+        vec![Action::Transmit(b)],
+        "the PONG is not held"
+    );
+    gw.handle_timeout(ms(3));
+    assert_eq!(
+        actions(&mut gw),
+        vec![Action::Upstream(SessionAction::Transmit { link })],
+        "the request leaves at the turn's handle_timeout"
+    );
 }

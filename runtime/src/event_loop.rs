@@ -2,10 +2,12 @@
 //! into syscalls. No logic lives here that a simulator would need to repeat: limits, deadlines,
 //! ordering and closing decisions are the core's.
 //!
-//! Each turn: wait for readiness or the core's next deadline → feed every event of the batch
-//! (accept, read, write, signals, the upstream's socket) → `handle_timeout` → poll
-//! `poll_action` until `None`, acting on each → repeat. The order of actions is the core's
-//! (`Gateway`'s call contract); this file only turns them into syscalls.
+//! Each turn: wait for readiness or the core's next deadline → for each event (accept, read,
+//! write, signals, the upstream's socket) feed the core, then poll `poll_action` until `None`
+//! and act, so a client's reply is written before the next client is read → `handle_timeout`
+//! once the core's deadline has passed (this also releases the NATS flush the core held
+//! during the turn) → act again → repeat. The order of actions is the core's (`Gateway`'s
+//! call contract); this file only turns them into syscalls.
 //!
 //! - Edge-triggered: on readiness a socket is read until `WouldBlock`; a connection gets at
 //!   most [`READS_PER_TURN`] reads per turn (pelikan's fairness rule), the rest waits for the
@@ -21,8 +23,9 @@
 //! - Rust ignores SIGPIPE for us, so a write to a vanished client is an `EPIPE` error, never a
 //!   dead process.
 //! - With NATS enabled, the session's socket is one more source here
-//!   ([`crate::nats_link::NatsLink`]). The core hands out the session's `Transmit` last in a
-//!   poll round, so the requests of every client served in the turn leave in one syscall.
+//!   ([`crate::nats_link::NatsLink`]). The core holds the session's `Transmit` until the
+//!   turn's `handle_timeout`, so the requests of every client served in the turn leave in one
+//!   syscall.
 //! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
 
@@ -237,12 +240,20 @@ impl<U: UpstreamIo> EventLoop<U> {
                         }
                     }
                 }
+                // Write what this event produced before reading the next connection: its
+                // client can send its next requests while we serve the others.
+                if let Some(exit) = self.apply_actions(now) {
+                    return Ok(exit);
+                }
             }
             for token in std::mem::take(&mut self.read_again) {
                 self.read(token, now);
             }
             self.link
                 .read_postponed(&mut self.gateway, self.poll.registry(), now);
+            if let Some(exit) = self.apply_actions(now) {
+                return Ok(exit);
+            }
             if self
                 .accept_again
                 .is_some_and(|t| t <= std::time::Instant::now())

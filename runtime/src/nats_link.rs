@@ -19,8 +19,8 @@
 //! Every report goes through [`Gateway::handle_upstream`] as a [`NatsInput`] naming the
 //! session's link, so a reply or a failure it produces reaches its client in the same turn,
 //! and a report about a link the session has given up is dropped by the session itself.
-//! Writes happen on `Transmit`, which the gateway hands out last in a poll round: the
-//! requests of every client served in one loop turn leave in one syscall.
+//! Writes happen on `Transmit`, which the gateway holds until the turn's `handle_timeout`:
+//! the requests of every client served in one loop turn leave in one syscall.
 
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};

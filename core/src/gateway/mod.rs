@@ -19,8 +19,12 @@
 //! 3. **Sleep** until [`Gateway::poll_timeout`] or the next I/O event, whichever comes first.
 //!
 //! The order of actions is decided here, once: everything comes out in the order it arose,
-//! except the upstream's flush of queued output, which comes out last, once per poll round,
-//! so that the requests of every client fed since the last round leave in one write.
+//! except the upstream's flush of queued output (the NATS `Transmit`). That one is held, and
+//! [`Gateway::poll_timeout`] reports it due at once; the [`Gateway::handle_timeout`] call a
+//! shell makes once that instant has passed (the mio shell: once per loop turn, after every
+//! readiness event of the turn) hands it out, after everything else. So replies go to each
+//! client as soon as its event is handled, and the requests of every client served in a turn
+//! leave for NATS in one write.
 //!
 //! ```no_run
 //! use ipc_gateway_core::stub::{StubConfig, StubUpstream};
@@ -213,8 +217,9 @@ pub struct Gateway<U: Upstream> {
     newest_no_responders: Option<RequestId>,
     read_deadlines: BTreeSet<(Instant, ConnId)>,
     actions: VecDeque<Action<U::Action>>,
-    /// The upstream's flush, handed out after everything else (module doc).
-    upstream_flush: Option<U::Action>,
+    /// The upstream's flush and since when it is held; `handle_timeout` hands it out (module
+    /// doc).
+    held_flush: Option<(Instant, U::Action)>,
     next_conn: u64,
     /// Prefix of request ids, from the seed, so ids differ between gateway instances.
     instance: u32,
@@ -246,7 +251,7 @@ impl<U: Upstream> Gateway<U> {
             inflight: InFlightTable::new(),
             read_deadlines: BTreeSet::new(),
             actions: VecDeque::new(),
-            upstream_flush: None,
+            held_flush: None,
             next_conn: 0,
             instance,
             shutdown: Shutdown::Running,
@@ -408,15 +413,16 @@ impl<U: Upstream> Gateway<U> {
         }
         self.breaker.handle_timeout(now);
         self.finish_turn(now);
+        if let Some((_, flush)) = self.held_flush.take() {
+            self.actions.push_back(Action::Upstream(flush));
+        }
     }
 
     // ----- outputs ------------------------------------------------------------------------
 
     /// The next thing the shell must do.
     pub fn poll_action(&mut self) -> Option<Action<U::Action>> {
-        self.actions
-            .pop_front()
-            .or_else(|| self.upstream_flush.take().map(Action::Upstream))
+        self.actions.pop_front()
     }
 
     /// When [`Gateway::handle_timeout`] must next be called.
@@ -427,6 +433,7 @@ impl<U: Upstream> Gateway<U> {
             self.breaker.poll_timeout(),
             self.upstream.poll_timeout(),
             self.shutdown.deadline(),
+            self.held_flush.as_ref().map(|(since, _)| *since),
         ]
         .into_iter()
         .flatten()
@@ -763,7 +770,7 @@ impl<U: Upstream> Gateway<U> {
             );
         }
         self.advance_shutdown(now);
-        self.collect_upstream_actions();
+        self.collect_upstream_actions(now);
     }
 
     /// Connections whose replies freed in-flight slots decode what they buffered.
@@ -773,12 +780,13 @@ impl<U: Upstream> Gateway<U> {
         }
     }
 
-    /// Moves the upstream's actions into the one queue. The flush is held back and handed out
-    /// last ([`Gateway::poll_action`]).
-    fn collect_upstream_actions(&mut self) {
+    /// Moves the upstream's actions into the one queue. The flush is held until the next
+    /// `handle_timeout` (module doc); it stays due from the first instant it was held.
+    fn collect_upstream_actions(&mut self, now: Instant) {
         while let Some(action) = self.upstream.poll_action() {
             if U::is_flush(&action) {
-                self.upstream_flush = Some(action);
+                let since = self.held_flush.take().map_or(now, |(since, _)| since);
+                self.held_flush = Some((since, action));
             } else {
                 self.actions.push_back(Action::Upstream(action));
             }

@@ -122,8 +122,9 @@ pub enum SessionAction {
     /// Close the link's socket; report nothing more about it.
     Disconnect { link: LinkId },
     /// Output is queued for the link: write [`crate::nats_session::NatsSession::output`] and
-    /// report [`NatsInput::Written`]. The gateway hands this out last in a turn
-    /// ([`crate::upstream::Upstream::is_flush`]), so one write carries the whole turn.
+    /// report [`NatsInput::Written`]. The gateway holds this until the shell's next
+    /// `handle_timeout` ([`crate::upstream::Upstream::is_flush`]), so one write carries the
+    /// whole turn.
     Transmit { link: LinkId },
 }
 

@@ -162,9 +162,9 @@ pub trait Upstream: Sized {
     fn poll_event(&mut self) -> Option<UpstreamEvent>;
     /// The next thing the shell must do, polled until `None`.
     fn poll_action(&mut self) -> Option<Self::Action>;
-    /// Whether the action is the flush of queued output. The gateway hands the flush out
-    /// after everything else a turn produced, so that requests from many clients leave in one
-    /// write.
+    /// Whether the action is the flush of queued output. The gateway holds the flush until
+    /// the shell's next `handle_timeout` (at the latest the end of its turn) and hands it out
+    /// after everything else, so that requests from many clients leave in one write.
     fn is_flush(action: &Self::Action) -> bool;
     /// Whether a shutdown has closed it (nothing more will be written).
     fn is_closed(&self) -> bool;
