@@ -13,6 +13,7 @@ use ipc_gateway_core::error::ErrorCode;
 use ipc_gateway_core::frame::{encode_frame, kind, FrameDecoder};
 use ipc_gateway_core::gateway::AllowedUids;
 use ipc_gateway_core::inflight::RequestId;
+use ipc_gateway_core::nats_session::{LinkId, NatsConfig, NatsInput, NatsSession, SessionAction};
 use ipc_gateway_core::upstream::{
     FailureCause, Identity, TaskKind, Upstream, UpstreamEvent, UpstreamRequest,
 };
@@ -893,11 +894,13 @@ fn read_slack_is_the_shells_read_size() {
     assert_eq!(ipc_gateway_core::gateway::READ_SLACK, 64 * 1024);
 }
 
-/// The call contract's one ordering rule: the NATS flush is held while client actions come out
-/// at once; `poll_timeout` reports it due, and `handle_timeout` hands it out after the rest.
-#[test]
-fn the_upstream_flush_is_held_until_handle_timeout() {
-    use ipc_gateway_core::nats_session::{NatsConfig, NatsInput, NatsSession, SessionAction};
+/// Polls every action the gateway has queued.
+fn actions<U: Upstream>(gw: &mut Gateway<U>) -> Vec<Action<U::Action>> {
+    std::iter::from_fn(|| gw.poll_action()).collect()
+}
+
+/// A gateway over a NATS session whose handshake is done; returns its link.
+fn nats_gateway() -> (Gateway<NatsSession>, LinkId) {
     let mut nats = NatsConfig::default();
     nats.set_servers("nats://127.0.0.1:4222").unwrap();
     let mut gw = Gateway::<NatsSession>::new(
@@ -907,8 +910,6 @@ fn the_upstream_flush_is_held_until_handle_timeout() {
         },
         nats,
     );
-    let actions =
-        |gw: &mut Gateway<NatsSession>| std::iter::from_fn(|| gw.poll_action()).collect::<Vec<_>>();
     gw.handle_timeout(ms(0));
     let link = match actions(&mut gw).as_slice() {
         [Action::Upstream(SessionAction::Connect { link, .. })] => *link,
@@ -929,7 +930,14 @@ fn the_upstream_flush_is_held_until_handle_timeout() {
     let written: usize = gw.upstream().output().map(<[u8]>::len).sum();
     gw.handle_upstream(NatsInput::Written(link, written), ms(1));
     gw.handle_upstream(NatsInput::Received(link, b"PONG\r\n"), ms(2));
+    (gw, link)
+}
 
+/// The call contract's one ordering rule: the NATS flush is held while client actions come out
+/// at once; `poll_timeout` reports it due, and `handle_timeout` hands it out after the rest.
+#[test]
+fn the_upstream_flush_is_held_until_handle_timeout() {
+    let (mut gw, link) = nats_gateway();
     let a = gw.handle_client_opened(USER, ms(3));
     let b = gw.handle_client_opened(USER, ms(3));
     gw.handle_client_bytes(a, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(3));
@@ -944,5 +952,34 @@ fn the_upstream_flush_is_held_until_handle_timeout() {
         actions(&mut gw),
         vec![Action::Upstream(SessionAction::Transmit { link })],
         "the request leaves at the turn's handle_timeout"
+    );
+}
+
+/// The shell stops at ShutdownComplete, so the session's Disconnect comes before it, both
+/// after a drain and after a second signal.
+#[test]
+fn the_upstream_disconnect_comes_before_shutdown_complete() {
+    let (mut gw, link) = nats_gateway();
+    gw.handle_shutdown(ms(3));
+    assert_eq!(
+        actions(&mut gw),
+        vec![
+            Action::Upstream(SessionAction::Disconnect { link }),
+            Action::ShutdownComplete { forced: false }
+        ]
+    );
+
+    let (mut gw, link) = nats_gateway();
+    let a = gw.handle_client_opened(USER, ms(3));
+    gw.handle_client_bytes(a, &encode_frame(kind::TASK_SUBMIT, b"{}"), ms(3));
+    gw.handle_shutdown(ms(4));
+    gw.handle_shutdown(ms(5));
+    let all = actions(&mut gw);
+    let at = |wanted: &Action<SessionAction>| all.iter().position(|a| a == wanted);
+    let disconnect = at(&Action::Upstream(SessionAction::Disconnect { link }));
+    let done = at(&Action::ShutdownComplete { forced: true });
+    assert!(
+        disconnect.is_some() && done.is_some() && disconnect < done,
+        "{all:?}"
     );
 }

@@ -99,8 +99,7 @@ impl<U: Upstream> Gateway<U> {
                 self.upstream.handle_abort(now);
                 self.deliver_outcomes(now);
                 self.shutdown = Shutdown::Done;
-                self.actions
-                    .push_back(Action::ShutdownComplete { forced: true });
+                self.emit_shutdown_complete(now, true);
             }
         }
         self.finish_turn(now);
@@ -171,10 +170,18 @@ impl<U: Upstream> Gateway<U> {
                     component = "ipc_bridge",
                     flushed = self.clients_flushed()
                 );
-                self.actions
-                    .push_back(Action::ShutdownComplete { forced: false });
+                self.emit_shutdown_complete(now, false);
             }
         }
+    }
+
+    /// The last action: whatever the upstream asked for on its way out (the `Disconnect` of
+    /// its socket) goes before it, since the shell stops at `ShutdownComplete`. A flush still
+    /// held is dropped: a closed upstream has no output.
+    fn emit_shutdown_complete(&mut self, now: Instant, forced: bool) {
+        self.collect_upstream_actions(now);
+        self.held_flush = None;
+        self.actions.push_back(Action::ShutdownComplete { forced });
     }
 
     /// Every request in flight holds a slot on its connection (`assert_invariants`), so no
