@@ -866,6 +866,7 @@ impl World {
                 log: &n.log,
                 routers_away: &self.routers_away,
                 published: &published,
+                shutdown_at: None,
             };
             after_outage::check(&gw, &reply, &mut report);
         }

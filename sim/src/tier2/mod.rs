@@ -386,6 +386,7 @@ impl Run {
                 log,
                 routers_away: &[],
                 published: &published,
+                shutdown_at: None,
             };
             check(&gw, &reply, &mut report);
         }
