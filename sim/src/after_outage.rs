@@ -32,6 +32,10 @@
 //!   return, any opening since they left, or a breaker not Closed when they left;
 //! - the link was lost again before the request was answered, so its bytes may never have
 //!   reached the server (`cut`).
+//!
+//! A gateway that was signalled to shut down admits nothing from then on (gateway.md section
+//! 8: new requests get error 6): a moment whose first request was read after the signal is
+//! `vacuous` too. The shutdown itself is checked by [`crate::shutdown`].
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -200,6 +204,8 @@ pub struct Gateway<'a> {
     /// What the stand-in recorded as published from this gateway's connections: (time at
     /// the server, marker).
     pub published: &'a [(Duration, String)],
+    /// When the gateway took its first shutdown signal, if it did.
+    pub shutdown_at: Option<Mark>,
 }
 
 /// Checks one gateway (see the module doc). `reply` finds what the client got for a marker
@@ -212,6 +218,7 @@ pub fn check(gw: &Gateway<'_>, reply: &dyn Fn(&str) -> Option<Reply>, report: &m
         log,
         routers_away,
         published,
+        shutdown_at,
     } = *gw;
     let mut moments: Vec<Moment> = Vec::new();
     let mut was_up = false;
@@ -268,7 +275,9 @@ pub fn check(gw: &Gateway<'_>, reply: &dyn Fn(&str) -> Option<Reply>, report: &m
             report.vacuous += 1;
             continue;
         };
-        if window_end.is_some_and(|e| e.ord < taken.ord) {
+        if window_end.is_some_and(|e| e.ord < taken.ord)
+            || shutdown_at.is_some_and(|s| s.ord < taken.ord)
+        {
             report.vacuous += 1;
             continue;
         }
@@ -353,6 +362,7 @@ mod tests {
             log,
             routers_away: &[],
             published,
+            shutdown_at: None,
         };
         check(&gw, &|_| r.clone(), &mut report);
         report
@@ -471,9 +481,38 @@ mod tests {
             log: &log,
             routers_away: &[away],
             published: &[],
+            shutdown_at: None,
         };
         check(&gw, &|_| Some(r.clone()), &mut report);
         assert_eq!(report.failures.len(), 1, "{report:?}");
         assert!(report.failures[0].contains("Routers back at 800ms"));
+    }
+
+    /// A gateway signalled to shut down refuses what it reads from then on (error 6): the
+    /// first request after a reconnect, read after the signal, is not checked.
+    #[test]
+    fn a_request_read_after_the_shutdown_signal_is_not_the_one() {
+        let log = bounced();
+        let draining = Reply {
+            at: Duration::from_millis(1000),
+            code: 6,
+            message: "Shutting down: the gateway is draining".into(),
+        };
+        let mut report = Report::default();
+        let gw = Gateway {
+            seed: 7,
+            name: "g0",
+            request_timeout: Duration::from_millis(300),
+            log: &log,
+            routers_away: &[],
+            published: &[],
+            shutdown_at: Some(m(10, 1000)),
+        };
+        check(&gw, &|_| Some(draining.clone()), &mut report);
+        assert_eq!(
+            (report.vacuous, report.failures.len()),
+            (1, 0),
+            "{report:?}"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Tier-1 scenarios (a)–(h) of the simulation issue, each over a sweep of seeds.
+//! Tier-1 scenarios (a)–(h) of the simulation issue and the shutdown scenarios (i)–(k), each
+//! over a sweep of seeds.
 //!
 //! Every run checks the invariants of gateway.md section 1 (exactly one reply per request in
 //! order, no hang, no mix-up, no leak, bounded memory; `assert_invariants` after every step)
@@ -43,6 +44,8 @@ struct Seen {
     no_responders: u64,
     /// Reconnects whose first admitted request the after-outage check saw published.
     reconnects_checked: u64,
+    /// What the shutdown check counted.
+    shutdown: sim::shutdown::Report,
 }
 
 impl Seen {
@@ -67,6 +70,7 @@ impl Seen {
         }
         self.resume_reads += w.resume_reads;
         self.reconnects_checked += w.after_outage.checked;
+        self.shutdown.add(&w.shutdown);
     }
 }
 
@@ -482,6 +486,76 @@ fn h_vanished_machine_keepalive() {
     }
 }
 
+/// (i) SIGTERM while slow Routers hold requests: what was read before the signal gets the
+/// Router's reply by the drain deadline or error 6 at it, what is read after gets error 6 and
+/// is never published, and `ShutdownComplete { forced: false }` comes once, with the NATS
+/// session closed, within signal + drain + flush grace + NATS drain. In half the runs the
+/// network holds the NATS bytes across the drain deadline, so the session has output to
+/// flush when the gateway reaches it (the shutdown check, `sim::shutdown`).
+#[test]
+fn i_shutdown_drain_slow_router() {
+    let seen = sweep_seen(
+        "i_shutdown_drain_slow_router",
+        Scenario::Drain,
+        200,
+        &|_| Vec::new(),
+    );
+    if full_sweep() {
+        let s = &seen.shutdown;
+        assert!(s.drained > 0, "no drain completed: {s:?}");
+        assert!(s.answered > 0, "no Router reply during a drain: {s:?}");
+        assert!(
+            s.failed_at_deadline > 0,
+            "nothing failed at a drain deadline: {s:?}"
+        );
+        assert!(s.refused > 0, "nothing read after a signal: {s:?}");
+        assert!(
+            s.waited_for_nats > 0,
+            "no shutdown waited for the NATS session's flush: {s:?}"
+        );
+    }
+}
+
+/// (j) The NATS server bounces or vanishes shortly after the signals, requests in flight: the
+/// same checks, and requests lost with the connection get error 8 (or error 6 at the
+/// deadline, when they waited in the reconnect buffer); the shutdown still completes within
+/// its bound, with the session closed.
+#[test]
+fn j_shutdown_nats_outage_during_drain() {
+    let seen = sweep_seen(
+        "j_shutdown_nats_outage_during_drain",
+        Scenario::DrainOutage,
+        200,
+        &|_| Vec::new(),
+    );
+    if full_sweep() {
+        let s = &seen.shutdown;
+        assert!(s.drained > 0, "no drain completed: {s:?}");
+        assert!(s.lost_with_link > 0, "no request lost with the link: {s:?}");
+        assert!(s.refused > 0, "nothing read after a signal: {s:?}");
+    }
+}
+
+/// (k) A second signal during the drain: `ShutdownComplete { forced: true }` at that instant,
+/// the NATS session closed, no panic, the invariants held throughout.
+#[test]
+fn k_shutdown_second_signal() {
+    let seen = sweep_seen(
+        "k_shutdown_second_signal",
+        Scenario::SecondSignal,
+        200,
+        &|_| Vec::new(),
+    );
+    if full_sweep() {
+        let s = &seen.shutdown;
+        assert!(s.forced > 0, "no forced exit: {s:?}");
+        assert!(
+            s.cut_by_force > 0,
+            "no forced exit with requests still in flight: {s:?}"
+        );
+    }
+}
+
 /// Runs are deterministic: a seed replays to the same trace digest, and a neighbouring seed gives
 /// another (the trace records enough to tell runs apart).
 #[test]
@@ -498,6 +572,24 @@ fn same_seed_same_digest() {
             "seeds {seed} and {} gave the same digest: the trace records too little",
             seed ^ 1
         );
+    }
+}
+
+/// The shutdown scenarios replay too: signals, the exit and the NATS send buffer are in the
+/// trace.
+#[test]
+fn shutdown_same_seed_same_digest() {
+    let test = "shutdown_same_seed_same_digest";
+    for seed in seeds(test, 3) {
+        for scenario in [
+            Scenario::Drain,
+            Scenario::DrainOutage,
+            Scenario::SecondSignal,
+        ] {
+            let a = run_one(test, scenario, seed, &|_| {}, &|_| Vec::new()).digest();
+            let b = run_one(test, scenario, seed, &|_| {}, &|_| Vec::new()).digest();
+            assert_eq!(a, b, "{scenario:?} seed {seed}: two runs, two digests; replay: SIM_SEED={seed} cargo test -p sim --test tier1 {test}");
+        }
     }
 }
 

@@ -1134,3 +1134,220 @@ fn cluster_failover_connect_urls() {
         }
     });
 }
+
+/// What a shutdown scenario does besides the signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Slow Routers hold requests at the signal; in half the seeds the gateways' NATS links
+    /// are held from before the signals until past the drain deadlines.
+    Drain,
+    /// The nats host goes away shortly after the signals: crashed and restarted, or
+    /// partitioned and crashed (a vanished machine), then back.
+    Outage,
+    /// A second signal follows the first during the drain.
+    Twice,
+}
+
+/// A shutdown run (gateway.md section 8): 1–2 gateways, each signalled at 0.9–1.3 s while
+/// slow Routers hold its requests. Per gateway: a client whose one request the Router holds
+/// past the drain deadline (so the drain lasts until it, and a second signal meets it), a
+/// prober that keeps sending across the signal (its requests after it are refused), and two
+/// clients with a Router behaviour mix. `Run::check_invariants` runs the shutdown check
+/// (`sim::shutdown`) besides the usual ones.
+fn shutdown_run(seed: u64, stop: Stop) -> Run {
+    let mut opts = Options::from_seed(seed);
+    let mut rng = opts.rng(20);
+    opts.gateways = 1 + rng.below(2) as usize;
+    let drain = 400 + rng.below(800);
+    opts.drain_timeout = ms(drain);
+    opts.nats_drain_timeout = ms(200 + rng.below(600));
+    opts.request_timeout = ms(drain / 2 + rng.below(drain * 2));
+    opts.nats_sndbuf = Some(200 + rng.below(1000) as usize);
+    // The breaker is not what these runs are about (silent Routers would open it).
+    opts.breaker.failures_to_open = 1_000_000;
+    let mut firsts = Vec::new();
+    for g in 0..opts.gateways {
+        let at = ms(900 + rng.below(400));
+        firsts.push(at);
+        opts.signals.push((g, at));
+        if stop == Stop::Twice {
+            // While the held request (sent 100 ms before the first) is still in flight.
+            let within = drain.min(opts.request_timeout.as_millis() as u64 - 100);
+            opts.signals.push((g, at + ms(rng.below(within.max(1)))));
+        }
+    }
+    let first = *firsts.iter().min().unwrap();
+    let last = *firsts.iter().max().unwrap();
+    let mut fleet = Vec::new();
+    for (g, signal) in firsts.iter().enumerate() {
+        let mut holder = ide(
+            &format!("ide-{g}-hold"),
+            g,
+            vec![Req::new("slow", 10_000)],
+            1,
+        );
+        holder.start_delay = *signal - ms(100);
+        fleet.push(holder);
+        let probes = (0..30).map(|_| Req::new("ok", 0).after(ms(60))).collect();
+        fleet.push(ide(&format!("ide-{g}-probe"), g, probes, 1));
+        for c in 0..2 {
+            let n = 8 + rng.below(12) as usize;
+            let reqs = (0..n)
+                .map(|_| {
+                    let (b, d) = match rng.below(10) {
+                        0..=2 => ("ok", 0),
+                        3 | 4 => ("slow", rng.below(drain / 2)),
+                        5 | 6 => ("slow", drain / 2 + rng.below(drain)),
+                        7 | 8 => ("slow", drain + rng.below(drain * 2)),
+                        _ => ("silent", 0),
+                    };
+                    Req::new(b, d).after(ms(rng.below(150)))
+                })
+                .collect();
+            let mut spec = ide(&format!("ide-{g}-{c}"), g, reqs, 1 + rng.below(3) as usize);
+            spec.start_delay = ms(200 + rng.below(300));
+            fleet.push(spec);
+        }
+    }
+    let hold = stop == Stop::Drain && rng.below(2) == 0;
+    let hold_end = last + ms(drain + 1 + rng.below(1500));
+    let outage_at = last + ms(rng.below(300));
+    let down = ms(100 + rng.below(drain + 1500));
+    let vanish = rng.below(2) == 0;
+    println!(
+        "tier2 shutdown {stop:?}: gateways={} drain={:?} nats_drain={:?} timeout={:?} sndbuf={:?} \
+         signals={:?} hold={} outage={}",
+        opts.gateways,
+        opts.drain_timeout,
+        opts.nats_drain_timeout,
+        opts.request_timeout,
+        opts.nats_sndbuf,
+        opts.signals,
+        if hold {
+            format!("{:?}..{hold_end:?}", first - ms(200))
+        } else {
+            "none".into()
+        },
+        if stop == Stop::Outage {
+            format!(
+                "{}@{outage_at:?} for {down:?}",
+                if vanish { "vanish" } else { "crash" }
+            )
+        } else {
+            "none".into()
+        }
+    );
+    let gateways: Vec<String> = (0..opts.gateways).map(Options::gateway_name).collect();
+    let mut run = Run::new(opts.clone(), ServerConfig::default());
+    run.ide_fleet("ide-fleet", fleet);
+    if hold {
+        run.run_until(first - ms(200));
+        for g in &gateways {
+            run.sim.hold(g.as_str(), "nats");
+        }
+        run.run_until(hold_end);
+        for g in &gateways {
+            run.sim.release(g.as_str(), "nats");
+        }
+    }
+    if stop == Stop::Outage {
+        run.run_until(outage_at);
+        if vanish {
+            for g in &gateways {
+                run.sim.partition(g.as_str(), "nats");
+            }
+        }
+        run.sim.crash("nats");
+        run.run_until(outage_at + down);
+        if vanish {
+            for g in &gateways {
+                run.sim.repair(g.as_str(), "nats");
+            }
+        }
+        run.sim.bounce("nats");
+    }
+    // Past every gateway's bound, so that a shutdown that hangs is seen as one.
+    let bound = last + opts.drain_timeout + sim::shutdown::FLUSH_GRACE + opts.nats_drain_timeout;
+    run.run_until(bound + slack(&opts) + ms(50));
+    run.finish(ms(100));
+    run.summary();
+    run.check_invariants();
+    run
+}
+
+/// Runs a shutdown scenario over its seeds and sums what the shutdown check counted.
+fn shutdown_seeds(test: &str, stop: Stop) -> sim::shutdown::Report {
+    let total = std::cell::RefCell::new(sim::shutdown::Report::default());
+    run_seeds(test, 8, |seed| {
+        let run = shutdown_run(seed, stop);
+        total.borrow_mut().add(&run.shutdown);
+    });
+    let total = total.into_inner();
+    println!("tier2 {test}: {}", total.line());
+    total
+}
+
+/// (i) SIGTERM while slow Routers hold requests: what each gateway read before the signal
+/// gets the Router's reply by the drain deadline or error 6 at it, what it reads after gets
+/// error 6 and is never published, and `ShutdownComplete { forced: false }` comes once, with
+/// the NATS session closed, within signal + drain + flush grace + NATS drain (+ slack).
+#[test]
+fn shutdown_drain_slow_router() {
+    let s = shutdown_seeds("shutdown_drain_slow_router", Stop::Drain);
+    assert_eq!(s.forced, 0, "{s:?}");
+    if full_sweep() {
+        assert!(s.drained > 0, "{s:?}");
+        assert!(
+            s.failed_at_deadline > 0,
+            "nothing failed at a drain deadline: {s:?}"
+        );
+        assert!(s.refused > 0, "nothing read after a signal: {s:?}");
+        assert!(
+            s.waited_for_nats > 0,
+            "no shutdown waited for the NATS session's flush: {s:?}"
+        );
+    }
+}
+
+/// Sweep-wide counts only make sense over a sweep, not over one replayed seed.
+fn full_sweep() -> bool {
+    std::env::var_os("SIM_SEED").is_none()
+}
+
+/// (j) The nats host crashes or vanishes shortly after the signals, requests in flight: the
+/// same checks; requests lost with the connection get error 8 (or error 6 at the deadline,
+/// when they waited in the reconnect buffer), and the shutdown still completes in its bound.
+#[test]
+fn shutdown_nats_outage_during_drain() {
+    let s = shutdown_seeds("shutdown_nats_outage_during_drain", Stop::Outage);
+    assert_eq!(s.forced, 0, "{s:?}");
+    if full_sweep() {
+        assert!(s.drained > 0, "{s:?}");
+        assert!(s.lost_with_link > 0, "no request lost with the link: {s:?}");
+    }
+}
+
+/// (k) A second signal during the drain: `ShutdownComplete { forced: true }` at its virtual
+/// time, the NATS session closed, no panic, the invariants held.
+#[test]
+fn shutdown_second_signal() {
+    let s = shutdown_seeds("shutdown_second_signal", Stop::Twice);
+    // The held request keeps every drain going until the second signal.
+    assert_eq!(s.drained, 0, "{s:?}");
+    if full_sweep() {
+        assert!(s.forced > 0 && s.cut_by_force > 0, "{s:?}");
+    }
+}
+
+/// A shutdown run replays: the same seed, the same trace (signals, exits and partial NATS
+/// writes included).
+#[test]
+fn shutdown_same_seed_same_digest() {
+    run_seeds("shutdown_same_seed_same_digest", 1, |seed| {
+        for stop in [Stop::Drain, Stop::Outage, Stop::Twice] {
+            let a = shutdown_run(seed, stop).digest();
+            let b = shutdown_run(seed, stop).digest();
+            assert_eq!(a, b, "{stop:?}: the same seed must give the same trace");
+        }
+    });
+}

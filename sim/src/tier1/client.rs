@@ -5,7 +5,8 @@
 //! in order); a RESPONSE_OK echoes *this* request's marker (no mix-up) and its Router
 //! behaviour (an error class comes back as that class, a silent Router never answers); an
 //! error frame carries an allowed code; a timeout never comes early; and every reply comes by
-//! its deadline plus slack (no hang).
+//! its deadline plus slack (no hang). When its gateway exits (shutdown), nothing it read may
+//! be left unanswered unless a second signal forced the exit.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -44,6 +45,9 @@ pub struct Expect {
     pub request_timeout: Duration,
     pub per_conn_limit: usize,
     pub slack: Duration,
+    /// The run signals gateways: error 6 (shutting down) is allowed, without a request id
+    /// when refused at admission (the shutdown check judges each one).
+    pub shutdown: bool,
 }
 
 /// Replies by outcome: index 0 RESPONSE_OK (Router reply), otherwise the error code.
@@ -75,6 +79,10 @@ pub struct Client {
     pub stop_at: Option<Instant>,
     pub left: bool,
     pub closed_by_gateway: bool,
+    /// The gateway had stopped accepting when this client tried to connect.
+    pub refused: bool,
+    /// Requests it had written that the gateway never read when it exited.
+    pub unread_at_exit: usize,
     pub failures: Vec<String>,
     expect: Expect,
     name: String,
@@ -109,6 +117,8 @@ impl Client {
             stop_at: None,
             left: false,
             closed_by_gateway: false,
+            refused: false,
+            unread_at_exit: 0,
             failures: Vec::new(),
             expect,
             name,
@@ -173,6 +183,48 @@ impl Client {
         self.outstanding.clear();
         self.unread.clear();
         self.unread_tasks.clear();
+    }
+
+    /// Its connect was refused: the gateway's shell closed its listener at a shutdown signal.
+    pub fn refuse(&mut self) {
+        self.refused = true;
+        self.closed_by_gateway = true;
+        self.plan.clear();
+    }
+
+    /// The gateway's process exited (after `ShutdownComplete`) and its socket closed. What
+    /// the gateway read must have been answered, unless a second signal forced the exit;
+    /// what it never read (still in the socket) is lost, as with any process that exits.
+    pub fn on_gateway_exit(&mut self, forced: bool) {
+        if self.left || self.closed_by_gateway {
+            return;
+        }
+        self.closed_by_gateway = true;
+        let unread = self.unread_frames();
+        self.unread_at_exit = unread;
+        let read = self.outstanding.len() - unread;
+        if read > 0 && !forced {
+            self.fail(format!(
+                "the gateway exited (drained, not forced) with {read} requests it had read \
+                 unanswered"
+            ));
+        }
+        self.outstanding.clear();
+        self.plan.clear();
+        self.unread.clear();
+        self.unread_tasks.clear();
+    }
+
+    /// Whole frames in `unread`.
+    fn unread_frames(&self) -> usize {
+        let mut n = 0;
+        let mut at = 0;
+        while at + 4 <= self.unread.len() {
+            let b = &self.unread[at..at + 4];
+            at += u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            n += 1;
+        }
+        n
     }
 
     /// The gateway closed the connection.
@@ -285,7 +337,8 @@ impl Client {
             RESPONSE_ERROR => {
                 let code = json["error"]["code"].as_u64().unwrap_or(0) as u16;
                 *self.tally.entry(code).or_default() += 1;
-                if ![5, 7, 8].contains(&code) {
+                let allowed = [5, 7, 8].contains(&code) || (code == 6 && e.shutdown);
+                if !allowed {
                     self.fail(format!("{marker}: unexpected error code {code}: {json}"));
                 }
                 if code == 5 && now < sent.at + e.request_timeout {
@@ -294,7 +347,7 @@ impl Client {
                         sent.at
                     ));
                 }
-                if json["error"]["request_id"].is_null() && code != 7 && code != 8 {
+                if json["error"]["request_id"].is_null() && code != 7 && code != 8 && code != 6 {
                     self.fail(format!("{marker}: error {code} without request_id"));
                 }
             }

@@ -15,6 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use ipc_gateway_core::breaker::BreakerConfig;
+use ipc_gateway_core::nats_config::NatsConfig;
 use ipc_gateway_core::nats_pool::Backoff;
 use ipc_gateway_core::rng::Rng;
 use ipc_gateway_core::Instant;
@@ -22,7 +23,7 @@ use ipc_gateway_core::Instant;
 use crate::router::{Behaviour, ERROR_CLASSES};
 pub use world::{Fault, Options, World};
 
-/// The scenarios of the issue, (a) to (h).
+/// The scenarios of the issue, (a) to (h), and the shutdown ones (gateway.md section 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
     Happy,
@@ -33,6 +34,13 @@ pub enum Scenario {
     Backpressure,
     Breaker,
     Vanish,
+    /// Each gateway is signalled while slow Routers hold its requests; in half the runs the
+    /// NATS network holds bytes from before the signal until past the drain deadline.
+    Drain,
+    /// As `Drain`, and the NATS server bounces or vanishes shortly after the signals.
+    DrainOutage,
+    /// As `Drain`, and a second signal follows the first during the drain.
+    SecondSignal,
 }
 
 fn ms(n: u64) -> Duration {
@@ -104,6 +112,10 @@ impl Options {
             },
             server_headers: true,
             faults: Vec::new(),
+            signals: Vec::new(),
+            drain_timeout: ms(5000),
+            nats_drain_timeout: NatsConfig::default().drain_timeout,
+            nats_sndbuf: None,
         };
         let slow_short = Behaviour::Slow(ms(between(&mut r, 1, timeout / 2)));
         let slow_late = Behaviour::Slow(ms(timeout + between(&mut r, 1, timeout)));
@@ -253,6 +265,9 @@ impl Options {
                 let late = at + ms(between(&mut r, 0, 500));
                 o.late_client = Some((late, at + away + o.backoff.max + ms(1000)));
             }
+            Scenario::Drain | Scenario::DrainOutage | Scenario::SecondSignal => {
+                shutdown_options(&mut o, &mut r, scenario);
+            }
         }
         o
     }
@@ -268,7 +283,8 @@ impl Options {
             "seed={} gws={} routers={} clients={}x{} until={:?} late={:?} pipe={} leave={}‰ \
              ping={}‰ mix=[{}] net={:?}..{:?} router={:?}..{:?} spread={:?} think={:?} timeout={:?} \
              inflight={}/{} breaker={}/{:?}/{:?}/{}/{} keepalive={:?}x{} connect={:?} \
-             backoff={:?}..{:?} headers={} faults={:?}",
+             backoff={:?}..{:?} headers={} faults={:?} signals={:?} drain={:?} nats_drain={:?} \
+             sndbuf={:?}",
             self.seed,
             self.gateways,
             self.routers,
@@ -300,9 +316,85 @@ impl Options {
             self.backoff.initial,
             self.backoff.max,
             self.server_headers,
-            self.faults
+            self.faults,
+            self.signals,
+            self.drain_timeout,
+            self.nats_drain_timeout,
+            self.nats_sndbuf
         )
     }
+}
+
+/// The shutdown scenarios' options (gateway.md section 8): drawn after everything the other
+/// scenarios draw, so theirs stay as they were.
+fn shutdown_options(o: &mut Options, r: &mut Rng, scenario: Scenario) {
+    let drain = between(r, 300, 1500);
+    o.drain_timeout = ms(drain);
+    o.nats_drain_timeout = ms(between(r, 100, 1000));
+    // Around the drain: some requests time out before its deadline, most do not.
+    o.request_timeout = ms(between(r, drain / 2, drain * 3));
+    // A NATS socket that takes a few Router requests at a time.
+    o.nats_sndbuf = Some(between(r, 200, 1200) as usize);
+    o.requests_per_client = between(r, 10, 40) as usize;
+    o.think = ms(between(r, 0, 100));
+    // The Routers hold requests: answered well within the drain, around its end, past it,
+    // never.
+    o.mix = vec![
+        (Behaviour::Ok, 3),
+        (Behaviour::Slow(ms(between(r, 1, drain / 2))), 2),
+        (Behaviour::Slow(ms(between(r, drain / 2, drain * 3 / 2))), 2),
+        (Behaviour::Slow(ms(between(r, drain, drain * 3))), 2),
+        (Behaviour::Silent, 1),
+    ];
+    // Every gateway is signalled while its clients are busy (they start by 520 ms).
+    let mut firsts = Vec::new();
+    for g in 0..o.gateways {
+        let at = between(r, 300, 700);
+        firsts.push(at);
+        o.signals.push((at_ms(at), g));
+    }
+    let (first, last) = (
+        *firsts.iter().min().unwrap_or(&300),
+        *firsts.iter().max().unwrap_or(&300),
+    );
+    match scenario {
+        Scenario::Drain => {
+            // Half the runs: the network holds every byte from before the first signal until
+            // past the last drain deadline. Publishes pile up behind the full send buffer,
+            // and each session must flush them (or give up at its own drain timeout)
+            // before it closes.
+            if r.below(2) == 0 {
+                let start = first - between(r, 50, 250);
+                let end = last + drain + between(r, 1, 1500);
+                o.faults.push((
+                    at_ms(start),
+                    Fault::Hold {
+                        hold: ms(end - start),
+                    },
+                ));
+            }
+        }
+        Scenario::DrainOutage => {
+            // The server goes away shortly after the signals, requests in flight.
+            let at = last + between(r, 0, (drain / 2).min(300));
+            let down = ms(between(r, 50, drain + 1500));
+            let fault = if r.below(2) == 0 {
+                Fault::Bounce { down }
+            } else {
+                Fault::Vanish { away: down }
+            };
+            o.faults.push((at_ms(at), fault));
+        }
+        _ => {
+            // A second signal during the drain (sometimes at the same instant, sometimes
+            // after the drain already ended).
+            for (g, at) in firsts.iter().enumerate() {
+                let second = at + between(r, 0, drain + 500);
+                o.signals.push((at_ms(second), g));
+            }
+        }
+    }
+    o.signals.sort();
 }
 
 /// The next request of a client's plan.
@@ -383,6 +475,7 @@ pub fn run_one(
         w.run();
         w.check_quiescent();
         w.check_after_outage();
+        w.check_shutdown();
         let more = check(&w);
         w.failures.extend(more);
         w
@@ -391,11 +484,16 @@ pub fn run_one(
     match outcome {
         Ok(w) if w.failures.is_empty() => {
             println!(
-                "tier1 {test} seed={seed} digest={:016x} steps={} t={:?} {}{}",
+                "tier1 {test} seed={seed} digest={:016x} steps={} t={:?} {}{}{}",
                 w.digest(),
                 w.steps,
                 w.now,
                 w.after_outage.line(),
+                if w.opts.signals.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", w.shutdown.line())
+                },
                 if verbose {
                     format!(" {summary}")
                 } else {

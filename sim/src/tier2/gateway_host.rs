@@ -11,11 +11,19 @@
 //! - `Connect{host,port}` becomes `turmoil::net::TcpStream::connect`; the core's own connect
 //!   and handshake deadlines decide when an attempt has failed (a `Disconnect` aborts the
 //!   attempt), the shell only reports success, refusal and loss;
-//! - one timer sleeps until `poll_timeout` and calls `handle_timeout`.
+//! - one timer sleeps until `poll_timeout` and calls `handle_timeout`;
+//! - a shutdown signal (`ShellOptions::signals`, SIGTERM in the mio shell) calls
+//!   `handle_shutdown` and pumps; the first closes the listener. On `ShutdownComplete` the
+//!   shell exits as the mio shell does: it stops at that action (what is queued behind it is
+//!   discarded, after a look for the snapshot in [`Shell::exit`]), and every socket closes as
+//!   at a process exit; nothing reaches the core from then on.
 //!
 //! turmoil's writes never block (a segment is queued on the simulated link at once), so a
-//! write is one synchronous `poll_write`; IPC clients use TCP because turmoil simulates no
-//! Unix sockets.
+//! write is one synchronous `poll_write`. With `ShellOptions::nats_sndbuf` the NATS socket
+//! has a send buffer instead: bytes written that the nats host has not read yet count
+//! against it, a write takes only what fits, and the rest goes when there is room (checked
+//! every millisecond, the write-readiness edge), as the mio shell does after `WouldBlock`.
+//! IPC clients use TCP because turmoil simulates no Unix sockets.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -23,11 +31,12 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use ipc_gateway_core::frame::{FrameDecoder, MAX_FRAME_BYTES};
 use ipc_gateway_core::nats_config::SessionState;
 use ipc_gateway_core::nats_session::{LinkId, NatsInput, NatsSession, SessionAction};
-use ipc_gateway_core::upstream::TaskKind;
+use ipc_gateway_core::upstream::{TaskKind, Upstream};
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::Notify;
@@ -35,7 +44,9 @@ use tokio::task::JoinHandle;
 use turmoil::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use turmoil::net::{TcpListener, TcpStream};
 
-use super::obs::{spawn_watched, SharedObs};
+use super::obs::{sim_now, spawn_watched, SharedObs};
+use crate::after_outage::Mark;
+use crate::shutdown::{Exit, Socket};
 
 /// The port IDE hosts connect to.
 pub const IPC_PORT: u16 = 9000;
@@ -57,6 +68,21 @@ struct NatsIo {
     /// The attempt and, once up, the reader; aborted on `Disconnect` and on the next
     /// `Connect`, so it never reports about a socket the shell dropped.
     task: Option<JoinHandle<()>>,
+    /// The socket's local port: the nats host counts what it read by it.
+    local_port: Option<u16>,
+    /// Bytes written to this socket.
+    written: u64,
+    /// The last write did not fit in the send buffer.
+    blocked: bool,
+}
+
+/// What a gateway host does besides the core's bidding.
+#[derive(Debug, Clone, Default)]
+pub struct ShellOptions {
+    /// Shutdown signals, at these virtual times.
+    pub signals: Vec<Duration>,
+    /// The NATS socket's send buffer in bytes (`None`: writes are taken whole).
+    pub nats_sndbuf: Option<usize>,
 }
 
 /// One gateway host's shell; the test inspects its gateway after the run.
@@ -71,6 +97,17 @@ pub struct Shell {
     obs: SharedObs,
     /// When the core said `ShutdownComplete`, and whether a second signal forced it.
     pub shutdown_complete: Cell<Option<(Instant, bool)>>,
+    /// The shutdown signals it took (not those after its exit).
+    pub signals: RefCell<Vec<Mark>>,
+    /// Signals that came after its exit (ignored: the process is gone).
+    pub signals_after_exit: Cell<u64>,
+    /// The core on `ShutdownComplete`; from then on the shell has exited.
+    pub exit: RefCell<Option<Exit>>,
+    /// Every change of `Gateway::shutdown_state` seen after an input: (virtual time, name).
+    pub shutdown_log: RefCell<Vec<(Duration, &'static str)>>,
+    /// The first signal closes the listener.
+    stop_accepting: Notify,
+    nats_sndbuf: Option<usize>,
 }
 
 impl Shell {
@@ -88,12 +125,108 @@ impl Shell {
     /// nothing more.
     fn pump(self: &Rc<Self>) {
         loop {
+            if self.exited() {
+                break; // the process is gone; what it saw last is still noted
+            }
             let action = self.gateway.borrow_mut().poll_action();
             let Some(action) = action else { break };
             self.apply(action);
         }
         self.gateway.borrow().assert_invariants();
         self.observe();
+        let state = self.gateway.borrow().shutdown_state().name();
+        let mut log = self.shutdown_log.borrow_mut();
+        if log.last().map(|s| s.1) != Some(state) {
+            log.push((sim_now(), state));
+        }
+        drop(log);
+        self.wake.notify_one();
+    }
+
+    /// Whether the shell has exited (after `ShutdownComplete`).
+    pub fn exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+
+    /// A shutdown signal: the core starts (or, the second time, forces) its shutdown; the
+    /// first closes the listener.
+    fn signal(self: &Rc<Self>) {
+        if self.exited() {
+            self.signals_after_exit
+                .set(self.signals_after_exit.get() + 1);
+            self.record(format_args!("signal after the exit"));
+            return;
+        }
+        let mark = self.obs.borrow_mut().mark();
+        self.signals.borrow_mut().push(mark);
+        let n = self.signals.borrow().len();
+        self.record(format_args!("signal {n}"));
+        if n == 1 {
+            self.stop_accepting.notify_one();
+        }
+        let now = self.now();
+        self.gateway.borrow_mut().handle_shutdown(now);
+        self.pump();
+    }
+
+    /// `ShutdownComplete`: the shell exits, as the mio shell does. What the core still had
+    /// queued is discarded (looked at for the snapshot); every socket closes, as at a process
+    /// exit; nothing reaches the core any more.
+    fn exit(self: &Rc<Self>, forced: bool) {
+        let mark = self.obs.borrow_mut().mark();
+        let mut discarded = Vec::new();
+        let mut disconnect_queued = false;
+        let mut extra = 0;
+        loop {
+            let action = self.gateway.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            match action {
+                Action::Upstream(SessionAction::Disconnect { .. }) => disconnect_queued = true,
+                Action::ShutdownComplete { .. } => extra += 1,
+                _ => {}
+            }
+            discarded.push(format!("{action:?}"));
+        }
+        self.record(format_args!("exit forced={forced} discarded {discarded:?}"));
+        let held = {
+            let nats = self.nats.borrow();
+            nats.write.is_some() || nats.task.as_ref().is_some_and(|t| !t.is_finished())
+        };
+        let socket = match (held, disconnect_queued) {
+            (false, _) => Socket::None,
+            (true, true) => Socket::DisconnectQueued,
+            (true, false) => Socket::Open,
+        };
+        let closing_seen = self
+            .shutdown_log
+            .borrow()
+            .iter()
+            .find(|(_, st)| *st == "closing_upstream")
+            .map(|(t, _)| *t);
+        let exit = {
+            let g = self.gateway.borrow();
+            let s = g.upstream();
+            Exit {
+                mark,
+                forced,
+                session: s.state().name(),
+                inflight: g.inflight_len(),
+                pending: s.pending(),
+                buffered_bytes: s.buffered_bytes(),
+                session_output: s.has_output(),
+                socket,
+                extra,
+                closing_seen,
+            }
+        };
+        *self.exit.borrow_mut() = Some(exit);
+        self.close_nats();
+        let clients = std::mem::take(&mut *self.clients.borrow_mut());
+        for (_, c) in clients {
+            c.closed.set(true);
+            c.kick.notify_one();
+        }
+        self.stop_accepting.notify_one();
         self.wake.notify_one();
     }
 
@@ -160,6 +293,7 @@ impl Shell {
             Action::ShutdownComplete { forced } => {
                 self.record(format_args!("shutdown_complete forced={forced}"));
                 self.shutdown_complete.set(Some((self.now(), forced)));
+                self.exit(forced);
             }
         }
     }
@@ -237,15 +371,25 @@ impl Shell {
 
     fn flush_nats(self: &Rc<Self>) {
         let now = self.now();
-        let bytes: Vec<u8> = self
+        let mut bytes: Vec<u8> = self
             .gateway
             .borrow()
             .upstream()
             .output()
             .flat_map(|s| s.iter().copied())
             .collect();
+        self.nats.borrow_mut().blocked = false;
         if bytes.is_empty() {
             return;
+        }
+        let room = self.nats_room();
+        if let Some(room) = room.filter(|r| *r < bytes.len()) {
+            self.record(format_args!("nats_write {room} of {}", bytes.len()));
+            self.nats.borrow_mut().blocked = true;
+            bytes.truncate(room);
+            if room == 0 {
+                return;
+            }
         }
         let (link, result) = {
             let mut nats = self.nats.borrow_mut();
@@ -253,7 +397,11 @@ impl Shell {
             let Some(write) = nats.write.as_mut() else {
                 return;
             };
-            (link, write_now(write, &bytes))
+            let result = write_now(write, &bytes);
+            if let Ok(n) = result {
+                nats.written += n as u64;
+            }
+            (link, result)
         };
         match result {
             Ok(n) => self
@@ -262,6 +410,22 @@ impl Shell {
                 .handle_upstream(NatsInput::Written(link, n), now),
             Err(_) => self.nats_lost(link, now),
         }
+    }
+
+    /// Room in the NATS socket's send buffer: its size less what the nats host has not read
+    /// yet (`None`: unbounded).
+    fn nats_room(&self) -> Option<usize> {
+        let cap = self.nats_sndbuf?;
+        let nats = self.nats.borrow();
+        let port = nats.local_port?;
+        let read = self
+            .obs
+            .borrow()
+            .nats_read
+            .get(&(self.name.clone(), port))
+            .copied()
+            .unwrap_or(0);
+        Some(cap.saturating_sub(nats.written.saturating_sub(read) as usize))
     }
 
     fn nats_lost(self: &Rc<Self>, link: LinkId, now: Instant) {
@@ -288,7 +452,13 @@ impl Shell {
             }
         };
         let (mut read, write) = stream.into_split();
-        self.nats.borrow_mut().write = Some(write);
+        {
+            let mut nats = self.nats.borrow_mut();
+            nats.local_port = write.local_addr().ok().map(|a| a.port());
+            nats.written = 0;
+            nats.blocked = false;
+            nats.write = Some(write);
+        }
         self.record(format_args!("nats_connected"));
         self.gateway
             .borrow_mut()
@@ -364,7 +534,17 @@ impl Shell {
 
     async fn timer(self: Rc<Self>) {
         loop {
+            if self.exited() {
+                return;
+            }
             let next = self.gateway.borrow().poll_timeout();
+            // A blocked NATS write looks for room every millisecond (write readiness).
+            let retry = self
+                .nats
+                .borrow()
+                .blocked
+                .then(|| self.now() + std::time::Duration::from_millis(1));
+            let next = [next, retry].into_iter().flatten().min();
             let sleep = match next {
                 Some(t) => {
                     let at = self.base + std::time::Duration::from_nanos(t.as_nanos());
@@ -376,9 +556,20 @@ impl Shell {
                 biased;
                 _ = self.wake.notified() => {}
                 _ = sleep => {
+                    if self.exited() {
+                        return;
+                    }
                     let now = self.now();
+                    let mut moved = false;
+                    if self.nats.borrow().blocked {
+                        self.flush_nats();
+                        moved = true;
+                    }
                     if self.gateway.borrow().poll_timeout().is_some_and(|t| t <= now) {
                         self.gateway.borrow_mut().handle_timeout(now);
+                        moved = true;
+                    }
+                    if moved {
                         self.pump();
                     }
                 }
@@ -387,8 +578,14 @@ impl Shell {
     }
 }
 
-/// Runs one gateway host until the simulation ends.
-pub async fn run(name: String, gateway: Gateway<NatsSession>, obs: SharedObs) -> turmoil::Result {
+/// Runs one gateway host until the simulation ends (after an exit, the host stays up with
+/// nothing open).
+pub async fn run(
+    name: String,
+    gateway: Gateway<NatsSession>,
+    obs: SharedObs,
+    options: ShellOptions,
+) -> turmoil::Result {
     let listener = TcpListener::bind(("0.0.0.0", IPC_PORT)).await?;
     let shell = Rc::new(Shell {
         name: name.clone(),
@@ -399,14 +596,34 @@ pub async fn run(name: String, gateway: Gateway<NatsSession>, obs: SharedObs) ->
         base: tokio::time::Instant::now(),
         obs: obs.clone(),
         shutdown_complete: Cell::new(None),
+        signals: RefCell::new(Vec::new()),
+        signals_after_exit: Cell::new(0),
+        exit: RefCell::new(None),
+        shutdown_log: RefCell::new(Vec::new()),
+        stop_accepting: Notify::new(),
+        nats_sndbuf: options.nats_sndbuf,
     });
     obs.borrow_mut()
         .gateways
         .insert(name.clone(), shell.clone());
     let timer = shell.clone();
     spawn_watched(&obs, format!("{name}: timer"), timer.timer());
+    if !options.signals.is_empty() {
+        let signaller = shell.clone();
+        let signals = options.signals.clone();
+        spawn_watched(&obs, format!("{name}: signals"), async move {
+            for at in signals {
+                tokio::time::sleep(at.saturating_sub(sim_now())).await;
+                signaller.signal();
+            }
+        });
+    }
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shell.stop_accepting.notified() => break,
+            accepted = listener.accept() => accepted?,
+        };
         let now = shell.now();
         let id = shell.gateway.borrow_mut().handle_client_opened(
             PeerCredentials {
@@ -435,6 +652,10 @@ pub async fn run(name: String, gateway: Gateway<NatsSession>, obs: SharedObs) ->
         );
         shell.pump();
     }
+    // The listener is closed: connects are refused from now on.
+    drop(listener);
+    std::future::pending::<()>().await;
+    Ok(())
 }
 
 /// One `poll_write` with a waker that is never used: turmoil's writes complete at once.

@@ -88,6 +88,9 @@ pub async fn run(spec: IdeSpec, obs: SharedObs) -> turmoil::Result {
     tokio::time::sleep(spec.start_delay).await;
     let name = spec.name.clone();
     obs.borrow_mut().clients.entry(name.clone()).or_default();
+    obs.borrow_mut()
+        .client_gateway
+        .insert(name.clone(), spec.gateway.clone());
     let mut stream = loop {
         match TcpStream::connect((spec.gateway.as_str(), IPC_PORT)).await {
             Ok(s) => break s,

@@ -59,6 +59,13 @@ pub struct Options {
     pub server_headers: bool,
     /// Hard stop: a run that is still going then has hung.
     pub duration: Duration,
+    /// Shutdown signals: (gateway, virtual time), delivered by a task of the gateway host.
+    pub signals: Vec<(usize, Duration)>,
+    /// The gateway's drain timeout and the NATS session's.
+    pub drain_timeout: Duration,
+    pub nats_drain_timeout: Duration,
+    /// The gateways' NATS send buffer ([`gateway_host::ShellOptions::nats_sndbuf`]).
+    pub nats_sndbuf: Option<usize>,
 }
 
 impl Options {
@@ -89,6 +96,10 @@ impl Options {
             },
             server_headers: true,
             duration: Duration::from_secs(120),
+            signals: Vec::new(),
+            drain_timeout: GatewayConfig::default().drain_timeout,
+            nats_drain_timeout: NatsConfig::default().drain_timeout,
+            nats_sndbuf: None,
         }
     }
 
@@ -122,6 +133,9 @@ pub struct Run {
     pub lenient_clients: Vec<String>,
     /// What the after-outage check found ([`Run::check_invariants`] runs it).
     pub after_outage: Report,
+    /// What the shutdown check found ([`Run::check_invariants`] runs it when gateways are
+    /// signalled).
+    pub shutdown: crate::shutdown::Report,
 }
 
 impl Run {
@@ -151,9 +165,18 @@ impl Run {
             let o = obs.clone();
             let (gc, nc) = gateway_configs(&opts, i);
             let host = name.clone();
+            let shell = gateway_host::ShellOptions {
+                signals: opts
+                    .signals
+                    .iter()
+                    .filter(|(g, _)| *g == i)
+                    .map(|(_, at)| *at)
+                    .collect(),
+                nats_sndbuf: opts.nats_sndbuf,
+            };
             sim.host(host.as_str(), move || {
                 let gateway = Gateway::<NatsSession>::new(gc.clone(), nc.clone());
-                gateway_host::run(name.clone(), gateway, o.clone())
+                gateway_host::run(name.clone(), gateway, o.clone(), shell.clone())
             });
         }
         for i in 0..opts.routers {
@@ -175,6 +198,7 @@ impl Run {
             opts,
             lenient_clients: Vec::new(),
             after_outage: Report::default(),
+            shutdown: crate::shutdown::Report::default(),
         }
     }
 
@@ -268,10 +292,24 @@ impl Run {
                 "gateway-{i} stopped"
             );
         }
+        // Clients of a signalled gateway lose their connection when it exits; the shutdown
+        // check judges their replies.
+        let signalled: Vec<String> = self
+            .opts
+            .signals
+            .iter()
+            .map(|(g, _)| Options::gateway_name(*g))
+            .collect();
+        let lenient_shutdown = |name: &str| {
+            let o = self.obs.borrow();
+            o.client_gateway
+                .get(name)
+                .is_some_and(|g| signalled.contains(g))
+        };
         let obs = self.obs.borrow();
         let slack = slack(&self.opts);
         for (name, c) in &obs.clients {
-            let lenient = self.lenient_clients.contains(name);
+            let lenient = self.lenient_clients.contains(name) || lenient_shutdown(name);
             // 1. Exactly one reply per request, in request order.
             assert_eq!(c.extra_replies, 0, "{name}: replies without a request");
             assert!(c.done || c.lost_at.is_some(), "{name}: never finished");
@@ -329,6 +367,11 @@ impl Run {
         for (name, shell) in &obs.gateways {
             let g = shell.gateway.borrow();
             g.assert_invariants();
+            if shell.exited() {
+                // Checked as it was at its exit (the shutdown check): a forced exit may leave
+                // replies unwritten in its connections.
+                continue;
+            }
             // 4. No leak, once traffic stopped and deadlines passed.
             assert!(
                 g.is_quiescent(),
@@ -341,6 +384,92 @@ impl Run {
         }
         drop(obs);
         self.check_after_outage();
+        if !self.opts.signals.is_empty() {
+            self.check_shutdown();
+        }
+    }
+
+    /// The shutdown check ([`crate::shutdown`]) over every signalled gateway: the drain,
+    /// `ShutdownComplete` and the exit. Its counts stay in [`Run::shutdown`].
+    pub fn check_shutdown(&mut self) {
+        let obs = self.obs.borrow();
+        let mut report = crate::shutdown::Report::default();
+        for (name, shell) in &obs.gateways {
+            let signals = shell.signals.borrow().clone();
+            if signals.is_empty() {
+                continue;
+            }
+            let default_log = crate::after_outage::GatewayLog::default();
+            let log = obs.logs.get(name).unwrap_or(&default_log);
+            let mut requests = Vec::new();
+            for (client, c) in &obs.clients {
+                if obs.client_gateway.get(client) != Some(name) {
+                    continue;
+                }
+                for s in &c.sent {
+                    let taken = log.taken.iter().find(|(_, t)| *t == s.tag).map(|(m, _)| *m);
+                    let reply = s.reply.as_ref().map(|r| {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&r.payload).unwrap_or_default();
+                        let ok = r.kind == ipc_gateway_core::frame::kind::RESPONSE_OK;
+                        Reply {
+                            at: r.at,
+                            code: if ok {
+                                0
+                            } else {
+                                v["error"]["code"].as_u64().unwrap_or(0) as u16
+                            },
+                            message: v["error"]["message"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        }
+                    });
+                    let published = obs
+                        .published
+                        .iter()
+                        .any(|(_, who, tag)| who == name && *tag == s.tag);
+                    requests.push(crate::shutdown::Request {
+                        marker: s.tag.clone(),
+                        taken,
+                        reply,
+                        published,
+                    });
+                }
+            }
+            let g = shell.gateway.borrow();
+            let s = g.upstream();
+            let exit = shell.exit.borrow().clone();
+            let gw = crate::shutdown::Gateway {
+                seed: self.opts.seed,
+                name,
+                signals: &signals,
+                signals_after_exit: shell.signals_after_exit.get(),
+                drain_timeout: self.opts.drain_timeout,
+                nats_drain_timeout: self.opts.nats_drain_timeout,
+                reply_slack: slack(&self.opts),
+                bound_slack: slack(&self.opts),
+                exit: exit.as_ref(),
+                end_state: format!(
+                    "shutdown {}, NATS session {} (requests held {}, output pending {})",
+                    g.shutdown_state().name(),
+                    s.state().name(),
+                    s.pending(),
+                    s.has_output()
+                ),
+                requests: &requests,
+                log,
+            };
+            crate::shutdown::check(&gw, &mut report);
+        }
+        drop(obs);
+        println!("tier2 seed={} {}", self.opts.seed, report.line());
+        assert!(
+            report.failures.is_empty(),
+            "the shutdown went wrong:\n{}",
+            report.failures.join("\n")
+        );
+        self.shutdown = report;
     }
 
     /// The after-outage check ([`crate::after_outage`]) over every gateway: once a gateway's
@@ -386,6 +515,10 @@ impl Run {
                 log,
                 routers_away: &[],
                 published: &published,
+                shutdown_at: obs
+                    .gateways
+                    .get(name.as_str())
+                    .and_then(|s| s.signals.borrow().first().copied()),
             };
             check(&gw, &reply, &mut report);
         }
@@ -426,6 +559,7 @@ pub fn gateway_configs(opts: &Options, i: usize) -> (GatewayConfig, NatsConfig) 
     let mut gc = GatewayConfig {
         max_inflight: opts.max_inflight,
         request_timeout: opts.request_timeout,
+        drain_timeout: opts.drain_timeout,
         breaker: opts.breaker,
         seed,
         ..GatewayConfig::default()
@@ -437,6 +571,7 @@ pub fn gateway_configs(opts: &Options, i: usize) -> (GatewayConfig, NatsConfig) 
         ping_interval: opts.ping_interval,
         max_pings_outstanding: opts.max_pings_out,
         client_name: format!("ipc-gateway@{}", Options::gateway_name(i)),
+        drain_timeout: opts.nats_drain_timeout,
         ..NatsConfig::default()
     };
     nc.set_servers("nats://nats:4222")

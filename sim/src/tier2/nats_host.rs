@@ -115,6 +115,10 @@ pub async fn run(config: ServerConfig, obs: SharedObs) -> turmoil::Result {
                         if !conn.standin.borrow().is_open(id) {
                             break;
                         }
+                        *o.borrow_mut()
+                            .nats_read
+                            .entry((who.clone(), peer.port()))
+                            .or_default() += n as u64;
                         let had_connect = conn.standin.borrow().connect_info(id).is_some();
                         let published = conn.standin.borrow().published().len();
                         conn.standin.borrow_mut().handle_bytes(id, &buf[..n], now());

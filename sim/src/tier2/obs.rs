@@ -55,6 +55,8 @@ pub struct Obs {
     pub trace: Trace,
     pub gateways: BTreeMap<String, Rc<Shell>>,
     pub clients: BTreeMap<String, Client>,
+    /// The gateway host each IDE client connects to.
+    pub client_gateway: BTreeMap<String, String>,
     pub router_seen: Vec<RouterSeen>,
     /// Connections the nats host accepted: (virtual time, peer host name).
     pub nats_accepts: Vec<(Duration, String)>,
@@ -70,6 +72,9 @@ pub struct Obs {
     /// Router requests published on a nats host: (virtual time, the publishing host, the
     /// client's tag). Kept here: a crash drops the stand-in with what it recorded.
     pub published: Vec<(Duration, String, String)>,
+    /// Bytes a nats host read from each client connection, by (peer host name, peer port):
+    /// what a gateway's NATS send buffer counts as taken (`ShellOptions::nats_sndbuf`).
+    pub nats_read: BTreeMap<(String, u16), u64>,
     /// The order of events, for [`Mark`]s.
     ord: u64,
 }
