@@ -14,8 +14,8 @@
 //!   at the second signal's virtual time, in the same step.
 //! - At `ShutdownComplete` the NATS session is Closed, holds no request and no buffered
 //!   byte, the gateway has nothing in flight (quiescent apart from its connections), and the
-//!   shell no longer holds a NATS socket the session did not give up (its `Disconnect` is
-//!   applied, or queued behind `ShutdownComplete`: see [`Socket`]).
+//!   shell no longer holds a NATS socket: the session's `Disconnect` came before
+//!   `ShutdownComplete` and was applied (see [`Socket`]).
 //! - Every task request the gateway read before the first signal got exactly one reply: the
 //!   Router's, by the drain deadline (signal + drain timeout); error 6 ("the drain timeout
 //!   passed") at the drain deadline; error 5 at its own deadline, if that came first; or
@@ -48,9 +48,8 @@ pub enum Socket {
     /// The shell held none: the session's `Disconnect` was applied, or the link was down.
     None,
     /// The shell still held it, and the session's `Disconnect` for it was queued behind
-    /// `ShutdownComplete`: the session gave it up in the same turn, so the exit's close of
-    /// every socket is that `Disconnect`. The core queues the upstream's actions after its
-    /// own, so this is what every completion with a link up looks like (counted).
+    /// `ShutdownComplete`, where a shell that stops at `ShutdownComplete` never applies it.
+    /// The core emits the upstream's last actions first, so this fails the run.
     DisconnectQueued,
     /// The shell still held it and nothing asked to close it.
     Open,
@@ -121,8 +120,6 @@ pub struct Report {
     pub signals_after_exit: u64,
     /// Completions that waited for the NATS session across inputs.
     pub waited_for_nats: u64,
-    /// Completions whose session `Disconnect` was queued behind `ShutdownComplete`.
-    pub disconnect_queued: u64,
     /// Requests read before the signal: the Router's reply by the deadline, error 6 at the
     /// deadline, error 5, error 8.
     pub answered: u64,
@@ -144,7 +141,6 @@ impl Report {
         self.forced += o.forced;
         self.signals_after_exit += o.signals_after_exit;
         self.waited_for_nats += o.waited_for_nats;
-        self.disconnect_queued += o.disconnect_queued;
         self.answered += o.answered;
         self.failed_at_deadline += o.failed_at_deadline;
         self.timed_out += o.timed_out;
@@ -159,13 +155,12 @@ impl Report {
     pub fn line(&self) -> String {
         format!(
             "shutdown: drained={} forced={} signals_after_exit={} waited_for_nats={} \
-             disconnect_queued={} answered={} failed_at_deadline={} timed_out={} \
+             answered={} failed_at_deadline={} timed_out={} \
              lost_with_link={} refused={} cut_by_force={} unread={} failed={}",
             self.drained,
             self.forced,
             self.signals_after_exit,
             self.waited_for_nats,
-            self.disconnect_queued,
             self.answered,
             self.failed_at_deadline,
             self.timed_out,
@@ -262,7 +257,11 @@ pub fn check(gw: &Gateway<'_>, report: &mut Report) {
                      Disconnect queued for it",
                     e.mark.at
                 )),
-                Socket::DisconnectQueued => counts.disconnect_queued += 1,
+                Socket::DisconnectQueued => fail(format!(
+                    "ShutdownComplete at {:?} came before the session's Disconnect: a shell \
+                     that stops at ShutdownComplete leaves the NATS socket open",
+                    e.mark.at
+                )),
                 Socket::None => {}
             }
             if e.extra != 0 {
