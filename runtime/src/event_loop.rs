@@ -193,10 +193,16 @@ impl<U: UpstreamIo> EventLoop<U> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.read_again.is_empty() && !self.link.wants_read_again() {
+                let now = self.clock.now();
                 let core = self.gateway.poll_timeout().map(|t| {
-                    // Round up to the next millisecond: epoll's resolution, and waking a
-                    // little late is harmless while waking early spins.
-                    (t - self.clock.now()) + Duration::from_micros(999)
+                    if t <= now {
+                        // Due already (a NATS flush the core holds for handle_timeout).
+                        Duration::ZERO
+                    } else {
+                        // Round up to the next millisecond: epoll's resolution, and waking
+                        // a little late is harmless while waking early spins.
+                        (t - now) + Duration::from_micros(999)
+                    }
                 });
                 let accept = self
                     .accept_again
