@@ -512,6 +512,7 @@ fn peer_credentials(stream: &UnixStream) -> PeerCredentials {
     match rustix::net::sockopt::socket_peercred(stream) {
         Ok(cred) => PeerCredentials {
             uid: Some(cred.uid.as_raw()),
+            gid: Some(cred.gid.as_raw()),
             pid: Some(cred.pid.as_raw_nonzero().get()),
         },
         Err(_) => PeerCredentials::default(),
