@@ -361,6 +361,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A reopen that fails (the path is now a directory) keeps the old descriptor: records go
+    /// on into the renamed file, none is lost or counted as failed.
+    #[test]
+    fn failed_reopen_keeps_the_old_file() {
+        let dir = tempfile_dir();
+        let path = dir.join("audit.jsonl");
+        let rotated = dir.join("audit.jsonl.1");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(log.reopen().is_err());
+        log.write_record(&record_line("after", Map::new()));
+        assert_eq!(records(&rotated).len(), 1);
+        assert_eq!(log.write_errors(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "cgw-audit-unit-{}-{}",
