@@ -145,6 +145,7 @@ struct Harness {
 
 const USER: PeerCredentials = PeerCredentials {
     uid: Some(1000),
+    gid: Some(1000),
     pid: Some(7),
 };
 
@@ -569,6 +570,7 @@ fn connection_limit_and_uid_refusals() {
     let stranger = h.gw.handle_client_opened(
         PeerCredentials {
             uid: Some(5),
+            gid: None,
             pid: None,
         },
         ms(0),

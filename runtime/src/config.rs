@@ -170,6 +170,12 @@ pub struct Cli {
           value_parser = whole("CGW_IPC_DRAIN_MS", 0, 86_400_000))]
     pub drain_ms: u64,
 
+    /// Audit log: a JSON Lines file (mode 0600, appended to) of connections accepted, denied and
+    /// closed, the configuration and the shutdown; reopened on SIGHUP. `off` disables it
+    #[arg(long, env = "CGW_AUDIT_LOG", default_value = "off",
+          value_parser = audit_path("CGW_AUDIT_LOG"))]
+    pub audit_log: AuditPath,
+
     /// Log level: error, warn, info, debug or trace
     #[arg(long, env = "CGW_LOG_LEVEL", default_value = "info",
           value_parser = clap::builder::PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"]))]
@@ -187,10 +193,17 @@ pub struct Settings {
     pub socket_mode: u32,
     pub stub_delay: Duration,
     pub log_level: String,
+    /// `CGW_AUDIT_LOG`; `None` when off.
+    pub audit_log: Option<PathBuf>,
     /// Read and checked even in stub mode, so that a mistake shows at start.
     pub nats: NatsSettings,
     pub gateway: GatewayConfig,
 }
+
+/// `CGW_AUDIT_LOG`: a path, or `None` for `off` (a newtype: clap reads an `Option` field as
+/// an optional flag, and the default must be spelled).
+#[derive(Debug, Clone)]
+pub struct AuditPath(pub Option<PathBuf>);
 
 /// The configured server list (a newtype: clap reads a `Vec` field as a repeated option).
 #[derive(Debug, Clone)]
@@ -235,6 +248,7 @@ impl Cli {
             socket_mode: self.socket_mode,
             stub_delay: Duration::from_millis(self.stub_delay_ms),
             log_level: self.log_level.clone(),
+            audit_log: self.audit_log.0.clone(),
             nats: NatsSettings {
                 enabled: self.nats_enable,
                 servers: self.nats_url.0.clone(),
@@ -343,6 +357,10 @@ impl Settings {
             },
             "drain_ms": g.drain_timeout.as_millis() as u64,
             "log_level": self.log_level,
+            "audit_log": self.audit_log.as_ref().map_or_else(
+                || "off".to_string(),
+                |p| p.display().to_string()
+            ),
         })
     }
 }
@@ -461,6 +479,31 @@ fn socket_path(
             Ok(PathBuf::from(s))
         }
     }
+}
+
+fn audit_path(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<AuditPath, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        if s.trim().is_empty() {
+            Err(format!("{var} must be a file path, or off, not empty"))
+        } else if s.trim() == "off" {
+            Ok(AuditPath(None))
+        } else if s.contains('\0') {
+            Err(format!("{var} must not contain a NUL byte"))
+        } else {
+            Ok(AuditPath(Some(PathBuf::from(s))))
+        }
+    }
+}
+
+/// The message (exit code 2) when the audit log cannot be opened at start.
+pub fn audit_open_error(path: &std::path::Path, e: &std::io::Error) -> ConfigError {
+    ConfigError(format!(
+        "CGW_AUDIT_LOG {:?} cannot be opened for append: {e} (it must be a file the gateway \
+         can create or append to, or off)",
+        path.display().to_string()
+    ))
 }
 
 fn allowed_uids(

@@ -28,6 +28,8 @@
 //!   syscall.
 //! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
+//! - SIGHUP reopens the audit log (logrotate's `create` mode); without one it is logged and
+//!   otherwise ignored (it no longer ends the process, as its default action would).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -37,10 +39,11 @@ use ipc_gateway_core::gateway::READ_SLACK;
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{error, info, warn};
 
+use crate::audit::AuditLog;
 use crate::listener::BoundSocket;
 use crate::nats_link::{UpstreamIo, UpstreamLink};
 use crate::vectored::{write_once, WriteStep};
@@ -163,14 +166,20 @@ pub struct EventLoop<U: UpstreamIo> {
     accept_again: Option<std::time::Instant>,
     /// The upstream's I/O (the NATS socket; nothing for the stub).
     link: U::Link,
+    /// `CGW_AUDIT_LOG`, for SIGHUP and the stats line (its records come through tracing).
+    audit: Option<AuditLog>,
 }
 
 impl<U: UpstreamIo> EventLoop<U> {
-    pub fn new(gateway: Gateway<U>, mut socket: BoundSocket) -> io::Result<EventLoop<U>> {
+    pub fn new(
+        gateway: Gateway<U>,
+        mut socket: BoundSocket,
+        audit: Option<AuditLog>,
+    ) -> io::Result<EventLoop<U>> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket.listener, LISTENER, Interest::READABLE)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let link = U::open_link(poll.registry(), UPSTREAM, UPSTREAM_WAKER)?;
@@ -185,6 +194,7 @@ impl<U: UpstreamIo> EventLoop<U> {
             read_again: BTreeSet::new(),
             accept_again: None,
             link,
+            audit,
         })
     }
 
@@ -313,8 +323,9 @@ impl<U: UpstreamIo> EventLoop<U> {
         }
     }
 
-    /// A signal: SIGUSR1 logs the stats line; SIGTERM and SIGINT go to the core, which
-    /// decides between a drain and, on the second, an exit at once.
+    /// A signal: SIGUSR1 logs the stats line; SIGHUP reopens the audit log; SIGTERM and
+    /// SIGINT go to the core, which decides between a drain and, on the second, an exit at
+    /// once.
     fn on_signals(&mut self, now: Instant) {
         let signals: Vec<i32> = self.signals.pending().collect();
         for signal in signals {
@@ -322,9 +333,34 @@ impl<U: UpstreamIo> EventLoop<U> {
                 self.log_stats();
                 continue;
             }
+            if signal == SIGHUP {
+                self.reopen_audit();
+                continue;
+            }
             info!(event = "signal_received", component = "ipc_bridge", signal);
             self.close_listener();
             self.gateway.handle_shutdown(now);
+        }
+    }
+
+    /// SIGHUP. A path that cannot be opened keeps the old descriptor (records go on into the
+    /// renamed file) and is logged; the next SIGHUP tries again.
+    fn reopen_audit(&mut self) {
+        let Some(audit) = &self.audit else {
+            info!(
+                event = "signal_received",
+                component = "ipc_bridge",
+                signal = SIGHUP,
+                "SIGHUP: no audit log to reopen (CGW_AUDIT_LOG is off)"
+            );
+            return;
+        };
+        match audit.reopen() {
+            Ok(()) => info!(event = "audit_reopened", component = "audit",
+                            path = %audit.path().display()),
+            Err(e) => error!(event = "audit_reopen_failed", component = "audit",
+                             path = %audit.path().display(), error = %e,
+                             "cannot reopen the audit log; still writing to the old file"),
         }
     }
 
@@ -492,6 +528,7 @@ impl<U: UpstreamIo> EventLoop<U> {
             failed_on_disconnect = ns.failed_on_disconnect,
             connect_attempts = ns.connect_attempts,
             reconnects = ns.reconnects,
+            audit_write_errors = self.audit.as_ref().map_or(0, AuditLog::write_errors),
             "stats"
         );
     }
@@ -512,6 +549,7 @@ fn peer_credentials(stream: &UnixStream) -> PeerCredentials {
     match rustix::net::sockopt::socket_peercred(stream) {
         Ok(cred) => PeerCredentials {
             uid: Some(cred.uid.as_raw()),
+            gid: Some(cred.gid.as_raw()),
             pid: Some(cred.pid.as_raw_nonzero().get()),
         },
         Err(_) => PeerCredentials::default(),

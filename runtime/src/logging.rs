@@ -8,14 +8,22 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber at `level` (error, warn, info, debug, trace).
-pub fn init(level: &str) {
+use crate::audit::{AuditLayer, AuditLog};
+
+/// Installs the global subscriber: the stderr log at `level` (error, warn, info, debug, trace)
+/// and, if configured, the audit log. Each has its own filter, so the audit log gets its
+/// events (all at info or above) whatever the stderr level.
+pub fn init(level: &str, audit: Option<AuditLog>) {
     let filter = EnvFilter::new(format!("warn,ipc_gateway={level},ipc_gateway_core={level}"));
-    tracing_subscriber::fmt()
+    let stderr = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
         .with_current_span(false)
@@ -23,7 +31,17 @@ pub fn init(level: &str) {
         .with_target(false)
         .with_timer(UtcMillis)
         .with_writer(std::io::stderr)
-        .with_env_filter(filter)
+        .with_filter(filter);
+    let audit = audit.map(|log| {
+        AuditLayer(log).with_filter(
+            Targets::new()
+                .with_target("ipc_gateway", Level::INFO)
+                .with_target("ipc_gateway_core", Level::INFO),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(audit)
         .init();
 }
 

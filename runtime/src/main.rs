@@ -2,6 +2,7 @@
 //! runs the event loop around the core with the stub upstream or, with NATS enabled, the
 //! NATS session.
 
+mod audit;
 mod config;
 mod event_loop;
 mod handoff;
@@ -50,7 +51,27 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    logging::init(&settings.log_level);
+    // Opened before logging starts, so that `config_loaded` is the file's first record of this
+    // run; a path that cannot be opened is a bad setting like any other (exit code 2).
+    let audit = match &settings.audit_log {
+        None => None,
+        Some(path) => match audit::AuditLog::open(path) {
+            Ok(opened) => Some(opened),
+            Err(e) => {
+                let e = config::audit_open_error(path, &e);
+                eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    logging::init(
+        &settings.log_level,
+        audit.as_ref().map(|(log, _)| log.clone()),
+    );
+    if let Some((log, tightened)) = &audit {
+        audit::log_tightened(&log.path(), *tightened);
+    }
+    let audit = audit.map(|(log, _)| log);
     for var in config::unknown_variables(std::env::vars().map(|(k, _)| k)) {
         warn!(event = "unknown_setting", component = "config", variable = %var,
               "unknown CGW_* variable ignored (a typo?); see ipc-gateway --help");
@@ -75,6 +96,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
             socket,
+            audit,
         )
     } else {
         let stub = StubConfig {
@@ -83,6 +105,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<StubUpstream>::new(settings.gateway.clone(), stub),
             socket,
+            audit,
         )
     };
     match result {
@@ -96,8 +119,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run<U: UpstreamIo>(gateway: Gateway<U>, socket: BoundSocket) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket).and_then(|mut event_loop| event_loop.run())
+fn run<U: UpstreamIo>(
+    gateway: Gateway<U>,
+    socket: BoundSocket,
+    audit: Option<audit::AuditLog>,
+) -> std::io::Result<Exit> {
+    EventLoop::new(gateway, socket, audit).and_then(|mut event_loop| event_loop.run())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and logs both values (`fd_limit`). Each

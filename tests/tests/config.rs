@@ -26,6 +26,7 @@ const VARIABLES: &[&str] = &[
     "CGW_IPC_TIMEOUT_MS",
     "CGW_IPC_STUB_DELAY_MS",
     "CGW_IPC_DRAIN_MS",
+    "CGW_AUDIT_LOG",
     "CGW_LOG_LEVEL",
 ];
 

@@ -169,6 +169,7 @@ pub fn gateway_events(data: &[u8]) {
                 let id = gw.handle_client_opened(
                     PeerCredentials {
                         uid: Some(1),
+                        gid: Some(1),
                         pid: Some(2),
                     },
                     now,

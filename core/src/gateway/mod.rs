@@ -143,6 +143,7 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PeerCredentials {
     pub uid: Option<u32>,
+    pub gid: Option<u32>,
     pub pid: Option<i32>,
 }
 
@@ -199,6 +200,9 @@ struct Client {
     reading: bool,
     /// The read deadline registered in `read_deadlines`.
     read_deadline: Option<Instant>,
+    /// Task requests answered on this connection (the Router's reply, or an error such as a
+    /// timeout or an admission refusal); logged with `connection_closed`.
+    served: u64,
 }
 
 /// The gateway state machine. See the module doc for the call order.
@@ -275,6 +279,7 @@ impl<U: Upstream> Gateway<U> {
             transmitting: false,
             reading: true,
             read_deadline: None,
+            served: 0,
         };
         let refusal = if !self.config.allowed_uids.allows(peer.uid) {
             self.stats.connections_rejected_uid += 1;
@@ -300,7 +305,8 @@ impl<U: Upstream> Gateway<U> {
         match refusal {
             Some((code, message)) => {
                 warn!(event = "connection_rejected", component = "ipc_bridge", conn_id = id.0,
-                      uid = peer.uid, pid = peer.pid, reason = code.name(), %message);
+                      uid = peer.uid, gid = peer.gid, pid = peer.pid, reason = code.name(),
+                      %message);
                 let slot = client.conn.open_slot(None);
                 client.conn.answer(slot, error_frame(code, &message, None));
                 client.conn.begin_close();
@@ -314,6 +320,7 @@ impl<U: Upstream> Gateway<U> {
                     component = "ipc_bridge",
                     conn_id = id.0,
                     uid = peer.uid,
+                    gid = peer.gid,
                     pid = peer.pid
                 );
             }
@@ -539,6 +546,9 @@ impl<U: Upstream> Gateway<U> {
             Ok(ok) => ok,
             Err((code, message)) => {
                 self.count_response(code.code());
+                if let Some(client) = self.clients.get_mut(&id) {
+                    client.served += 1;
+                }
                 return self.answer_local(id, error_frame(code, &message, None));
             }
         };
@@ -624,6 +634,7 @@ impl<U: Upstream> Gateway<U> {
             return;
         };
         let answered = client.conn.answer(entry.slot, reply);
+        client.served += 1;
         assert!(
             answered,
             "request {id:?} had no open slot on {:?}",
@@ -727,8 +738,10 @@ impl<U: Upstream> Gateway<U> {
             component = "ipc_bridge",
             conn_id = id.0,
             uid = client.peer.uid,
+            gid = client.peer.gid,
             pid = client.peer.pid,
             reason,
+            requests_served = client.served,
             cancelled
         );
     }

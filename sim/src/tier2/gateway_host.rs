@@ -628,6 +628,7 @@ pub async fn run(
         let id = shell.gateway.borrow_mut().handle_client_opened(
             PeerCredentials {
                 uid: Some(1000),
+                gid: None,
                 pid: None,
             },
             now,
