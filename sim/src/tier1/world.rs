@@ -91,6 +91,8 @@ pub struct Options {
     /// fits and the rest when the server has taken bytes (a write-readiness edge), as the mio
     /// shell does after `WouldBlock`. `None`: every write is taken whole.
     pub nats_sndbuf: Option<usize>,
+    /// `GatewayConfig::health_grace`: how long without NATS is DEGRADED rather than UNHEALTHY.
+    pub health_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -261,6 +263,7 @@ impl World {
                 request_timeout: opts.request_timeout,
                 drain_timeout: opts.drain_timeout,
                 breaker: opts.breaker,
+                health_grace: opts.health_grace,
                 allowed_uids: AllowedUids::Any,
                 seed: gw_seed,
                 version: "sim".to_owned(),
