@@ -461,8 +461,8 @@ pub fn seeds(test: &str, default: u64) -> Vec<u64> {
     all
 }
 
-/// Runs one seed of a scenario: the world, then the general invariants and the after-outage
-/// check ([`crate::after_outage`]), then `check`.
+/// Runs one seed of a scenario: the world, then the general invariants, the after-outage
+/// check ([`crate::after_outage`]), the shutdown and health checks, then `check`.
 /// Returns the world; panics with the replay command on any failure.
 pub fn run_one(
     test: &str,
@@ -481,6 +481,7 @@ pub fn run_one(
         w.check_quiescent();
         w.check_after_outage();
         w.check_shutdown();
+        w.check_health();
         let more = check(&w);
         w.failures.extend(more);
         w
