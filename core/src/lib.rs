@@ -14,7 +14,7 @@
 //! - [`nats`]: the NATS upstream: [`nats_codec`], [`nats_session`], [`nats_pool`],
 //!   [`nats_config`], [`router_envelope`].
 //! - [`gateway`]: routing between clients, admission, the breaker, the in-flight table and the
-//!   upstream; shutdown; invariants.
+//!   upstream; shutdown; health; invariants.
 //! - [`upstream`]: the seam to whatever answers tasks, and the embedded [`stub`] Router.
 //! - At the top, shared by all: [`breaker`], [`inflight`], [`output_queue`], [`time`],
 //!   [`rng`].

@@ -129,6 +129,7 @@ fn config() -> GatewayConfig {
             max_probes: 1,
             successes_to_close: 1,
         },
+        health_grace: Duration::from_millis(5000),
         allowed_uids: AllowedUids::Only([1000].into()),
         seed: 42,
         version: "9.9.9".into(),
@@ -984,4 +985,281 @@ fn the_upstream_disconnect_comes_before_shutdown_complete() {
         disconnect.is_some() && done.is_some() && disconnect < done,
         "{all:?}"
     );
+}
+
+// ----- health (gateway.md section 5) -----------------------------------------------------
+
+fn health(gw: &Gateway<Scripted>) -> (&'static str, String) {
+    let h = gw.health();
+    (
+        h.status.name(),
+        h.reason.map(|r| r.to_string()).unwrap_or_default(),
+    )
+}
+
+fn says(status: &'static str, reason: &str) -> (&'static str, String) {
+    (status, reason.to_owned())
+}
+
+/// No link: DEGRADED ("nats reconnecting") for the grace period, then UNHEALTHY at its exact
+/// end, through `poll_timeout` alone, with no other input; a link back is HEALTHY. A short
+/// outage is DEGRADED only, and leaves no deadline behind.
+#[test]
+fn health_follows_the_link_and_the_grace_period_ends_on_time() {
+    let mut h = Harness::new(config());
+    assert_eq!(health(&h.gw), says("HEALTHY", ""), "before any input");
+    h.open(ms(0));
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    assert_eq!(h.gw.poll_timeout(), None, "nothing to wait for");
+    h.gw.handle_upstream(Script::Link(None), ms(100));
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats reconnecting"));
+    assert_eq!(
+        h.gw.poll_timeout(),
+        Some(ms(5100)),
+        "the grace period's end"
+    );
+    h.tick(ms(5099));
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats reconnecting"));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(5100)));
+    h.tick(h.gw.poll_timeout().unwrap());
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "nats down for 5.0 s"));
+    assert_eq!(h.gw.poll_timeout(), None, "the deadline is spent");
+    h.tick(ms(7300));
+    assert_eq!(
+        health(&h.gw),
+        says("UNHEALTHY", "nats down for 7.2 s"),
+        "the reason grows with the outage"
+    );
+    h.gw.handle_upstream(Script::Link(Some(2)), ms(8000));
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    // A short outage.
+    h.gw.handle_upstream(Script::Link(None), ms(9000));
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats reconnecting"));
+    h.gw.handle_upstream(Script::Link(Some(3)), ms(9500));
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    assert_eq!(h.gw.poll_timeout(), None, "no deadline left behind");
+    let changes = &h.gw.stats().health_changes;
+    assert_eq!(
+        (
+            changes.get("DEGRADED"),
+            changes.get("UNHEALTHY"),
+            changes.get("HEALTHY")
+        ),
+        (Some(&2), Some(&1), Some(&2)),
+        "one count per change, not per input"
+    );
+}
+
+/// Before the first link was ever up (a NATS session still connecting at start) the gateway
+/// counts as connecting, with the grace period from its first input.
+#[test]
+fn health_before_the_first_link_counts_from_the_first_input() {
+    let mut h = Harness {
+        gw: Gateway::<Scripted>::new(
+            config(),
+            Scripted {
+                link: None,
+                ..Scripted::default()
+            },
+        ),
+        received: BTreeMap::new(),
+        actions: Vec::new(),
+    };
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats connecting"));
+    assert_eq!(h.gw.poll_timeout(), None, "no time before the first input");
+    h.tick(ms(200));
+    assert_eq!(h.gw.poll_timeout(), Some(ms(5200)));
+    h.tick(ms(5199));
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats connecting"));
+    h.tick(ms(5200));
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "nats down for 5.0 s"));
+    h.gw.handle_upstream(Script::Link(Some(1)), ms(6000));
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    h.gw.handle_upstream(Script::Link(None), ms(6001));
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats reconnecting"));
+}
+
+/// The breaker: Open is UNHEALTHY, HalfOpen DEGRADED, Closed again HEALTHY.
+#[test]
+fn health_follows_the_breaker() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    for i in 0..2 {
+        h.task(c, "{}", ms(i * 100));
+        h.tick(ms(i * 100 + 100));
+    }
+    assert_eq!(health(&h.gw), says("HEALTHY", ""), "two timeouts of three");
+    h.task(c, "{}", ms(200));
+    h.tick(ms(300));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Open);
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "breaker open"));
+    h.tick(ms(1299));
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "breaker open"));
+    h.tick(ms(1300));
+    assert_eq!(h.gw.breaker_state(), BreakerState::HalfOpen);
+    assert_eq!(health(&h.gw), says("DEGRADED", "breaker half-open"));
+    h.task(c, "{}", ms(1301));
+    let probe = *h.submitted().last().unwrap();
+    h.reply(ok(probe, "{}"), ms(1302));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    let changes = &h.gw.stats().health_changes;
+    assert_eq!(
+        (
+            changes.get("UNHEALTHY"),
+            changes.get("DEGRADED"),
+            changes.get("HEALTHY")
+        ),
+        (Some(&1), Some(&1), Some(&1))
+    );
+}
+
+/// In flight at 80 % of the global limit or more is DEGRADED: 4 of 5 is, 3 of 5 is not.
+#[test]
+fn health_follows_the_inflight_limit() {
+    let mut h = Harness::new(GatewayConfig {
+        max_inflight: 5,
+        max_connections: 3,
+        ..config()
+    });
+    let a = h.open(ms(0));
+    let b = h.open(ms(0));
+    h.task(a, "{}", ms(1));
+    h.task(a, "{}", ms(1));
+    h.task(b, "{}", ms(1));
+    assert_eq!(h.gw.inflight_len(), 3);
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+    h.task(b, "{}", ms(2));
+    assert_eq!(health(&h.gw), says("DEGRADED", "in-flight 4 of 5"));
+    h.reply(ok(h.submitted()[0], "{}"), ms(3));
+    assert_eq!(h.gw.inflight_len(), 3);
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+}
+
+/// A shutdown is UNHEALTHY ("draining") from the signal on, whatever else holds; the
+/// reason of several UNHEALTHY rows is the first of the table, and a DEGRADED row never hides
+/// an UNHEALTHY one.
+#[test]
+fn health_while_draining_and_the_precedence_of_reasons() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(0));
+    h.gw.handle_shutdown(ms(10));
+    assert_eq!(h.gw.shutdown_state().name(), "draining");
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "draining"));
+    h.tick(ms(1010));
+    assert_ne!(h.gw.shutdown_state().name(), "draining");
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "draining"));
+    assert_eq!(h.gw.stats().health_changes.get("UNHEALTHY"), Some(&1));
+
+    // Breaker Open and no link past the grace period: the breaker names it; the link back
+    // closes the breaker the lost link opened, and all is well.
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    for i in 0..3 {
+        h.task(c, "{}", ms(i * 100));
+        h.tick(ms(i * 100 + 100));
+    }
+    h.gw.handle_upstream(Script::Link(None), ms(300));
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "breaker open"));
+    h.tick(ms(1300)); // HalfOpen, still no link
+    assert_eq!(health(&h.gw), says("DEGRADED", "nats reconnecting"));
+    h.tick(ms(5300));
+    assert_eq!(health(&h.gw), says("UNHEALTHY", "nats down for 5.0 s"));
+    h.gw.handle_upstream(Script::Link(Some(2)), ms(5400));
+    assert_eq!(h.gw.breaker_state(), BreakerState::Closed);
+    assert_eq!(health(&h.gw), says("HEALTHY", ""));
+}
+
+/// Each change of status is logged once (`health_changed`, component `health`, from, to,
+/// reason), not once per input.
+#[test]
+fn health_changes_are_logged_once_each() {
+    let scenario = || {
+        let mut h = Harness::new(config());
+        let c = h.open(ms(0));
+        h.gw.handle_upstream(Script::Link(None), ms(100));
+        for i in 0..10 {
+            h.send(c, kind::PING, b"", ms(200 + i * 100));
+        }
+        h.tick(ms(5100));
+        for i in 0..10 {
+            h.send(c, kind::PING, b"", ms(5200 + i * 100));
+        }
+        h.gw.handle_upstream(Script::Link(Some(2)), ms(6500));
+        h.send(c, kind::PING, b"", ms(6600));
+    };
+    // As in nats_session.rs: call sites registered first, a second idle subscriber so that
+    // interest is computed for both, then the capture.
+    scenario();
+    let logs = LogCapture::default();
+    tracing::subscriber::with_default(LogCapture::default(), || {
+        tracing::subscriber::with_default(logs.clone(), || {
+            tracing::callsite::rebuild_interest_cache();
+            scenario();
+        });
+    });
+    let changes: Vec<Vec<String>> = logs
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|f| f.iter().any(|(k, v)| k == "event" && v == "health_changed"))
+        .map(|f| {
+            ["component", "from", "to", "reason"]
+                .iter()
+                .map(|name| {
+                    f.iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            vec!["health", "HEALTHY", "DEGRADED", "nats reconnecting"],
+            vec!["health", "DEGRADED", "UNHEALTHY", "nats down for 5.0 s"],
+            vec!["health", "UNHEALTHY", "HEALTHY", ""],
+        ]
+    );
+}
+
+/// Captures the fields of every event, as text.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<LogEvent>>>);
+
+/// One event's fields, as (name, value) text.
+type LogEvent = Vec<(String, String)>;
+
+struct LogFields(Vec<(String, String)>);
+
+impl tracing::field::Visit for LogFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+}
+
+impl tracing::Subscriber for LogCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = LogFields(Vec::new());
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }

@@ -279,6 +279,8 @@ impl Cli {
                     max_probes: clamp32(self.breaker_probes),
                     successes_to_close: clamp32(self.breaker_close_successes),
                 },
+                // CGW_HEALTH_GRACE_MS (gateway.md section 7) comes with the HTTP endpoints.
+                health_grace: GatewayConfig::default().health_grace,
                 allowed_uids: allowed,
                 seed,
                 version: env!("CARGO_PKG_VERSION").to_string(),

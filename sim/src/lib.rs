@@ -2,6 +2,8 @@
 //!
 //! - [`after_outage`]: the check both tiers run after every run: after an outage, the first
 //!   request admitted once NATS is Connected again is published, not refused by the breaker.
+//! - [`health`]: the check both tiers run after every input: the core's health agrees with
+//!   what the shell sees (gateway.md section 5).
 //! - [`nats_standin`]: a sans-IO NATS server stand-in speaking the real client protocol.
 //! - [`router`]: Router behaviours (router.md section 5) as in-process subscribers of it.
 //! - [`shutdown`]: the check both tiers run after every run that signals a gateway: the
@@ -13,6 +15,7 @@
 //! Keep this file a plain list of modules: each simulation tier adds its own line.
 
 pub mod after_outage;
+pub mod health;
 pub mod nats_standin;
 pub mod router;
 pub mod shutdown;

@@ -2,14 +2,16 @@
 //! over a sweep of seeds.
 //!
 //! Every run checks the invariants of gateway.md section 1 (exactly one reply per request in
-//! order, no hang, no mix-up, no leak, bounded memory; `assert_invariants` after every step)
-//! and the scenario's own. `SIM_SEED=<seed>` replays one seed, `SIM_SEEDS=<n>` sets the sweep
+//! order, no hang, no mix-up, no leak, bounded memory; `assert_invariants` after every step),
+//! the health check of gateway.md section 5 (`sim::health`, after every step and over every
+//! spell without NATS) and the scenario's own. `SIM_SEED=<seed>` replays one seed, `SIM_SEEDS=<n>` sets the sweep
 //! size, `SIM_VERBOSE=1` prints every run's options.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ipc_gateway_core::breaker::BreakerState;
+use ipc_gateway_core::gateway::HealthStatus;
 use ipc_gateway_core::inflight::RequestId;
 use ipc_gateway_core::nats_config::SessionState;
 use ipc_gateway_core::nats_session::to_base36;
@@ -46,6 +48,9 @@ struct Seen {
     reconnects_checked: u64,
     /// What the shutdown check counted.
     shutdown: sim::shutdown::Report,
+    /// Spells without NATS shorter and longer than the health grace period.
+    short_outages: u64,
+    long_outages: u64,
 }
 
 impl Seen {
@@ -67,6 +72,10 @@ impl Seen {
             self.failed_on_disconnect += s.failed_on_disconnect;
             self.no_responders += s.no_responders;
             self.dropped += n.gw.stats().dropped_replies;
+            if let Ok((short, long)) = n.health.check_outages(w.opts.health_grace) {
+                self.short_outages += short as u64;
+                self.long_outages += long as u64;
+            }
         }
         self.resume_reads += w.resume_reads;
         self.reconnects_checked += w.after_outage.checked;
@@ -313,6 +322,15 @@ fn e_reconnect_storm() {
             seen.reconnects_checked > 0,
             "after-outage: no reconnect checked: {seen:?}"
         );
+        // Health (gateway.md section 5): restarts shorter than the grace period were seen
+        // DEGRADED only, longer ones UNHEALTHY from the grace period's end
+        // (`HealthWatch::check_outages`, run for every seed); the sweep met both.
+        assert!(
+            seen.short_outages > 0 && seen.long_outages > 0,
+            "health: outages short {} long {}: {seen:?}",
+            seen.short_outages,
+            seen.long_outages
+        );
     }
 }
 
@@ -438,6 +456,26 @@ fn g_breaker_lifecycle() {
                     "g{g}: no request refused while the breaker was open"
                 ));
             }
+            // 3. Health (gateway.md section 5): UNHEALTHY while the breaker was Open,
+            // DEGRADED while it probed, HEALTHY once it closed and the run went quiet.
+            let h = &n.health;
+            let end = w.now;
+            let saw = |status, reason| h.saw(status, reason, Instant::ZERO, end);
+            if !saw(HealthStatus::Unhealthy, "breaker open")
+                || !saw(HealthStatus::Degraded, "breaker half-open")
+                || h.log.last().map(|c| c.status) != Some(HealthStatus::Healthy)
+            {
+                f.push(format!("g{g}: health {}", h.line()));
+            }
+            for o in &n.log.opens {
+                if h.status_at(Instant::ZERO + o.at) != Some(HealthStatus::Unhealthy) {
+                    f.push(format!(
+                        "g{g}: breaker opened at {:?}, health {}",
+                        o.at,
+                        h.line()
+                    ));
+                }
+            }
         }
         f
     });
@@ -498,7 +536,7 @@ fn i_shutdown_drain_slow_router() {
         "i_shutdown_drain_slow_router",
         Scenario::Drain,
         200,
-        &|_| Vec::new(),
+        &draining_is_unhealthy,
     );
     if full_sweep() {
         let s = &seen.shutdown;
@@ -516,6 +554,35 @@ fn i_shutdown_drain_slow_router() {
     }
 }
 
+/// Health (gateway.md section 5): from its first signal on, a gateway is UNHEALTHY
+/// ("draining"), and nothing else, until it exits.
+fn draining_is_unhealthy(w: &World) -> Vec<String> {
+    let mut f = Vec::new();
+    for (g, n) in w.nodes.iter().enumerate() {
+        let Some(signal) = n.signals.first() else {
+            continue;
+        };
+        let at = Instant::ZERO + signal.at;
+        let h = &n.health;
+        if !h.saw(HealthStatus::Unhealthy, "draining", at, at) {
+            f.push(format!("g{g}: signalled at {at:?}, health {}", h.line()));
+        }
+        if let Some(c) = h
+            .log
+            .iter()
+            .find(|c| c.at >= at && c.status != HealthStatus::Unhealthy)
+        {
+            f.push(format!(
+                "g{g}: signalled at {at:?}, {} ({}) at {:?}",
+                c.status.name(),
+                c.reason,
+                c.at
+            ));
+        }
+    }
+    f
+}
+
 /// (j) The NATS server bounces or vanishes shortly after the signals, requests in flight: the
 /// same checks, and requests lost with the connection get error 8 (or error 6 at the
 /// deadline, when they waited in the reconnect buffer); the shutdown still completes within
@@ -526,7 +593,7 @@ fn j_shutdown_nats_outage_during_drain() {
         "j_shutdown_nats_outage_during_drain",
         Scenario::DrainOutage,
         200,
-        &|_| Vec::new(),
+        &draining_is_unhealthy,
     );
     if full_sweep() {
         let s = &seen.shutdown;
@@ -544,7 +611,7 @@ fn k_shutdown_second_signal() {
         "k_shutdown_second_signal",
         Scenario::SecondSignal,
         200,
-        &|_| Vec::new(),
+        &draining_is_unhealthy,
     );
     if full_sweep() {
         let s = &seen.shutdown;

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use ipc_gateway_core::gateway::HealthStatus;
 use sim::nats_standin::ServerConfig;
 use sim::tier2::ide::{IdeSpec, Req};
 use sim::tier2::seeds::{for_each_seed, regressions, seeds};
@@ -324,6 +325,28 @@ fn breaker_lifecycle() {
         assert_eq!(t.get("half_open"), Some(&2), "{t:?}");
         assert_eq!(t.get("closed"), Some(&1), "{t:?}");
         assert_eq!(g.breaker_state().name(), "closed");
+        // Health (gateway.md section 5): UNHEALTHY while Open, DEGRADED while probing, twice
+        // each, then HEALTHY; the session was up throughout.
+        let health = o.gateways["gateway-0"].health.borrow();
+        let seq: Vec<(&str, &str)> = health
+            .log
+            .iter()
+            .map(|c| (c.status.name(), c.reason.as_str()))
+            .filter(|(_, r)| r.starts_with("breaker") || r.is_empty())
+            .collect();
+        assert_eq!(
+            seq,
+            [
+                ("HEALTHY", ""),
+                ("UNHEALTHY", "breaker open"),
+                ("DEGRADED", "breaker half-open"),
+                ("UNHEALTHY", "breaker open"),
+                ("DEGRADED", "breaker half-open"),
+                ("HEALTHY", ""),
+            ],
+            "{}",
+            health.line()
+        );
     });
 }
 
@@ -382,6 +405,23 @@ fn vanished_machine_keepalive() {
         let r = replies(&run, "ide-0");
         assert_router(&r[0], None, "before");
         assert_error(&r[1], 8, "in flight when the server vanished");
+        // Health (gateway.md section 5): DEGRADED while reconnecting after the keepalive
+        // noticed, UNHEALTHY ("nats down") from the grace period's end if the outage outlasted
+        // it (`check_outages`, in check_invariants), HEALTHY once back.
+        let health = shell.health.borrow();
+        let cut = ipc_gateway_core::Instant::ZERO + cut;
+        let end = ipc_gateway_core::Instant::ZERO + run.now();
+        assert!(
+            health.saw(HealthStatus::Degraded, "nats reconnecting", cut, end),
+            "{}",
+            health.line()
+        );
+        assert_eq!(
+            health.log.last().map(|c| c.status),
+            Some(HealthStatus::Healthy),
+            "{}",
+            health.line()
+        );
         for (i, r) in replies(&run, "ide-1").iter().enumerate() {
             assert_router(r, None, &format!("after recovery {i}"));
         }
@@ -1272,6 +1312,22 @@ fn shutdown_run(seed: u64, stop: Stop) -> Run {
     run.finish(ms(100));
     run.summary();
     run.check_invariants();
+    // Health (gateway.md section 5): from the first signal on, UNHEALTHY ("draining") and
+    // nothing else until the exit.
+    for i in 0..opts.gateways {
+        let shell = run.shell(i);
+        let health = shell.health.borrow();
+        let Some(from) = health.log.iter().position(|c| c.reason == "draining") else {
+            panic!("gateway-{i} never draining: {}", health.line());
+        };
+        assert!(
+            health.log[from..]
+                .iter()
+                .all(|c| c.status == HealthStatus::Unhealthy),
+            "gateway-{i}: {}",
+            health.line()
+        );
+    }
     run
 }
 

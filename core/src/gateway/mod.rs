@@ -64,9 +64,11 @@
 //! drain end), and a reply for a request that already left is dropped and counted.
 
 mod admission;
+mod health;
 mod invariants;
 mod shutdown;
 
+pub use health::{assess, Health, HealthInputs, HealthReason, HealthStatus, LinkHealth};
 pub use shutdown::{Shutdown, FLUSH_GRACE};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -111,6 +113,9 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub breaker: BreakerConfig,
+    /// How long the upstream may have no link before health turns from DEGRADED to UNHEALTHY
+    /// (gateway.md section 5, `CGW_HEALTH_GRACE_MS`).
+    pub health_grace: Duration,
     pub allowed_uids: AllowedUids,
     /// Seeds every random choice (request id prefix now; NATS jitter and inbox later).
     pub seed: u64,
@@ -132,6 +137,7 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
+            health_grace: Duration::from_secs(5),
             allowed_uids: AllowedUids::Any,
             seed: 0,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -185,6 +191,8 @@ pub struct GatewayStats {
     /// Upstream replies for requests that had already left (late, duplicate or unknown).
     pub dropped_replies: u64,
     pub breaker_transitions: BTreeMap<&'static str, u64>,
+    /// Changes of health status, by the status changed to ([`HealthStatus::name`]).
+    pub health_changes: BTreeMap<&'static str, u64>,
 }
 
 /// Per-connection bookkeeping around the connection state machine.
@@ -215,6 +223,14 @@ pub struct Gateway<U: Upstream> {
     breaker: CircuitBreaker,
     /// The upstream's link as last seen, to notice losses and returns.
     last_link: Option<u64>,
+    /// Since when the upstream has had no link: the first input that found none (health).
+    link_down_since: Option<Instant>,
+    /// Whether a link was ever up (health: reconnecting rather than connecting).
+    ever_linked: bool,
+    /// As of the last input ([`Gateway::health`]).
+    health: Health,
+    /// The end of the grace period of the outage going on, while it is ahead.
+    health_deadline: Option<Instant>,
     /// The newest request answered "no responders": older requests that time out went away
     /// with the Router ([`Outcome::RouterLeft`]). Ids grow in submit order, which is publish
     /// order.
@@ -247,6 +263,10 @@ impl<U: Upstream> Gateway<U> {
             capabilities: capabilities_json(config.connection.max_frame_bytes, &config.version),
             breaker: CircuitBreaker::new(config.breaker),
             last_link: None,
+            link_down_since: None,
+            ever_linked: false,
+            health: Self::initial_health(&config, &upstream),
+            health_deadline: None,
             newest_no_responders: None,
             config,
             upstream,
@@ -370,7 +390,8 @@ impl<U: Upstream> Gateway<U> {
     }
 
     /// Lets time pass: stub replies fall due, requests time out, partial frames time out, the
-    /// breaker half-opens, the drain ends. Calling it early is harmless.
+    /// breaker half-opens, the drain ends, the health grace period ends. Calling it early is
+    /// harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.upstream.handle_timeout(now);
         self.deliver_outcomes(now);
@@ -440,6 +461,7 @@ impl<U: Upstream> Gateway<U> {
             self.breaker.poll_timeout(),
             self.upstream.poll_timeout(),
             self.shutdown.deadline(),
+            self.health_deadline,
             self.held_flush.as_ref().map(|(since, _)| *since),
         ]
         .into_iter()
@@ -468,6 +490,10 @@ impl<U: Upstream> Gateway<U> {
 
     pub fn stats(&self) -> &GatewayStats {
         &self.stats
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
     }
 
     pub fn inflight_len(&self) -> usize {
@@ -747,9 +773,19 @@ impl<U: Upstream> Gateway<U> {
     }
 
     /// Tells the breaker when the upstream's link was lost and when one is back, so that a
-    /// reconnect never inherits an Open breaker the outage caused (breaker.rs, module doc).
+    /// reconnect never inherits an Open breaker the outage caused (breaker.rs, module doc),
+    /// and notes since when there has been no link (health.rs).
     fn observe_link(&mut self, now: Instant) {
         let link = self.upstream.link();
+        match link {
+            None => {
+                self.link_down_since.get_or_insert(now);
+            }
+            Some(_) => {
+                self.link_down_since = None;
+                self.ever_linked = true;
+            }
+        }
         if link == self.last_link {
             return;
         }
@@ -763,7 +799,8 @@ impl<U: Upstream> Gateway<U> {
     }
 
     /// End of every input: paused connections go on decoding, breaker transitions are logged
-    /// and counted, the shutdown moves on, and the upstream's actions join the queue.
+    /// and counted, the shutdown moves on, the upstream's actions join the queue, and health
+    /// is re-assessed.
     fn finish_turn(&mut self, now: Instant) {
         self.resume_decoding(now);
         self.observe_link(now);
@@ -784,6 +821,7 @@ impl<U: Upstream> Gateway<U> {
         }
         self.advance_shutdown(now);
         self.collect_upstream_actions(now);
+        self.update_health(now);
     }
 
     /// Connections whose replies freed in-flight slots decode what they buffered.

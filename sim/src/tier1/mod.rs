@@ -116,6 +116,7 @@ impl Options {
             drain_timeout: ms(5000),
             nats_drain_timeout: NatsConfig::default().drain_timeout,
             nats_sndbuf: None,
+            health_grace: ms(5000),
         };
         let slow_short = Behaviour::Slow(ms(between(&mut r, 1, timeout / 2)));
         let slow_late = Behaviour::Slow(ms(timeout + between(&mut r, 1, timeout)));
@@ -269,6 +270,9 @@ impl Options {
                 shutdown_options(&mut o, &mut r, scenario);
             }
         }
+        // Drawn last, so that every other option stays what it was: around the outages'
+        // lengths, so that some outlast the grace period and some do not.
+        o.health_grace = ms(between(&mut r, 50, 4000));
         o
     }
 
@@ -284,7 +288,7 @@ impl Options {
              ping={}‰ mix=[{}] net={:?}..{:?} router={:?}..{:?} spread={:?} think={:?} timeout={:?} \
              inflight={}/{} breaker={}/{:?}/{:?}/{}/{} keepalive={:?}x{} connect={:?} \
              backoff={:?}..{:?} headers={} faults={:?} signals={:?} drain={:?} nats_drain={:?} \
-             sndbuf={:?}",
+             sndbuf={:?} grace={:?}",
             self.seed,
             self.gateways,
             self.routers,
@@ -320,7 +324,8 @@ impl Options {
             self.signals,
             self.drain_timeout,
             self.nats_drain_timeout,
-            self.nats_sndbuf
+            self.nats_sndbuf,
+            self.health_grace
         )
     }
 }
@@ -456,8 +461,8 @@ pub fn seeds(test: &str, default: u64) -> Vec<u64> {
     all
 }
 
-/// Runs one seed of a scenario: the world, then the general invariants and the after-outage
-/// check ([`crate::after_outage`]), then `check`.
+/// Runs one seed of a scenario: the world, then the general invariants, the after-outage
+/// check ([`crate::after_outage`]), the shutdown and health checks, then `check`.
 /// Returns the world; panics with the replay command on any failure.
 pub fn run_one(
     test: &str,
@@ -476,6 +481,7 @@ pub fn run_one(
         w.check_quiescent();
         w.check_after_outage();
         w.check_shutdown();
+        w.check_health();
         let more = check(&w);
         w.failures.extend(more);
         w

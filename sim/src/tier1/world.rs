@@ -24,6 +24,7 @@ use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCred
 
 use super::client::{Client, Expect};
 use crate::after_outage::{self, GatewayLog, Mark, Outage, Report};
+use crate::health::{HealthWatch, Seen};
 use crate::nats_standin::{self, NatsStandin, ServerConfig};
 use crate::router::Router;
 use crate::shutdown::{self, Exit, Socket};
@@ -91,6 +92,8 @@ pub struct Options {
     /// fits and the rest when the server has taken bytes (a write-readiness edge), as the mio
     /// shell does after `WouldBlock`. `None`: every write is taken whole.
     pub nats_sndbuf: Option<usize>,
+    /// `GatewayConfig::health_grace`: how long without NATS is DEGRADED rather than UNHEALTHY.
+    pub health_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -173,6 +176,8 @@ pub struct Node {
     pub up_at_vanish: Vec<bool>,
     /// Link, breaker and requests read, in the order of events (the after-outage check).
     pub log: GatewayLog,
+    /// Health as checked after every input ([`crate::health`]).
+    pub health: HealthWatch,
 }
 
 /// What a run produced, for the per-scenario checks.
@@ -261,6 +266,7 @@ impl World {
                 request_timeout: opts.request_timeout,
                 drain_timeout: opts.drain_timeout,
                 breaker: opts.breaker,
+                health_grace: opts.health_grace,
                 allowed_uids: AllowedUids::Any,
                 seed: gw_seed,
                 version: "sim".to_owned(),
@@ -293,6 +299,7 @@ impl World {
                 reconnected_at: Vec::new(),
                 up_at_vanish: Vec::new(),
                 log: GatewayLog::default(),
+                health: HealthWatch::default(),
             });
             for c in 0..opts.clients_per_gateway {
                 let name = format!("g{g}c{c}");
@@ -883,6 +890,35 @@ impl World {
             node.shutdown_log.push((now, state));
         }
         self.nodes[g].gw.assert_invariants();
+        self.watch_health(g);
+    }
+
+    /// After the run: every spell without NATS against the grace period
+    /// ([`crate::health::HealthWatch::check_outages`]); the per-input check ran in `pump`.
+    pub fn check_health(&mut self) {
+        for g in 0..self.nodes.len() {
+            if let Err(e) = self.nodes[g].health.check_outages(self.opts.health_grace) {
+                self.failures.push(format!("g{g} {e}"));
+            }
+        }
+    }
+
+    /// The core's health against what this shell sees ([`crate::health`]).
+    fn watch_health(&mut self, g: usize) {
+        let now = self.now;
+        let node = &mut self.nodes[g];
+        let gw = &node.gw;
+        let seen = Seen {
+            up: gw.upstream().state() == SessionState::Connected,
+            breaker: gw.breaker_state(),
+            shutdown: gw.shutdown_state(),
+            inflight: gw.inflight_len(),
+            max_inflight: self.opts.max_inflight,
+            grace: self.opts.health_grace,
+        };
+        if let Err(e) = node.health.check(now, seen, gw.health()) {
+            self.failures.push(format!("g{g} {e}"));
+        }
     }
 
     /// Writes the session's output to the NATS socket, as much as its send buffer takes

@@ -46,6 +46,7 @@ use turmoil::net::{TcpListener, TcpStream};
 
 use super::obs::{sim_now, spawn_watched, SharedObs};
 use crate::after_outage::Mark;
+use crate::health::{HealthWatch, Seen};
 use crate::shutdown::{Exit, Socket};
 
 /// The port IDE hosts connect to.
@@ -108,6 +109,10 @@ pub struct Shell {
     /// The first signal closes the listener.
     stop_accepting: Notify,
     nats_sndbuf: Option<usize>,
+    /// Health as checked after every input ([`crate::health`]).
+    pub health: RefCell<HealthWatch>,
+    /// What the health check found wrong (the test asserts there is nothing).
+    pub health_failures: RefCell<Vec<String>>,
 }
 
 impl Shell {
@@ -134,6 +139,7 @@ impl Shell {
         }
         self.gateway.borrow().assert_invariants();
         self.observe();
+        self.check_health();
         let state = self.gateway.borrow().shutdown_state().name();
         let mut log = self.shutdown_log.borrow_mut();
         if log.last().map(|s| s.1) != Some(state) {
@@ -247,6 +253,26 @@ impl Shell {
             .entry(self.name.clone())
             .or_default()
             .observe(mark, up, breaker, opens);
+    }
+
+    /// The core's health against what this shell sees ([`crate::health`]).
+    fn check_health(&self) {
+        let g = self.gateway.borrow();
+        let seen = Seen {
+            up: g.upstream().state() == SessionState::Connected,
+            breaker: g.breaker_state(),
+            shutdown: g.shutdown_state(),
+            inflight: g.inflight_len(),
+            max_inflight: g.config().max_inflight,
+            grace: g.config().health_grace,
+        };
+        let checked = self.health.borrow_mut().check(self.now(), seen, g.health());
+        if let Err(e) = checked {
+            self.record(format_args!("health check failed: {e}"));
+            self.health_failures
+                .borrow_mut()
+                .push(format!("{}: {e}", self.name));
+        }
     }
 
     /// Notes the task requests in bytes read from a client, before the core sees them.
@@ -602,6 +628,8 @@ pub async fn run(
         shutdown_log: RefCell::new(Vec::new()),
         stop_accepting: Notify::new(),
         nats_sndbuf: options.nats_sndbuf,
+        health: RefCell::new(HealthWatch::default()),
+        health_failures: RefCell::new(Vec::new()),
     });
     obs.borrow_mut()
         .gateways

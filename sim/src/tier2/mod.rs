@@ -66,6 +66,8 @@ pub struct Options {
     pub nats_drain_timeout: Duration,
     /// The gateways' NATS send buffer ([`gateway_host::ShellOptions::nats_sndbuf`]).
     pub nats_sndbuf: Option<usize>,
+    /// `GatewayConfig::health_grace`.
+    pub health_grace: Duration,
 }
 
 impl Options {
@@ -100,6 +102,7 @@ impl Options {
             drain_timeout: GatewayConfig::default().drain_timeout,
             nats_drain_timeout: NatsConfig::default().drain_timeout,
             nats_sndbuf: None,
+            health_grace: GatewayConfig::default().health_grace,
         }
     }
 
@@ -285,6 +288,21 @@ impl Run {
         let obs = self.obs.borrow();
         // 6. Never dies of input: no task panicked, every gateway still runs.
         assert!(obs.panics.is_empty(), "tasks panicked: {:?}", obs.panics);
+        // Health agreed with what each shell saw, after every input, and every spell
+        // without NATS met the grace period (gateway.md section 5, `crate::health`).
+        for shell in obs.gateways.values() {
+            let failures = shell.health_failures.borrow();
+            assert!(
+                failures.is_empty(),
+                "{} health check failures, first: {}",
+                failures.len(),
+                failures[0]
+            );
+            let grace = shell.gateway.borrow().config().health_grace;
+            if let Err(e) = shell.health.borrow().check_outages(grace) {
+                panic!("{}: {e}", shell.name);
+            }
+        }
         drop(obs);
         for i in 0..self.opts.gateways {
             assert!(
@@ -561,6 +579,7 @@ pub fn gateway_configs(opts: &Options, i: usize) -> (GatewayConfig, NatsConfig) 
         request_timeout: opts.request_timeout,
         drain_timeout: opts.drain_timeout,
         breaker: opts.breaker,
+        health_grace: opts.health_grace,
         seed,
         ..GatewayConfig::default()
     };
