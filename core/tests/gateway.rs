@@ -2,6 +2,8 @@
 //! replies, failures, late and duplicate answers the test decides. Each test pins one rule of
 //! ipc-protocol.md or gateway.md: exact codes, messages, counters, and the actions a shell sees.
 
+mod common;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::time::Duration;
@@ -19,6 +21,8 @@ use ipc_gateway_core::upstream::{
 };
 use ipc_gateway_core::{Action, ConnId, Gateway, GatewayConfig, Instant, PeerCredentials};
 use serde_json::{json, Value};
+
+use common::capture_logs;
 
 /// An upstream that records what it is asked and answers only when the test says so.
 struct Scripted {
@@ -1189,16 +1193,7 @@ fn health_changes_are_logged_once_each() {
         h.gw.handle_upstream(Script::Link(Some(2)), ms(6500));
         h.send(c, kind::PING, b"", ms(6600));
     };
-    // As in nats_session.rs: call sites registered first, a second idle subscriber so that
-    // interest is computed for both, then the capture.
-    scenario();
-    let logs = LogCapture::default();
-    tracing::subscriber::with_default(LogCapture::default(), || {
-        tracing::subscriber::with_default(logs.clone(), || {
-            tracing::callsite::rebuild_interest_cache();
-            scenario();
-        });
-    });
+    let logs = capture_logs(scenario);
     let changes: Vec<Vec<String>> = logs
         .0
         .lock()
@@ -1225,41 +1220,4 @@ fn health_changes_are_logged_once_each() {
             vec!["health", "UNHEALTHY", "HEALTHY", ""],
         ]
     );
-}
-
-/// Captures the fields of every event, as text.
-#[derive(Clone, Default)]
-struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<LogEvent>>>);
-
-/// One event's fields, as (name, value) text.
-type LogEvent = Vec<(String, String)>;
-
-struct LogFields(Vec<(String, String)>);
-
-impl tracing::field::Visit for LogFields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-}
-
-impl tracing::Subscriber for LogCapture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = LogFields(Vec::new());
-        event.record(&mut fields);
-        self.0.lock().unwrap().push(fields.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }

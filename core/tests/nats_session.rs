@@ -3,6 +3,8 @@
 //! in, and the client bytes the session queues parsed back out. Each test pins one rule of
 //! gateway.md section 2 or router.md sections 3 and 4.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +20,8 @@ use ipc_gateway_core::upstream::{Identity, TaskKind, Upstream, UpstreamEvent, Up
 use ipc_gateway_core::Instant;
 use proptest::prelude::*;
 use serde_json::{json, Value};
+
+use common::{capture_logs, LogCapture};
 
 fn ms(n: u64) -> Instant {
     Instant::ZERO + Duration::from_millis(n)
@@ -1373,43 +1377,6 @@ fn connection_lost_while_draining_fails_what_was_queued() {
     assert_eq!(sh.connects.len(), 1);
 }
 
-/// The fields of each tracing event emitted while it is the thread's subscriber.
-#[derive(Clone, Default)]
-struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<LogEvent>>>);
-
-/// One event's fields, as (name, value) text.
-type LogEvent = Vec<(String, String)>;
-
-struct LogFields(Vec<(String, String)>);
-
-impl tracing::field::Visit for LogFields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.push((field.name().to_owned(), value.to_owned()));
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push((field.name().to_owned(), format!("{value:?}")));
-    }
-}
-
-impl tracing::Subscriber for LogCapture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = LogFields(Vec::new());
-        event.record(&mut fields);
-        self.0.lock().unwrap().push(fields.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 impl LogCapture {
     /// The `server` field of each event named `name`.
     fn servers(&self, name: &str) -> Vec<String> {
@@ -1440,18 +1407,8 @@ fn state_change_logs_name_the_server_with_credentials_masked() {
         sh.handshake(&info(json!({})));
         sh.closed();
     };
-    // Other tests run in parallel threads without a subscriber. With a single scoped
-    // subscriber, tracing computes a call site's interest from whichever thread registers it
-    // first, so a second (idle) one is installed to make it consult both; the call sites are
-    // registered first and their interest recomputed once the capture is in place.
-    scenario();
-    let logs = LogCapture::default();
-    tracing::subscriber::with_default(LogCapture::default(), || {
-        tracing::subscriber::with_default(logs.clone(), || {
-            tracing::callsite::rebuild_interest_cache();
-            scenario();
-        });
-    });
+    // Other tests run in parallel threads without a subscriber: see capture_logs.
+    let logs = capture_logs(scenario);
     let masked = "nats://***@nats1:4333".to_owned();
     for name in [
         "nats_connecting",

@@ -88,6 +88,23 @@ pub struct GatewayLog {
 }
 
 impl GatewayLog {
+    /// Records what the gateway's link and breaker show now ([`GatewayLog::observe`]).
+    pub fn observe_gateway(
+        &mut self,
+        mark: Mark,
+        gw: &ipc_gateway_core::Gateway<ipc_gateway_core::nats_session::NatsSession>,
+    ) {
+        let connected =
+            gw.upstream().state() == ipc_gateway_core::nats_config::SessionState::Connected;
+        let opens = gw
+            .stats()
+            .breaker_transitions
+            .get("open")
+            .copied()
+            .unwrap_or(0);
+        self.observe(mark, connected, gw.breaker_state().name(), opens);
+    }
+
     /// Records what changed since the last call. `opens` is the gateway's count of
     /// transitions to Open (`stats().breaker_transitions["open"]`).
     pub fn observe(&mut self, mark: Mark, connected: bool, breaker: &'static str, opens: u64) {

@@ -409,16 +409,8 @@ impl World {
     /// the start sees what the input changed before anything nested runs.
     fn observe(&mut self, g: usize) {
         let mark = self.mark();
-        let gw = &self.nodes[g].gw;
-        let up = gw.upstream().state() == SessionState::Connected;
-        let breaker = gw.breaker_state().name();
-        let opens = gw
-            .stats()
-            .breaker_transitions
-            .get("open")
-            .copied()
-            .unwrap_or(0);
-        self.nodes[g].log.observe(mark, up, breaker, opens);
+        let node = &mut self.nodes[g];
+        node.log.observe_gateway(mark, &node.gw);
     }
 
     fn push(&mut self, at: Instant, ev: Ev) {

@@ -239,20 +239,12 @@ impl Shell {
     /// Notes the link and the breaker after every input (the after-outage check).
     fn observe(&self) {
         let g = self.gateway.borrow();
-        let up = g.upstream().state() == SessionState::Connected;
-        let breaker = g.breaker_state().name();
-        let opens = g
-            .stats()
-            .breaker_transitions
-            .get("open")
-            .copied()
-            .unwrap_or(0);
         let mut obs = self.obs.borrow_mut();
         let mark = obs.mark();
         obs.logs
             .entry(self.name.clone())
             .or_default()
-            .observe(mark, up, breaker, opens);
+            .observe_gateway(mark, &g);
     }
 
     /// The core's health against what this shell sees ([`crate::health`]).

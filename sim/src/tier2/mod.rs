@@ -426,23 +426,7 @@ impl Run {
                 }
                 for s in &c.sent {
                     let taken = log.taken.iter().find(|(_, t)| *t == s.tag).map(|(m, _)| *m);
-                    let reply = s.reply.as_ref().map(|r| {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&r.payload).unwrap_or_default();
-                        let ok = r.kind == ipc_gateway_core::frame::kind::RESPONSE_OK;
-                        Reply {
-                            at: r.at,
-                            code: if ok {
-                                0
-                            } else {
-                                v["error"]["code"].as_u64().unwrap_or(0) as u16
-                            },
-                            message: v["error"]["message"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_owned(),
-                        }
-                    });
+                    let reply = s.reply.as_ref().map(obs::Reply::judged);
                     let published = obs
                         .published
                         .iter()
@@ -503,21 +487,7 @@ impl Run {
                 .get(client)?
                 .sent
                 .get(i.parse::<usize>().ok()?)?;
-            let r = r.reply.as_ref()?;
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
-            let ok = r.kind == ipc_gateway_core::frame::kind::RESPONSE_OK;
-            Some(Reply {
-                at: r.at,
-                code: if ok {
-                    0
-                } else {
-                    v["error"]["code"].as_u64().unwrap_or(0) as u16
-                },
-                message: v["error"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            })
+            r.reply.as_ref().map(obs::Reply::judged)
         };
         for (name, log) in &obs.logs {
             let published: Vec<(Duration, String)> = obs

@@ -18,6 +18,27 @@ pub struct Reply {
     pub at: Duration,
 }
 
+impl Reply {
+    /// The reply as the after-outage and shutdown checks judge it: 0 for a Router reply,
+    /// else the error's code and message.
+    pub fn judged(&self) -> crate::after_outage::Reply {
+        let v: serde_json::Value = serde_json::from_slice(&self.payload).unwrap_or_default();
+        let ok = self.kind == ipc_gateway_core::frame::kind::RESPONSE_OK;
+        crate::after_outage::Reply {
+            at: self.at,
+            code: if ok {
+                0
+            } else {
+                v["error"]["code"].as_u64().unwrap_or(0) as u16
+            },
+            message: v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        }
+    }
+}
+
 /// One request an IDE host sent, and what came back.
 #[derive(Debug, Clone)]
 pub struct Sent {

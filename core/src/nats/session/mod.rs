@@ -290,23 +290,12 @@ impl NatsSession {
             "Shutting down: NATS is draining",
             FailureCause::Refused,
         );
-        let close_at = now + self.config.drain_timeout;
+        let mut close_at = now + self.config.drain_timeout;
+        if let Link::LameDuck { leave_at, .. } = self.link {
+            close_at = close_at.min(leave_at);
+        }
         match self.link {
-            Link::Up { keepalive } => {
-                self.set_link(
-                    Link::Draining {
-                        keepalive,
-                        close_at,
-                    },
-                    "shutdown",
-                );
-                self.check_drain();
-            }
-            Link::LameDuck {
-                keepalive,
-                leave_at,
-            } => {
-                let close_at = close_at.min(leave_at);
+            Link::Up { keepalive } | Link::LameDuck { keepalive, .. } => {
                 self.set_link(
                     Link::Draining {
                         keepalive,
