@@ -170,6 +170,11 @@ pub struct Cli {
           value_parser = whole("CGW_IPC_DRAIN_MS", 0, 86_400_000))]
     pub drain_ms: u64,
 
+    /// How long NATS may be reconnecting before health turns from DEGRADED to UNHEALTHY, in ms
+    #[arg(long, env = "CGW_HEALTH_GRACE_MS", default_value = "5000",
+          value_parser = whole("CGW_HEALTH_GRACE_MS", 0, 86_400_000))]
+    pub health_grace_ms: u64,
+
     /// Audit log: a JSON Lines file (mode 0600, appended to) of connections accepted, denied and
     /// closed, the configuration and the shutdown; reopened on SIGHUP. `off` disables it
     #[arg(long, env = "CGW_AUDIT_LOG", default_value = "off",
@@ -279,8 +284,7 @@ impl Cli {
                     max_probes: clamp32(self.breaker_probes),
                     successes_to_close: clamp32(self.breaker_close_successes),
                 },
-                // CGW_HEALTH_GRACE_MS (gateway.md section 7) comes with the HTTP endpoints.
-                health_grace: GatewayConfig::default().health_grace,
+                health_grace: Duration::from_millis(self.health_grace_ms),
                 allowed_uids: allowed,
                 seed,
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -358,6 +362,7 @@ impl Settings {
                 "close_successes": g.breaker.successes_to_close,
             },
             "drain_ms": g.drain_timeout.as_millis() as u64,
+            "health_grace_ms": g.health_grace.as_millis() as u64,
             "log_level": self.log_level,
             "audit_log": self.audit_log.as_ref().map_or_else(
                 || "off".to_string(),
@@ -558,6 +563,12 @@ mod tests {
         assert_eq!(j["timeout_ms"], 30_000);
         assert_eq!(j["allowed_uids"], serde_json::json!([0, 1000]));
         assert_eq!(j["breaker"]["failures_to_open"], 5);
+        assert_eq!(j["health_grace_ms"], 5_000);
+        let s = parse(&["--health-grace-ms", "750"])
+            .unwrap()
+            .settings(1000, 0)
+            .unwrap();
+        assert_eq!(s.gateway.health_grace, Duration::from_millis(750));
     }
 
     /// A bad value (zero, not a number, a mode the owner cannot read and write, a uid name, an

@@ -26,6 +26,7 @@ const VARIABLES: &[&str] = &[
     "CGW_IPC_TIMEOUT_MS",
     "CGW_IPC_STUB_DELAY_MS",
     "CGW_IPC_DRAIN_MS",
+    "CGW_HEALTH_GRACE_MS",
     "CGW_AUDIT_LOG",
     "CGW_LOG_LEVEL",
 ];
@@ -64,6 +65,7 @@ fn invalid_values_exit_2_naming_the_variable() {
         ("CGW_IPC_TIMEOUT_MS", "30s".into(), &[]),
         ("CGW_IPC_STUB_DELAY_MS", "-5".into(), &[]),
         ("CGW_IPC_DRAIN_MS", "forever".into(), &[]),
+        ("CGW_HEALTH_GRACE_MS", "5s".into(), &[]),
         ("CGW_IPC_MAX_CONNECTIONS", "abc".into(), &["--check-config"]),
     ];
     let runs: Vec<_> = cases
