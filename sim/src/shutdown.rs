@@ -77,6 +77,33 @@ pub struct Exit {
     pub closing_seen: Option<Duration>,
 }
 
+impl Exit {
+    /// What a shell records of its gateway when it stops at `ShutdownComplete`.
+    pub fn snapshot(
+        gw: &ipc_gateway_core::Gateway<ipc_gateway_core::nats_session::NatsSession>,
+        mark: Mark,
+        forced: bool,
+        socket: Socket,
+        extra: u32,
+        closing_seen: Option<Duration>,
+    ) -> Exit {
+        use ipc_gateway_core::upstream::Upstream as _;
+        let s = gw.upstream();
+        Exit {
+            mark,
+            forced,
+            session: s.state().name(),
+            inflight: gw.inflight_len(),
+            pending: s.pending(),
+            buffered_bytes: s.buffered_bytes(),
+            session_output: s.has_output(),
+            socket,
+            extra,
+            closing_seen,
+        }
+    }
+}
+
 /// One task request of a signalled gateway's clients.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -149,6 +176,20 @@ impl Report {
         self.cut_by_force += o.cut_by_force;
         self.unread += o.unread;
         self.failures.extend(o.failures.iter().cloned());
+    }
+
+    /// A full sweep of drain scenarios must have exercised every path it is there for.
+    pub fn assert_drains_covered(&self) {
+        assert!(self.drained > 0, "no drain completed: {self:?}");
+        assert!(
+            self.failed_at_deadline > 0,
+            "nothing failed at a drain deadline: {self:?}"
+        );
+        assert!(self.refused > 0, "nothing read after a signal: {self:?}");
+        assert!(
+            self.waited_for_nats > 0,
+            "no shutdown waited for the NATS session's flush: {self:?}"
+        );
     }
 
     /// One line for a run's summary.

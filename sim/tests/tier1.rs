@@ -540,17 +540,8 @@ fn i_shutdown_drain_slow_router() {
     );
     if full_sweep() {
         let s = &seen.shutdown;
-        assert!(s.drained > 0, "no drain completed: {s:?}");
+        s.assert_drains_covered();
         assert!(s.answered > 0, "no Router reply during a drain: {s:?}");
-        assert!(
-            s.failed_at_deadline > 0,
-            "nothing failed at a drain deadline: {s:?}"
-        );
-        assert!(s.refused > 0, "nothing read after a signal: {s:?}");
-        assert!(
-            s.waited_for_nats > 0,
-            "no shutdown waited for the NATS session's flush: {s:?}"
-        );
     }
 }
 

@@ -974,7 +974,6 @@ impl World {
             }
             discarded.push(format!("{a:?}"));
         }
-        let s = node.gw.upstream();
         let socket = match node.link {
             LinkState::Idle => Socket::None,
             _ if disconnect_queued => Socket::DisconnectQueued,
@@ -985,18 +984,14 @@ impl World {
             .iter()
             .find(|(_, st)| *st == "closing_upstream")
             .map(|(t, _)| *t - Instant::ZERO);
-        node.exit = Some(Exit {
+        node.exit = Some(Exit::snapshot(
+            &node.gw,
             mark,
             forced,
-            session: s.state().name(),
-            inflight: node.gw.inflight_len(),
-            pending: s.pending(),
-            buffered_bytes: s.buffered_bytes(),
-            session_output: s.has_output(),
             socket,
             extra,
             closing_seen,
-        });
+        ));
         if let LinkState::Open(_, c) = node.link {
             self.server.close(c);
         }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use ipc_gateway_core::frame::{FrameDecoder, MAX_FRAME_BYTES};
 use ipc_gateway_core::nats_config::SessionState;
 use ipc_gateway_core::nats_session::{LinkId, NatsInput, NatsSession, SessionAction};
-use ipc_gateway_core::upstream::{TaskKind, Upstream};
+use ipc_gateway_core::upstream::TaskKind;
 use ipc_gateway_core::{Action, ConnId, Gateway, Instant, PeerCredentials};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::Notify;
@@ -209,22 +209,14 @@ impl Shell {
             .iter()
             .find(|(_, st)| *st == "closing_upstream")
             .map(|(t, _)| *t);
-        let exit = {
-            let g = self.gateway.borrow();
-            let s = g.upstream();
-            Exit {
-                mark,
-                forced,
-                session: s.state().name(),
-                inflight: g.inflight_len(),
-                pending: s.pending(),
-                buffered_bytes: s.buffered_bytes(),
-                session_output: s.has_output(),
-                socket,
-                extra,
-                closing_seen,
-            }
-        };
+        let exit = Exit::snapshot(
+            &self.gateway.borrow(),
+            mark,
+            forced,
+            socket,
+            extra,
+            closing_seen,
+        );
         *self.exit.borrow_mut() = Some(exit);
         self.close_nats();
         let clients = std::mem::take(&mut *self.clients.borrow_mut());
