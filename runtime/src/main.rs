@@ -8,6 +8,9 @@ mod event_loop;
 mod handoff;
 mod listener;
 mod logging;
+// Wired by the HTTP server's `/metrics`.
+#[allow(dead_code)]
+mod metrics;
 mod nats_link;
 mod sync;
 mod vectored;
