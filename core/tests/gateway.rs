@@ -347,16 +347,20 @@ fn request_duration_histogram_counts_answered_task_requests() {
     let stats = h.gw.stats();
     assert_eq!(stats.task_requests, [4, 0, 0]);
     let hist = &stats.request_duration;
-    assert_eq!(hist.count(), 3, "reply, timeout and refusal; not the abandoned one");
+    assert_eq!(
+        hist.count(),
+        3,
+        "reply, timeout and refusal; not the abandoned one"
+    );
     assert_eq!(hist.sum(), Duration::from_millis(2 + 100));
     let per_bucket: BTreeMap<Option<Duration>, u64> =
         hist.buckets().filter(|&(_, n)| n > 0).collect();
     assert_eq!(
         per_bucket,
         BTreeMap::from([
-            (Some(Duration::from_micros(50)), 1),    // the refusal, answered at once
+            (Some(Duration::from_micros(50)), 1), // the refusal, answered at once
             (Some(Duration::from_micros(2_500)), 1), // the reply after 2 ms
-            (Some(Duration::from_millis(100)), 1),   // the timeout, exactly at 100 ms
+            (Some(Duration::from_millis(100)), 1), // the timeout, exactly at 100 ms
         ])
     );
 }
