@@ -27,7 +27,8 @@ stage() {
     return "$status"
 }
 
-# The NATS tests start real nats-server processes on free loopback ports (Debian's package).
+# The NATS tests start real nats-server processes on free loopback ports (Debian's package);
+# the metrics tests need Debian's python3-prometheus-client.
 install_tools() {
     if ! command -v nats-server >/dev/null; then
         if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -35,6 +36,13 @@ install_tools() {
         $sudo apt-get install -y nats-server
     fi
     nats-server --version
+    # tests/tests/metrics.rs parses /metrics with Python's prometheus_client (an independent
+    # parser), run as /usr/bin/python3: a pyenv python3 first on PATH does not see apt packages.
+    if ! /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null; then
+        if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+        $sudo apt-get update
+        $sudo apt-get install -y python3-prometheus-client
+    fi
 }
 stage install install_tools
 
