@@ -93,18 +93,28 @@ struct Response {
     body: Vec<u8>,
 }
 
-/// One HTTP/1.1 GET on a fresh connection, read to the end of its `Content-Length`.
+/// One HTTP/1.1 GET on a fresh connection, read to the end of its `Content-Length`; panics
+/// on any failure.
 fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
+    try_http_get(addr, path, accept).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http_get`] without the panic: `Err` says what went wrong.
+fn try_http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Result<Response, String> {
     let mut stream = TcpStream::connect_timeout(&addr, WAIT)
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    stream.set_write_timeout(Some(WAIT)).expect("write timeout");
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(WAIT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(WAIT))
+        .map_err(|e| e.to_string())?;
     let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
-        .unwrap_or_else(|e| panic!("writing GET {path}: {e}"));
+        .map_err(|e| format!("writing GET {path}: {e}"))?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {
@@ -113,11 +123,12 @@ fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
         }
         let n = stream
             .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("reading the response to GET {path}: {e}"));
-        assert!(
-            n > 0,
-            "connection closed before the head of GET {path} was complete"
-        );
+            .map_err(|e| format!("reading the response to GET {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed before the head of GET {path} was complete"
+            ));
+        }
         raw.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
@@ -127,7 +138,7 @@ fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
     let headers: BTreeMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -135,30 +146,31 @@ fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
     let length: usize = headers
         .get("content-length")
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no Content-Length in {head:?}"));
+        .ok_or_else(|| format!("GET {path}: no Content-Length in {head:?}"))?;
     let mut body = raw[head_end..].to_vec();
     while body.len() < length {
         let n = stream
             .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("reading the body of GET {path}: {e}"));
-        assert!(
-            n > 0,
-            "GET {path}: body ended at {} of {length} bytes",
-            body.len()
-        );
+            .map_err(|e| format!("reading the body of GET {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "GET {path}: body ended at {} of {length} bytes",
+                body.len()
+            ));
+        }
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);
-    Response {
+    Ok(Response {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// The daemon's HTTP address, from its `http_listening` log line (`CGW_HTTP_ADDR` with port 0
-/// picks a free port and logs the one bound).
-fn http_addr(daemon: &Daemon) -> SocketAddr {
+/// picks a free port and logs the one bound). Until the HTTP branch's own helper lands.
+fn http_addr(daemon: &mut Daemon) -> SocketAddr {
     let deadline = Instant::now() + WAIT;
     loop {
         let found = daemon
@@ -294,7 +306,7 @@ struct Scraper {
 }
 
 impl Scraper {
-    fn new(daemon: &Daemon) -> Scraper {
+    fn new(daemon: &mut Daemon) -> Scraper {
         Scraper {
             addr: http_addr(daemon),
             scrapes: 0,
@@ -535,8 +547,8 @@ fn check_process(e: &Exposition, pid: u32) {
 /// themselves and a 404), and the process figures, in both formats.
 #[test]
 fn stub_workload_reads_exactly_what_happened() {
-    let daemon = start(&[("CGW_IPC_MAX_CONNECTIONS", "3")]);
-    let mut scraper = Scraper::new(&daemon);
+    let mut daemon = start(&[("CGW_IPC_MAX_CONNECTIONS", "3")]);
+    let mut scraper = Scraper::new(&mut daemon);
 
     // Before any traffic: every family and known label value, at 0; except the connection
     // the start helper made to see the daemon ready (counted, closed at once).
@@ -733,12 +745,12 @@ fn stub_workload_reads_exactly_what_happened() {
 /// more), a fourth is shed at once (error 7), the three time out at 200 ms.
 #[test]
 fn timeouts_and_load_shedding_are_counted() {
-    let daemon = start(&[
+    let mut daemon = start(&[
         ("CGW_IPC_TIMEOUT_MS", "200"),
         ("CGW_IPC_STUB_DELAY_MS", "5000"),
         ("CGW_IPC_MAX_INFLIGHT", "3"),
     ]);
-    let mut scraper = Scraper::new(&daemon);
+    let mut scraper = Scraper::new(&mut daemon);
     let mut a = daemon.connect();
     let mut b = daemon.connect();
     const SLOW: usize = 3;
@@ -783,8 +795,8 @@ fn timeouts_and_load_shedding_are_counted() {
 #[test]
 fn uid_rejections_are_counted() {
     let other_uid = (rustix::process::getuid().as_raw() + 1).to_string();
-    let daemon = start(&[("CGW_IPC_ALLOWED_UIDS", other_uid.as_str())]);
-    let mut scraper = Scraper::new(&daemon);
+    let mut daemon = start(&[("CGW_IPC_ALLOWED_UIDS", other_uid.as_str())]);
+    let mut scraper = Scraper::new(&mut daemon);
     // The start helper's readiness probe was a connection too, refused like any other.
     let base = scraper.scrape_until("the readiness probe gone", quiet);
     let probes = base.value("ipc_connections_total", &[]);
@@ -837,14 +849,14 @@ fn nats_gateway(url: &str, extra: &[(&str, &str)]) -> Daemon {
 fn router_replies_timeouts_late_duplicate_and_no_responders() {
     let server = NatsServer::start();
     let mut double = RouterDouble::start(&server.url());
-    let daemon = nats_gateway(
+    let mut daemon = nats_gateway(
         &server.url(),
         &[
             ("CGW_IPC_TIMEOUT_MS", "300"),
             ("CGW_IPC_BREAKER_FAILURES", "1000"),
         ],
     );
-    let mut scraper = Scraper::new(&daemon);
+    let mut scraper = Scraper::new(&mut daemon);
     let first = scraper.scrape();
     assert_eq!(first.value("nats_connection_state", &[]), 1.0);
     let mut client = daemon.connect();
@@ -956,8 +968,8 @@ fn router_replies_timeouts_late_duplicate_and_no_responders() {
 #[test]
 fn nats_restart_is_counted_and_the_buffer_is_visible() {
     let mut server = NatsServer::start();
-    let daemon = nats_gateway(&server.url(), &[("CGW_HEALTH_GRACE_MS", "60000")]);
-    let mut scraper = Scraper::new(&daemon);
+    let mut daemon = nats_gateway(&server.url(), &[("CGW_HEALTH_GRACE_MS", "60000")]);
+    let mut scraper = Scraper::new(&mut daemon);
     let up = scraper.scrape();
     assert_eq!(up.value("nats_connection_state", &[]), 1.0);
     assert_eq!(up.value("nats_reconnects_total", &[]), 0.0);
@@ -995,4 +1007,78 @@ fn nats_restart_is_counted_and_the_buffer_is_visible() {
     assert_eq!(e.value("nats_reconnects_total", &[]), 1.0);
     assert_eq!(e.value("ipc_router_no_responders_total", &[]), 1.0);
     assert_eq!(e.value("ipc_health_status", &[]), 0.0);
+}
+
+/// More HTTP connections than the 32 allowed: each one over the limit is accepted and closed at
+/// once, and counted; the scrapes after they are gone count them all.
+#[test]
+fn http_connections_over_the_limit_are_counted() {
+    const LIMIT: usize = 32;
+    const OVER: usize = 3;
+    let mut daemon = start(&[]);
+    let mut scraper = Scraper::new(&mut daemon);
+    let before = scraper.scrape();
+    assert_eq!(before.value("http_connections_rejected_total", &[]), 0.0);
+    // Connected one after another, so the 32 first take every slot. Idle connections are
+    // closed by the server only after its 5 s request timeout, so the ones closed at once
+    // are exactly the refused ones.
+    let open: Vec<TcpStream> = (0..LIMIT + OVER)
+        .map(|i| {
+            let s = TcpStream::connect_timeout(&scraper.addr, WAIT)
+                .unwrap_or_else(|e| panic!("HTTP connection {i}: {e}"));
+            s.set_nonblocking(true).expect("non-blocking");
+            s
+        })
+        .collect();
+    // A refused connection reads end of stream (or a reset); an accepted one would block.
+    let mut refused = vec![false; open.len()];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        for (stream, refused) in open.iter().zip(refused.iter_mut()) {
+            let mut b = [0u8; 16];
+            match (&*stream).read(&mut b) {
+                Ok(0) => *refused = true,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => *refused = true,
+                _ => {}
+            }
+        }
+        if refused.iter().filter(|&&r| r).count() >= OVER || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let closed = refused.iter().filter(|&&r| r).count();
+    assert_eq!(
+        closed,
+        OVER,
+        "{OVER} of {} connections refused",
+        LIMIT + OVER
+    );
+    drop(open);
+    // The slots free once the server has seen the closes; until then a scrape may be refused
+    // itself (and counted), so it is retried and the refusals it met are added.
+    let deadline = Instant::now() + WAIT;
+    let mut scrape_refusals = 0;
+    let e = loop {
+        match try_http_get(scraper.addr, "/metrics", None) {
+            Ok(r) if r.status == 200 => {
+                break Exposition::parse(&String::from_utf8_lossy(&r.body), Format::Prometheus)
+            }
+            Ok(r) => panic!("GET /metrics: {}", r.status),
+            // Refused: accepted and closed before any response.
+            Err(e) if e.contains("closed before the head") || e.contains("reset") => {
+                scrape_refusals += 1
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape answered after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        e.value("http_connections_rejected_total", &[]),
+        (OVER + scrape_refusals) as f64
+    );
 }
