@@ -81,6 +81,17 @@ fn main() -> ExitCode {
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
     raise_fd_limit();
 
+    // Bound apart from the loop, so that a listener handed in by the service manager can take
+    // its place; and before the IPC socket, so that refusing CGW_HTTP_ADDR leaves no socket
+    // file behind.
+    let http_listener = match http::bind(&settings.http) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(event = "error", component = "http", error = %e.0, "cannot start");
+            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
         Ok(s) => s,
         Err(e) => {
@@ -92,16 +103,6 @@ fn main() -> ExitCode {
     info!(event = "listening", component = "ipc_bridge", path = %settings.socket_path.display(),
           mode = format!("{:04o}", settings.socket_mode),
           upstream = if settings.nats.enabled { "nats" } else { "stub" });
-    // Bound apart from the loop, so that a listener handed in by the service manager can take
-    // its place.
-    let http_listener = match http::bind(&settings.http) {
-        Ok(l) => l,
-        Err(e) => {
-            error!(event = "error", component = "http", error = %e.0, "cannot start");
-            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
 
     let result = if settings.nats.enabled {
         let nats = settings.nats_config(&hostname());

@@ -286,6 +286,12 @@ impl HttpServer {
             // Write first: one response at a time (connection.rs).
             if slot.conn.has_output() {
                 match slot.stream.write(slot.conn.output()) {
+                    // A socket that takes nothing without saying WouldBlock is broken; trying
+                    // again would spin.
+                    Ok(0) => {
+                        self.close(index, registry);
+                        return;
+                    }
                     Ok(n) => {
                         slot.conn.on_written(n, Instant::now());
                         continue;
