@@ -111,6 +111,22 @@ fn wait_reply(addr: SocketAddr, path: &str, what: &str, cond: impl Fn(&Reply) ->
     }
 }
 
+/// Every endpoint's code in the current state, with GET and with HEAD: `/health` and
+/// `/ready` as given, `/live` and `/metrics` 200 whatever the health.
+fn assert_codes(addr: SocketAddr, state: &str, health: u16, ready: u16) {
+    for (path, code) in [
+        ("/health", health),
+        ("/ready", ready),
+        ("/live", 200),
+        ("/metrics", 200),
+    ] {
+        let got = get(addr, path);
+        assert_eq!(got.status, code, "GET {path} when {state}: {got:?}");
+        let head = curl(addr, path, &["-I"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(head.status, code, "HEAD {path} when {state}: {head:?}");
+    }
+}
+
 /// A daemon with HTTP on a free loopback port, and that port.
 fn daemon(env: &[(&str, &str)]) -> (Daemon, SocketAddr) {
     let mut all = vec![HTTP_ANY];
@@ -222,7 +238,7 @@ fn stub_mode_endpoints() {
 
     let ready = get(addr, "/ready");
     assert_eq!((ready.status, ready.body.trim()), (200, "ready"));
-    assert_eq!(get(addr, "/live").status, 200);
+    assert_codes(addr, "in stub mode", 200, 200);
     let metrics = get(addr, "/metrics");
     assert_eq!(metrics.status, 200);
     assert_eq!(
@@ -284,6 +300,7 @@ fn nats_up_then_down_past_the_grace_period() {
     );
     let ready = get(addr, "/ready");
     assert_eq!((ready.status, ready.body.trim()), (200, "ready"));
+    assert_codes(addr, "NATS is up", 200, 200);
 
     server.kill();
     let down = wait_reply(addr, "/health", "UNHEALTHY after the grace period", |r| {
@@ -315,7 +332,7 @@ fn nats_up_then_down_past_the_grace_period() {
         (ready.status, ready.body.trim()),
         (503, "nats not connected")
     );
-    assert_eq!(get(addr, "/live").status, 200);
+    assert_codes(addr, "NATS is down past the grace period", 503, 503);
     assert_ipc_prompt(&daemon, "NATS is down");
 }
 
@@ -351,15 +368,16 @@ fn breaker_open_is_unhealthy_and_not_ready() {
     );
     let ready = get(addr, "/ready");
     assert_eq!((ready.status, ready.body.trim()), (503, "breaker open"));
+    assert_codes(addr, "the breaker is open", 503, 503);
 }
 
-/// After SIGTERM with a request in flight (a 3 s stub delay) the IPC socket is gone at once,
+/// After SIGTERM with a request in flight (a 5 s stub delay) the IPC socket is gone at once,
 /// but HTTP keeps answering through the drain: /ready and /health 503 "draining", /live 200.
 /// The request is still answered, and the process exits 0.
 #[test]
 fn draining_is_503_while_the_drain_lasts() {
     let (mut daemon, addr) = daemon(&[
-        ("CGW_IPC_STUB_DELAY_MS", "3000"),
+        ("CGW_IPC_STUB_DELAY_MS", "5000"),
         ("CGW_IPC_DRAIN_MS", "20000"),
     ]);
     let mut client = daemon.connect();
@@ -376,7 +394,7 @@ fn draining_is_503_while_the_drain_lasts() {
     let health = get(addr, "/health");
     assert_eq!(health.status, 503);
     assert_eq!(health.json()["reason"], "draining");
-    assert_eq!(get(addr, "/live").status, 200);
+    assert_codes(addr, "draining", 503, 503);
     assert!(
         daemon.is_running(),
         "the drain ended before the in-flight request was answered"
