@@ -28,6 +28,11 @@
 //!   syscall.
 //! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
+//! - The HTTP endpoints ([`crate::http`]) are sources of this loop too (tokens 4..=36). They
+//!   only read the gateway, so their events produce no core actions; their request deadlines
+//!   join the poll timeout, and their postponed work keeps the loop from sleeping, like
+//!   `read_again`. On SIGTERM only the IPC listener closes: HTTP is served until the process
+//!   exits, so `/ready` can say "draining" through the drain.
 //! - SIGHUP reopens the audit log (logrotate's `create` mode); without one it is logged and
 //!   otherwise ignored (it no longer ends the process, as its default action would).
 
