@@ -275,6 +275,15 @@ fn stub_mode_endpoints() {
     for path in ["/", "/healthz", "/health/x", "/metricsx"] {
         assert_eq!(get(addr, path).status, 404, "{path}");
     }
+    // `connections` counts IPC clients as they come and go.
+    let clients: Vec<_> = (0..3).map(|_| daemon.connect()).collect();
+    wait_reply(addr, "/health", "three IPC connections", |r| {
+        r.json()["connections"] == 3
+    });
+    drop(clients);
+    wait_reply(addr, "/health", "no IPC connection", |r| {
+        r.json()["connections"] == 0
+    });
     // Query strings do not change the path.
     assert_eq!(get(addr, "/live?verbose=1").status, 200);
     drop(daemon);
