@@ -422,3 +422,43 @@ pub fn timeout_until(deadline: Instant) -> Duration {
         (deadline - now) + Duration::from_micros(999)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A busy address the operator did not choose (the default) disables HTTP and lets the
+    /// daemon start; the same address chosen explicitly is an error naming the variable and
+    /// the address; `off` binds nothing; port 0 binds a free port. (The default itself is
+    /// not bound here: 8080 may belong to someone else on the machine.)
+    #[test]
+    fn bind_rules() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let implicit = HttpSetting {
+            addr: HttpAddr::At(busy),
+            explicit: false,
+        };
+        assert!(matches!(bind(&implicit), Ok(None)));
+        let explicit = HttpSetting {
+            explicit: true,
+            ..implicit
+        };
+        let err = bind(&explicit).unwrap_err().0;
+        assert!(
+            err.contains("CGW_HTTP_ADDR") && err.contains(&busy.to_string()),
+            "{err}"
+        );
+        let off = HttpSetting {
+            addr: HttpAddr::Off,
+            explicit: true,
+        };
+        assert!(matches!(bind(&off), Ok(None)));
+        let any = HttpSetting {
+            addr: HttpAddr::At("127.0.0.1:0".parse().unwrap()),
+            explicit: true,
+        };
+        let bound = bind(&any).unwrap().unwrap();
+        assert_ne!(bound.local_addr().unwrap().port(), 0);
+    }
+}
