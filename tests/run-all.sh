@@ -28,21 +28,23 @@ stage() {
 }
 
 # The NATS tests start real nats-server processes on free loopback ports (Debian's package);
-# the metrics tests need Debian's python3-prometheus-client.
+# the HTTP tests (tests/tests/http.rs) ask the endpoints with curl, a real HTTP client; the
+# metrics tests (tests/tests/metrics.rs) parse /metrics with Python's prometheus_client, an
+# independent parser, run as /usr/bin/python3 (a pyenv python3 first on PATH does not see apt
+# packages).
 install_tools() {
-    if ! command -v nats-server >/dev/null; then
+    local missing=()
+    command -v nats-server >/dev/null || missing+=(nats-server)
+    command -v curl >/dev/null || missing+=(curl)
+    /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null ||
+        missing+=(python3-prometheus-client)
+    if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
         $sudo apt-get update
-        $sudo apt-get install -y nats-server
+        $sudo apt-get install -y "${missing[@]}"
     fi
     nats-server --version
-    # tests/tests/metrics.rs parses /metrics with Python's prometheus_client (an independent
-    # parser), run as /usr/bin/python3: a pyenv python3 first on PATH does not see apt packages.
-    if ! /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null; then
-        if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
-        $sudo apt-get update
-        $sudo apt-get install -y python3-prometheus-client
-    fi
+    curl --version | head -n 1
 }
 stage install install_tools
 

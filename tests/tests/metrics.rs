@@ -168,28 +168,6 @@ fn try_http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Result<Re
     })
 }
 
-/// The daemon's HTTP address, from its `http_listening` log line (`CGW_HTTP_ADDR` with port 0
-/// picks a free port and logs the one bound). Until the HTTP branch's own helper lands.
-fn http_addr(daemon: &mut Daemon) -> SocketAddr {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let found = daemon
-            .stderr()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["event"] == "http_listening")
-            .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()));
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no http_listening line after {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A parsed exposition: families by name, as the Python parser saw them.
 #[derive(Debug)]
 struct Exposition {
@@ -308,7 +286,7 @@ struct Scraper {
 impl Scraper {
     fn new(daemon: &mut Daemon) -> Scraper {
         Scraper {
-            addr: http_addr(daemon),
+            addr: daemon.http_addr(),
             scrapes: 0,
         }
     }
