@@ -6,6 +6,7 @@ mod audit;
 mod config;
 mod event_loop;
 mod handoff;
+mod health_cli;
 mod listener;
 mod logging;
 // Wired by the HTTP server's `/metrics`.
@@ -37,8 +38,15 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // Before anything reads the daemon's settings: see config::health_args.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "health") {
+        return health_cli::run(&config::health_args(std::env::args_os().skip(1)));
+    }
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
+    if let Some(config::Command::Health(args)) = &cli.command {
+        return health_cli::run(args);
+    }
     let own_uid = rustix::process::getuid().as_raw();
     let settings = match cli.settings(own_uid, random_seed()) {
         Ok(s) => s,
