@@ -366,115 +366,27 @@ fn the_sysusers_file_creates_the_service_account() {
 
 /// PromQL functions, aggregation operators and keywords: identifiers that are not metric names
 /// even where they are not followed by a parenthesis (`sum by (le) (…)`, `x > bool 0`).
+#[rustfmt::skip] // one word a line would make this list 130 lines long
 const PROMQL_WORDS: &[&str] = &[
     // aggregation operators
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
+    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
+    "topk", "quantile", "limitk", "limit_ratio",
     // keywords and binary operators spelt as words
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "bool",
-    "and",
-    "or",
-    "unless",
-    "offset",
-    "atan2",
-    "inf",
-    "nan",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+    "unless", "offset", "atan2", "inf", "nan",
     // functions
-    "abs",
-    "absent",
-    "absent_over_time",
-    "acos",
-    "acosh",
-    "asin",
-    "asinh",
-    "atan",
-    "atanh",
-    "avg_over_time",
-    "ceil",
-    "changes",
-    "clamp",
-    "clamp_max",
-    "clamp_min",
-    "cos",
-    "cosh",
-    "count_over_time",
-    "day_of_month",
-    "day_of_week",
-    "day_of_year",
-    "days_in_month",
-    "deg",
-    "delta",
-    "deriv",
-    "exp",
-    "floor",
-    "histogram_avg",
-    "histogram_count",
-    "histogram_fraction",
-    "histogram_quantile",
-    "histogram_stddev",
-    "histogram_stdvar",
-    "histogram_sum",
-    "holt_winters",
-    "double_exponential_smoothing",
-    "hour",
-    "idelta",
-    "increase",
-    "irate",
-    "label_join",
-    "label_replace",
-    "last_over_time",
-    "ln",
-    "log10",
-    "log2",
-    "mad_over_time",
-    "max_over_time",
-    "min_over_time",
-    "minute",
-    "month",
-    "pi",
-    "predict_linear",
-    "present_over_time",
-    "quantile_over_time",
-    "rad",
-    "rate",
-    "resets",
-    "round",
-    "scalar",
-    "sgn",
-    "sin",
-    "sinh",
-    "sort",
-    "sort_desc",
-    "sort_by_label",
-    "sort_by_label_desc",
-    "sqrt",
-    "stddev_over_time",
-    "stdvar_over_time",
-    "sum_over_time",
-    "tan",
-    "tanh",
-    "time",
-    "timestamp",
-    "vector",
-    "year",
+    "abs", "absent", "absent_over_time", "acos", "acosh", "asin", "asinh", "atan", "atanh",
+    "avg_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min", "cos", "cosh",
+    "count_over_time", "day_of_month", "day_of_week", "day_of_year", "days_in_month", "deg",
+    "delta", "deriv", "exp", "floor", "histogram_avg", "histogram_count", "histogram_fraction",
+    "histogram_quantile", "histogram_stddev", "histogram_stdvar", "histogram_sum",
+    "holt_winters", "double_exponential_smoothing", "hour", "idelta", "increase", "irate",
+    "label_join", "label_replace", "last_over_time", "ln", "log10", "log2", "mad_over_time",
+    "max_over_time", "min_over_time", "minute", "month", "pi", "predict_linear",
+    "present_over_time", "quantile_over_time", "rad", "rate", "resets", "round", "scalar",
+    "sgn", "sin", "sinh", "sort", "sort_desc", "sort_by_label", "sort_by_label_desc", "sqrt",
+    "stddev_over_time", "stdvar_over_time", "sum_over_time", "tan", "tanh", "time", "timestamp",
+    "vector", "year",
 ];
 
 /// Keywords whose parenthesised list that follows is label names, not an expression.
@@ -1084,6 +996,32 @@ fn the_container_image_checks_live_with_the_daemons_own_cli() {
     );
 }
 
+/// The builder stage copies every workspace member: cargo loads the whole workspace even to
+/// build one package, so a member added later and not copied would break the image build.
+#[test]
+fn the_container_build_copies_every_workspace_member() {
+    let manifest = read(&workspace_dir().join("Cargo.toml"));
+    let members_line = manifest
+        .lines()
+        .find(|l| l.trim_start().starts_with("members"))
+        .expect("workspace members");
+    let members: Vec<&str> = members_line.split('"').skip(1).step_by(2).collect();
+    assert!(members.contains(&"runtime"), "{members:?}");
+    let copies: Vec<String> = instructions(&containerfile())
+        .into_iter()
+        .filter(|(w, _)| w == "COPY")
+        .map(|(_, r)| r)
+        .collect();
+    for member in members {
+        assert!(
+            copies
+                .iter()
+                .any(|c| c.split_whitespace().next() == Some(member)),
+            "the Containerfile does not COPY workspace member {member}: {copies:?}"
+        );
+    }
+}
+
 fn sidecar() -> serde_norway::Value {
     let path = deploy_dir().join("k8s/sidecar.yaml");
     serde_norway::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -1298,6 +1236,36 @@ fn closed_address() -> String {
     let addr = listener.local_addr().unwrap().to_string();
     drop(listener);
     addr
+}
+
+/// `--help` names the options and the exit codes, and the daemon's `--help` lists `health`.
+#[test]
+fn health_help_explains_options_and_exit_codes() {
+    let out = health(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let help = stdout(&out);
+    for needle in [
+        "--addr",
+        "--live",
+        "CGW_HTTP_ADDR",
+        "127.0.0.1:8080",
+        "HEALTHY",
+        "DEGRADED",
+        "UNHEALTHY",
+    ] {
+        assert!(
+            help.contains(needle),
+            "health --help does not mention {needle}:\n{help}"
+        );
+    }
+    let out = Command::new(binary())
+        .arg("--help")
+        .output()
+        .expect("running --help");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("health"),
+        "--help does not list the health subcommand"
+    );
 }
 
 /// Nothing listening: exit 2 and a message naming the address and where it came from, also
