@@ -7,10 +7,9 @@ mod config;
 mod event_loop;
 mod handoff;
 mod health_cli;
+mod http;
 mod listener;
 mod logging;
-// Wired by the HTTP server's `/metrics`.
-#[allow(dead_code)]
 mod metrics;
 mod nats_link;
 mod sync;
@@ -90,6 +89,17 @@ fn main() -> ExitCode {
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
     raise_fd_limit();
 
+    // Bound apart from the loop, so that a listener handed in by the service manager can take
+    // its place; and before the IPC socket, so that refusing CGW_HTTP_ADDR leaves no socket
+    // file behind.
+    let http_listener = match http::bind(&settings.http) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(event = "error", component = "http", error = %e.0, "cannot start");
+            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
         Ok(s) => s,
         Err(e) => {
@@ -107,6 +117,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
             socket,
+            http_listener,
             audit,
         )
     } else {
@@ -116,6 +127,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<StubUpstream>::new(settings.gateway.clone(), stub),
             socket,
+            http_listener,
             audit,
         )
     };
@@ -133,9 +145,11 @@ fn main() -> ExitCode {
 fn run<U: UpstreamIo>(
     gateway: Gateway<U>,
     socket: BoundSocket,
+    http_listener: Option<std::net::TcpListener>,
     audit: Option<audit::AuditLog>,
 ) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket, audit).and_then(|mut event_loop| event_loop.run())
+    EventLoop::new(gateway, socket, http_listener, audit)
+        .and_then(|mut event_loop| event_loop.run())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and logs both values (`fd_limit`). Each

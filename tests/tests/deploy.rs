@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{binary, workspace_dir, Daemon, IO_TIMEOUT, START_TIMEOUT};
+use ipc_gateway_tests::daemon::{binary, workspace_dir, Daemon, IO_TIMEOUT};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -1458,26 +1458,9 @@ fn health_reports_a_stub_daemon_as_healthy() {
 /// Starts a stub-mode daemon with HTTP on a free port and returns it with the address from its
 /// `http_listening` log line.
 fn start_with_http() -> (Daemon, String) {
-    let mut daemon = Daemon::spawn(&[("CGW_HTTP_ADDR", "127.0.0.1:0")], &[]);
-    daemon.wait_ready();
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let addr = daemon.stderr().lines().find_map(|line| {
-            let record: Value = serde_json::from_str(line).ok()?;
-            (record["event"] == "http_listening")
-                .then(|| record["addr"].as_str().map(str::to_owned))
-                .flatten()
-        });
-        if let Some(addr) = addr {
-            return (daemon, addr);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no http_listening log line with an addr within {START_TIMEOUT:?} \
-             (is the HTTP server of gateway.md section 5 in this build?)"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    let mut daemon = Daemon::start(&[("CGW_HTTP_ADDR", "127.0.0.1:0")]);
+    let addr = daemon.http_addr().to_string();
+    (daemon, addr)
 }
 
 struct HttpResponse {
