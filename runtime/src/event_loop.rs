@@ -30,6 +30,10 @@
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
 //! - SIGHUP reopens the audit log (logrotate's `create` mode); without one it is logged and
 //!   otherwise ignored (it no longer ends the process, as its default action would).
+//! - systemd ([`crate::systemd::Notifier`]): `READY=1` before the first poll, `STATUS=` when
+//!   a turn ends with another health, `WATCHDOG=1` from the turns themselves (its deadline is
+//!   part of the poll timeout, so an idle loop still sends it and a stuck one does not), and
+//!   `STOPPING=1` when the first SIGTERM/SIGINT closes the listener.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -46,6 +50,7 @@ use tracing::{error, info, warn};
 use crate::audit::AuditLog;
 use crate::listener::BoundSocket;
 use crate::nats_link::{UpstreamIo, UpstreamLink};
+use crate::systemd::Notifier;
 use crate::vectored::{write_once, WriteStep};
 
 const LISTENER: Token = Token(0);
@@ -168,6 +173,8 @@ pub struct EventLoop<U: UpstreamIo> {
     link: U::Link,
     /// `CGW_AUDIT_LOG`, for SIGHUP and the stats line (its records come through tracing).
     audit: Option<AuditLog>,
+    /// systemd's notifications (inert without `NOTIFY_SOCKET`).
+    notifier: Notifier,
 }
 
 impl<U: UpstreamIo> EventLoop<U> {
@@ -175,6 +182,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         gateway: Gateway<U>,
         mut socket: BoundSocket,
         audit: Option<AuditLog>,
+        notifier: Notifier,
     ) -> io::Result<EventLoop<U>> {
         let poll = Poll::new()?;
         poll.registry()
@@ -195,12 +203,17 @@ impl<U: UpstreamIo> EventLoop<U> {
             accept_again: None,
             link,
             audit,
+            notifier,
         })
     }
 
     /// Runs until the shutdown completes or a second signal arrives.
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
+        // The listener is registered and nothing has been accepted yet: connections made from
+        // now on wait in the backlog until the first poll.
+        self.notifier
+            .ready(&self.gateway.health(), std::time::Instant::now());
         loop {
             let timeout = if self.read_again.is_empty() && !self.link.wants_read_again() {
                 let now = self.clock.now();
@@ -214,10 +227,10 @@ impl<U: UpstreamIo> EventLoop<U> {
                         (t - now) + Duration::from_micros(999)
                     }
                 });
-                let accept = self
-                    .accept_again
-                    .map(|t| t.saturating_duration_since(std::time::Instant::now()));
-                core.into_iter().chain(accept).min()
+                let wall = std::time::Instant::now();
+                let accept = self.accept_again.map(|t| t.saturating_duration_since(wall));
+                let watchdog = self.notifier.watchdog_timeout(wall);
+                core.into_iter().chain(accept).chain(watchdog).min()
             } else {
                 Some(Duration::ZERO)
             };
@@ -284,6 +297,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             if let Some(exit) = self.apply_actions(now) {
                 return Ok(exit);
             }
+            self.notifier.health(&self.gateway.health());
+            self.notifier.on_turn(std::time::Instant::now());
         }
     }
 
@@ -339,6 +354,9 @@ impl<U: UpstreamIo> EventLoop<U> {
             }
             info!(event = "signal_received", component = "ipc_bridge", signal);
             self.close_listener();
+            // After the listener is gone: whatever connects from now on waits for a successor
+            // (on an inherited listener) instead of being accepted here and refused.
+            self.notifier.stopping();
             self.gateway.handle_shutdown(now);
         }
     }
@@ -365,7 +383,9 @@ impl<U: UpstreamIo> EventLoop<U> {
     }
 
     /// Stops accepting and removes the socket file, so new clients fail fast and a successor
-    /// can bind the path while we drain.
+    /// can bind the path while we drain. An inherited listener (socket activation) is only
+    /// deregistered and dropped: systemd holds its own copy, so connections keep queueing in
+    /// its backlog for the next process, and its file stays where the socket unit made it.
     fn close_listener(&mut self) {
         if let Some(mut socket) = self.socket.take() {
             let _ = self.poll.registry().deregister(&mut socket.listener);

@@ -1,7 +1,8 @@
-//! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket, and
-//! runs the event loop around the core with the stub upstream or, with NATS enabled, the
-//! NATS session.
+//! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket (or
+//! takes it from systemd), and runs the event loop around the core with the stub upstream or,
+//! with NATS enabled, the NATS session.
 
+mod activation;
 mod audit;
 mod config;
 mod event_loop;
@@ -13,6 +14,7 @@ mod logging;
 mod metrics;
 mod nats_link;
 mod sync;
+mod systemd;
 mod vectored;
 
 use std::hash::{BuildHasher, Hasher};
@@ -37,6 +39,10 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // First of all, while this is the only thread (removing variables races with threads that
+    // read the environment): systemd's variables, taken out so no child inherits them.
+    let notify_env = systemd::NotifyEnv::take();
+    let listen_env = activation::ListenEnv::take();
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
     let own_uid = rustix::process::getuid().as_raw();
@@ -82,17 +88,49 @@ fn main() -> ExitCode {
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
     raise_fd_limit();
 
-    let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
-        Ok(s) => s,
+    let inherited = match activation::listen_fds(&listen_env, std::process::id()) {
+        Ok(fds) => fds,
         Err(e) => {
-            error!(event = "error", component = "ipc_bridge", error = %e, "cannot start");
-            eprintln!("ipc-gateway: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            error!(event = "error", component = "systemd", error = %e, "cannot start");
+            eprintln!("ipc-gateway: invalid socket activation: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
-    info!(event = "listening", component = "ipc_bridge", path = %settings.socket_path.display(),
-          mode = format!("{:04o}", settings.socket_mode),
-          upstream = if settings.nats.enabled { "nats" } else { "stub" });
+    let upstream_kind = if settings.nats.enabled {
+        "nats"
+    } else {
+        "stub"
+    };
+    let socket = match inherited.ipc {
+        Some(listener) => {
+            // systemd's socket unit decides the path and the mode; CGW_IPC_SOCKET_PATH and
+            // CGW_IPC_SOCKET_MODE do not apply (the listener_inherited line has the address).
+            info!(
+                event = "listening",
+                component = "ipc_bridge",
+                inherited = true,
+                upstream = upstream_kind
+            );
+            BoundSocket::inherited(listener)
+        }
+        None => match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
+            Ok(s) => {
+                info!(event = "listening", component = "ipc_bridge",
+                      path = %settings.socket_path.display(),
+                      mode = format!("{:04o}", settings.socket_mode), upstream = upstream_kind);
+                s
+            }
+            Err(e) => {
+                error!(event = "error", component = "ipc_bridge", error = %e, "cannot start");
+                eprintln!("ipc-gateway: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+    };
+    // Checked and kept open until the HTTP server (another branch) takes it in place of
+    // binding CGW_HTTP_ADDR.
+    let _inherited_http = inherited.http;
+    let notifier = systemd::Notifier::new(&notify_env, std::process::id());
 
     let result = if settings.nats.enabled {
         let nats = settings.nats_config(&hostname());
@@ -100,6 +138,7 @@ fn main() -> ExitCode {
             Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
             socket,
             audit,
+            notifier,
         )
     } else {
         let stub = StubConfig {
@@ -109,6 +148,7 @@ fn main() -> ExitCode {
             Gateway::<StubUpstream>::new(settings.gateway.clone(), stub),
             socket,
             audit,
+            notifier,
         )
     };
     match result {
@@ -126,8 +166,9 @@ fn run<U: UpstreamIo>(
     gateway: Gateway<U>,
     socket: BoundSocket,
     audit: Option<audit::AuditLog>,
+    notifier: systemd::Notifier,
 ) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket, audit).and_then(|mut event_loop| event_loop.run())
+    EventLoop::new(gateway, socket, audit, notifier).and_then(|mut event_loop| event_loop.run())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and logs both values (`fd_limit`). Each
