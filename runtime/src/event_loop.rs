@@ -33,7 +33,7 @@
 //! - systemd ([`crate::systemd::Notifier`]): `READY=1` before the first poll, `STATUS=` when
 //!   a turn ends with another health, `WATCHDOG=1` from the turns themselves (its deadline is
 //!   part of the poll timeout, so an idle loop still sends it and a stuck one does not), and
-//!   `STOPPING=1` when the first SIGTERM/SIGINT closes the listener.
+//!   `STOPPING=1` once the first SIGTERM/SIGINT has closed the listener.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -354,10 +354,10 @@ impl<U: UpstreamIo> EventLoop<U> {
             }
             info!(event = "signal_received", component = "ipc_bridge", signal);
             self.close_listener();
+            self.gateway.handle_shutdown(now);
             // After the listener is gone: whatever connects from now on waits for a successor
             // (on an inherited listener) instead of being accepted here and refused.
-            self.notifier.stopping();
-            self.gateway.handle_shutdown(now);
+            self.notifier.stopping(&self.gateway.health());
         }
     }
 

@@ -10,7 +10,8 @@
 //! - `WATCHDOG=1` every half of `WATCHDOG_USEC`, from the event loop's own turns, so that a
 //!   stuck loop stops them and systemd restarts it. Not when `WATCHDOG_PID` names another
 //!   process (the variables were meant for a parent, as `sd_watchdog_enabled(3)` says).
-//! - `STOPPING=1` when the drain begins.
+//! - `STOPPING=1` when the drain begins, with the draining status in the same datagram: an
+//!   idle gateway finishes its shutdown within that turn, before any later `STATUS=`.
 //!
 //! Without `NOTIFY_SOCKET` nothing is sent and nothing is logged. A failed send is logged once
 //! and is never fatal: a service manager that stopped listening must not stop the gateway.
@@ -167,13 +168,14 @@ impl Notifier {
         self.send(&format!("STATUS={health}"));
     }
 
-    /// `STOPPING=1`, once.
-    pub fn stopping(&mut self) {
+    /// `STOPPING=1` with the health (draining by now), once.
+    pub fn stopping(&mut self, health: &Health) {
         if self.target.is_none() || self.stopping {
             return;
         }
         self.stopping = true;
-        self.send("STOPPING=1");
+        self.reported = Some(key(health));
+        self.send(&format!("STOPPING=1\nSTATUS={health}"));
     }
 
     /// How long until the next `WATCHDOG=1` is due, for the event loop's poll timeout.
@@ -362,9 +364,17 @@ mod tests {
             received(&receiver),
             ["STATUS=UNHEALTHY (nats down for 5.0 s)", "STATUS=HEALTHY"]
         );
-        n.stopping();
-        n.stopping();
-        assert_eq!(received(&receiver), ["STOPPING=1"]);
+        let draining = Health {
+            status: HealthStatus::Unhealthy,
+            reason: Some(HealthReason::Draining),
+        };
+        n.stopping(&draining);
+        n.stopping(&draining);
+        n.health(&draining);
+        assert_eq!(
+            received(&receiver),
+            ["STOPPING=1\nSTATUS=UNHEALTHY (draining)"]
+        );
     }
 
     /// Without NOTIFY_SOCKET nothing is scheduled (so the loop's timeout is untouched).
@@ -382,7 +392,7 @@ mod tests {
         drop(receiver);
         drop(dir);
         n.ready(&Health::HEALTHY, Instant::now());
-        n.stopping();
+        n.stopping(&Health::HEALTHY);
         assert!(n.failure_logged);
     }
 
