@@ -5,7 +5,7 @@
 //! such a listener loses no client.
 
 use std::net::TcpListener;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -361,12 +361,14 @@ fn mismatched_listen_variables_exit_2() {
     let dgram = UnixDatagram::unbound().unwrap();
     let (connected, _peer) = UnixStream::pair().unwrap();
     let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-    let cases: Vec<(
-        &str,
-        Vec<std::os::fd::BorrowedFd<'_>>,
-        Vec<(&str, &str)>,
-        &str,
-    )> = vec![
+    // (what, descriptors passed, variables, what stderr must say)
+    type Case<'a> = (
+        &'a str,
+        Vec<BorrowedFd<'a>>,
+        Vec<(&'a str, &'a str)>,
+        &'a str,
+    );
+    let cases: Vec<Case<'_>> = vec![
         (
             "count not a number",
             vec![unix.as_fd()],
