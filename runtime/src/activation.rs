@@ -12,8 +12,10 @@
 //!   open, or not a listening stream socket of the family its name says.
 //! - Taken descriptors are made close-on-exec and non-blocking.
 //!
-//! [`plan`] decides from the variables alone (pure, tested below); [`listen_fds`] then takes
-//! and checks the descriptors.
+//! [`plan`] decides from the variables alone (pure, tested below); [`take`] takes the
+//! descriptors at the very start of `main`, before the process opens anything itself (or a
+//! number systemd did not pass, claimed by a wrong `LISTEN_FDS`, could by then be one of our
+//! own files); [`Taken::into_listeners`] checks them once logging is up.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -30,10 +32,10 @@ const FIRST_FD: RawFd = 3;
 
 /// The variables of socket activation, read once at start.
 #[derive(Debug, Default, Clone)]
-pub struct ListenEnv {
-    pub pid: Option<OsString>,
-    pub fds: Option<OsString>,
-    pub names: Option<OsString>,
+struct ListenEnv {
+    pid: Option<OsString>,
+    fds: Option<OsString>,
+    names: Option<OsString>,
 }
 
 impl ListenEnv {
@@ -42,7 +44,7 @@ impl ListenEnv {
     ///
     /// Call it before any thread exists: `remove_var` races with other threads reading the
     /// environment (the workspace is edition 2021, where it is not yet marked `unsafe`).
-    pub fn take() -> ListenEnv {
+    fn take() -> ListenEnv {
         let take = |name: &str| {
             let value = std::env::var_os(name);
             std::env::remove_var(name);
@@ -58,7 +60,7 @@ impl ListenEnv {
 
 /// What a passed descriptor is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+enum Role {
     Ipc,
     Http,
 }
@@ -86,7 +88,7 @@ pub struct ActivationError(pub String);
 
 /// What the variables say, before any descriptor is touched.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Plan {
+enum Plan {
     /// No socket activation: bind as configured.
     None,
     /// The variables are for another process; the reason is logged.
@@ -102,7 +104,7 @@ fn text<'a>(name: &str, value: &'a OsString) -> Result<&'a str, ActivationError>
 }
 
 /// Decides from the variables alone.
-pub fn plan(env: &ListenEnv, own_pid: u32) -> Result<Plan, ActivationError> {
+fn plan(env: &ListenEnv, own_pid: u32) -> Result<Plan, ActivationError> {
     let Some(pid) = &env.pid else {
         return Ok(match &env.fds {
             None => Plan::None,
@@ -196,31 +198,58 @@ pub fn plan(env: &ListenEnv, own_pid: u32) -> Result<Plan, ActivationError> {
     ))
 }
 
-/// The listeners systemd passed to this process, checked; empty without socket activation.
-pub fn listen_fds(env: &ListenEnv, own_pid: u32) -> Result<ListenFds, ActivationError> {
-    let taken = match plan(env, own_pid)? {
-        Plan::None => return Ok(ListenFds::default()),
+/// The descriptors systemd passed, owned but not yet checked.
+#[derive(Debug, Default)]
+pub struct Taken {
+    fds: Vec<(RawFd, Role, OwnedFd)>,
+    /// Why the variables were ignored, to be logged.
+    ignored: Option<String>,
+}
+
+/// Reads (and removes) the variables and takes the descriptors they name. Call it first thing
+/// in `main`: no other thread may exist yet (see [`ListenEnv::take`]), and nothing of the
+/// process's own may have taken a descriptor number yet.
+pub fn take(own_pid: u32) -> Result<Taken, ActivationError> {
+    let env = ListenEnv::take();
+    let planned = match plan(&env, own_pid)? {
+        Plan::None => return Ok(Taken::default()),
         Plan::Ignore(why) => {
-            warn!(event = "listen_fds_ignored", component = "systemd", reason = %why,
-                  "socket activation variables ignored; binding as configured");
-            return Ok(ListenFds::default());
+            return Ok(Taken {
+                fds: Vec::new(),
+                ignored: Some(why),
+            })
         }
-        Plan::Take(taken) => taken,
+        Plan::Take(planned) => planned,
     };
     // Every descriptor is taken before any is checked, so that each one is owned (and closed
     // on a refusal) whatever the first error is.
-    let mut owned = Vec::with_capacity(taken.len());
-    for (fd, role) in taken {
-        let fd_owned = take_fd(fd).ok_or_else(|| {
+    let mut fds = Vec::with_capacity(planned.len());
+    for (fd, role) in planned {
+        let owned = take_fd(fd).ok_or_else(|| {
             ActivationError(format!(
                 "LISTEN_FDS: fd {fd} ({}) is not an open file descriptor",
                 role.name()
             ))
         })?;
-        owned.push((fd, role, fd_owned));
+        fds.push((fd, role, owned));
     }
+    Ok(Taken { fds, ignored: None })
+}
+
+impl Taken {
+    /// The listeners, checked and logged; empty without socket activation.
+    pub fn into_listeners(self) -> Result<ListenFds, ActivationError> {
+        if let Some(why) = &self.ignored {
+            warn!(event = "listen_fds_ignored", component = "systemd", reason = %why,
+                  "socket activation variables ignored; binding as configured");
+        }
+        into_listeners(self.fds)
+    }
+}
+
+fn into_listeners(fds: Vec<(RawFd, Role, OwnedFd)>) -> Result<ListenFds, ActivationError> {
     let mut out = ListenFds::default();
-    for (fd, role, owned) in owned {
+    for (fd, role, owned) in fds {
         let described = format!("LISTEN_FDS: fd {fd} ({})", role.name());
         check_listener(&owned, role)
             .map_err(|why| ActivationError(format!("{described} {why}")))?;
@@ -271,7 +300,8 @@ fn take_fd(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: the descriptor is open (just checked; no other thread exists yet at this
     // point of start-up to close it), and nothing else in the process owns it: the
     // socket-activation protocol hands descriptors LISTEN_FDS from 3 on to the process named
-    // by LISTEN_PID (checked by `plan`), and this is the only code that takes them.
+    // by LISTEN_PID (checked by `plan`), this runs before the process opens anything of its
+    // own, and this is the only code that takes them.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

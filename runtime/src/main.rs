@@ -40,9 +40,11 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     // First of all, while this is the only thread (removing variables races with threads that
-    // read the environment): systemd's variables, taken out so no child inherits them.
+    // read the environment): systemd's variables, taken out so no child inherits them; and the
+    // descriptors of socket activation, before this process opens any of its own. Errors wait
+    // until logging is up.
     let notify_env = systemd::NotifyEnv::take();
-    let listen_env = activation::ListenEnv::take();
+    let inherited = activation::take(std::process::id());
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
     let own_uid = rustix::process::getuid().as_raw();
@@ -88,7 +90,7 @@ fn main() -> ExitCode {
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
     raise_fd_limit();
 
-    let inherited = match activation::listen_fds(&listen_env, std::process::id()) {
+    let inherited = match inherited.and_then(activation::Taken::into_listeners) {
         Ok(fds) => fds,
         Err(e) => {
             error!(event = "error", component = "systemd", error = %e, "cannot start");

@@ -361,6 +361,8 @@ fn mismatched_listen_variables_exit_2() {
     let dgram = UnixDatagram::unbound().unwrap();
     let (connected, _peer) = UnixStream::pair().unwrap();
     let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let audit = dir.path().join("audit.jsonl");
+    let audit = audit.to_str().unwrap();
     // (what, descriptors passed, variables, what stderr must say)
     type Case<'a> = (
         &'a str,
@@ -424,9 +426,15 @@ fn mismatched_listen_variables_exit_2() {
             "fd 3 (ipc) is not a socket",
         ),
         (
+            // With an audit log, whose file the daemon opens at start: the lowest free number
+            // is 4, and it must not be taken for the missing descriptor.
             "a descriptor that is not there",
             vec![unix.as_fd()],
-            vec![("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "ipc:http")],
+            vec![
+                ("LISTEN_FDS", "2"),
+                ("LISTEN_FDNAMES", "ipc:http"),
+                ("CGW_AUDIT_LOG", &audit),
+            ],
             "fd 4 (http) is not an open file descriptor",
         ),
     ];
