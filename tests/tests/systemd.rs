@@ -433,7 +433,7 @@ fn mismatched_listen_variables_exit_2() {
             vec![
                 ("LISTEN_FDS", "2"),
                 ("LISTEN_FDNAMES", "ipc:http"),
-                ("CGW_AUDIT_LOG", &audit),
+                ("CGW_AUDIT_LOG", audit),
             ],
             "fd 4 (http) is not an open file descriptor",
         ),
