@@ -27,14 +27,19 @@ stage() {
     return "$status"
 }
 
-# The NATS tests start real nats-server processes on free loopback ports (Debian's package).
+# The NATS tests start real nats-server processes on free loopback ports (Debian's package);
+# the HTTP tests (tests/tests/http.rs) ask the endpoints with curl, a real HTTP client.
 install_tools() {
-    if ! command -v nats-server >/dev/null; then
+    local missing=()
+    command -v nats-server >/dev/null || missing+=(nats-server)
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
         $sudo apt-get update
-        $sudo apt-get install -y nats-server
+        $sudo apt-get install -y "${missing[@]}"
     fi
     nats-server --version
+    curl --version | head -n 1
 }
 stage install install_tools
 

@@ -1221,3 +1221,24 @@ fn health_changes_are_logged_once_each() {
         ]
     );
 }
+
+/// `/ready` (gateway.md section 5): ready with a link; "nats not connected" as soon as the
+/// link is lost (no grace period: requests sent now would wait or fail), ready again when it
+/// is back; "draining" once a shutdown has begun, whatever the link.
+#[test]
+fn readiness_follows_the_link_and_the_drain() {
+    let mut h = Harness::new(config());
+    h.open(ms(0));
+    assert_eq!(h.gw.readiness(), Ok(()));
+    h.gw.handle_upstream(Script::Link(None), ms(100));
+    assert_eq!(h.gw.readiness(), Err("nats not connected"));
+    assert_eq!(
+        health(&h.gw).0,
+        "DEGRADED",
+        "health still within the grace period"
+    );
+    h.gw.handle_upstream(Script::Link(Some(2)), ms(200));
+    assert_eq!(h.gw.readiness(), Ok(()));
+    h.gw.handle_shutdown(ms(300));
+    assert_eq!(h.gw.readiness(), Err("draining"));
+}

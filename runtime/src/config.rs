@@ -6,6 +6,7 @@
 //! environment.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -181,6 +182,12 @@ pub struct Cli {
           value_parser = audit_path("CGW_AUDIT_LOG"))]
     pub audit_log: AuditPath,
 
+    /// HTTP health and metrics endpoints: an IP address and port (port 0 picks a free one), or
+    /// off. Unset, a busy default port only disables HTTP (with a warning); set, a failed bind
+    /// stops the start [default: 127.0.0.1:8080]
+    #[arg(long, env = "CGW_HTTP_ADDR", value_parser = http_addr("CGW_HTTP_ADDR"))]
+    pub http_addr: Option<HttpAddr>,
+
     /// Log level: error, warn, info, debug or trace
     #[arg(long, env = "CGW_LOG_LEVEL", default_value = "info",
           value_parser = clap::builder::PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"]))]
@@ -202,6 +209,8 @@ pub struct Settings {
     pub audit_log: Option<PathBuf>,
     /// Read and checked even in stub mode, so that a mistake shows at start.
     pub nats: NatsSettings,
+    /// `CGW_HTTP_ADDR`.
+    pub http: HttpSetting,
     pub gateway: GatewayConfig,
 }
 
@@ -209,6 +218,27 @@ pub struct Settings {
 /// an optional flag, and the default must be spelled).
 #[derive(Debug, Clone)]
 pub struct AuditPath(pub Option<PathBuf>);
+
+/// A value of `CGW_HTTP_ADDR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAddr {
+    Off,
+    At(SocketAddr),
+}
+
+/// The HTTP endpoints' address, and whether the operator chose it: a busy default port only
+/// disables HTTP (8080 is often a developer's dev server), a busy chosen one stops the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSetting {
+    pub addr: HttpAddr,
+    pub explicit: bool,
+}
+
+/// `CGW_HTTP_ADDR`'s default.
+pub const DEFAULT_HTTP_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8080,
+));
 
 /// The configured server list (a newtype: clap reads a `Vec` field as a repeated option).
 #[derive(Debug, Clone)]
@@ -254,6 +284,10 @@ impl Cli {
             stub_delay: Duration::from_millis(self.stub_delay_ms),
             log_level: self.log_level.clone(),
             audit_log: self.audit_log.0.clone(),
+            http: HttpSetting {
+                addr: self.http_addr.unwrap_or(HttpAddr::At(DEFAULT_HTTP_ADDR)),
+                explicit: self.http_addr.is_some(),
+            },
             nats: NatsSettings {
                 enabled: self.nats_enable,
                 servers: self.nats_url.0.clone(),
@@ -364,6 +398,10 @@ impl Settings {
             "drain_ms": g.drain_timeout.as_millis() as u64,
             "health_grace_ms": g.health_grace.as_millis() as u64,
             "log_level": self.log_level,
+            "http_addr": match self.http.addr {
+                HttpAddr::Off => "off".to_string(),
+                HttpAddr::At(addr) => addr.to_string(),
+            },
             "audit_log": self.audit_log.as_ref().map_or_else(
                 || "off".to_string(),
                 |p| p.display().to_string()
@@ -393,6 +431,23 @@ fn whole(
         _ => Err(format!(
             "{var} must be a whole number from {min} to {max}, not {s:?}"
         )),
+    }
+}
+
+fn http_addr(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<HttpAddr, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("off") {
+            return Ok(HttpAddr::Off);
+        }
+        t.parse::<SocketAddr>().map(HttpAddr::At).map_err(|_| {
+            format!(
+                "{var} must be an IP address and port such as 127.0.0.1:8080 or [::1]:8080 \
+                 (port 0 picks a free port), or off, not {s:?}"
+            )
+        })
     }
 }
 
@@ -564,6 +619,8 @@ mod tests {
         assert_eq!(j["allowed_uids"], serde_json::json!([0, 1000]));
         assert_eq!(j["breaker"]["failures_to_open"], 5);
         assert_eq!(j["health_grace_ms"], 5_000);
+        assert_eq!(j["http_addr"], "127.0.0.1:8080");
+        assert!(!s.http.explicit);
         let s = parse(&["--health-grace-ms", "750"])
             .unwrap()
             .settings(1000, 0)
@@ -681,6 +738,38 @@ mod tests {
             serde_json::json!(["nats://***@a:4222", "nats://***@b:4223"])
         );
         assert_eq!(j["nats"]["envelope"], "router-v1");
+    }
+
+    /// CGW_HTTP_ADDR takes an address with a port or `off`; anything else (a host name, no port)
+    /// is refused naming the variable and the value; setting it at all marks it explicit.
+    #[test]
+    fn http_addr_values() {
+        let s = parse(&["--http-addr", "off"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap();
+        assert_eq!(
+            s.http,
+            HttpSetting {
+                addr: HttpAddr::Off,
+                explicit: true
+            }
+        );
+        assert_eq!(s.to_json()["http_addr"], "off");
+        let s = parse(&["--http-addr", "[::1]:0"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap();
+        assert_eq!(s.http.addr, HttpAddr::At("[::1]:0".parse().unwrap()));
+        for bad in ["localhost:8080", "127.0.0.1", "8080", ""] {
+            let err = parse(&["--http-addr", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            assert!(
+                text.contains("CGW_HTTP_ADDR") && text.contains(&format!("{bad:?}")),
+                "{text}"
+            );
+        }
     }
 
     /// A breaker max open time below the base open time is refused, naming both variables.

@@ -28,6 +28,11 @@
 //!   syscall.
 //! - SIGUSR1 logs one `stats` line (counters, in-flight and reply-token counts), so an
 //!   operator or a test can see that nothing leaks without an HTTP endpoint.
+//! - The HTTP endpoints ([`crate::http`]) are sources of this loop too (tokens 4..=36). They
+//!   only read the gateway, so their events produce no core actions; their request deadlines
+//!   join the poll timeout, and their postponed work keeps the loop from sleeping, like
+//!   `read_again`. On SIGTERM only the IPC listener closes: HTTP is served until the process
+//!   exits, so `/ready` can say "draining" through the drain.
 //! - SIGHUP reopens the audit log (logrotate's `create` mode); without one it is logged and
 //!   otherwise ignored (it no longer ends the process, as its default action would).
 //! - systemd ([`crate::systemd::Notifier`]): `READY=1` before the first poll, `STATUS=` when
@@ -48,6 +53,7 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{error, info, warn};
 
 use crate::audit::AuditLog;
+use crate::http::{self, HttpServer};
 use crate::listener::BoundSocket;
 use crate::nats_link::{UpstreamIo, UpstreamLink};
 use crate::systemd::Notifier;
@@ -58,8 +64,9 @@ const SIGNALS: Token = Token(1);
 /// The upstream's socket, and its helper thread's waker.
 const UPSTREAM: Token = Token(2);
 const UPSTREAM_WAKER: Token = Token(3);
-// Tokens 4..16 are kept for the HTTP listener and its connections.
-const FIRST_CLIENT: usize = 16;
+// Tokens 4..=36 are the HTTP listener and its connections (crate::http); the gap to 64
+// leaves room for more sources without renumbering clients.
+const FIRST_CLIENT: usize = 64;
 
 /// After `accept` fails (out of file descriptors, say), when to try again: edge-triggered
 /// epoll raises no new event for connections already waiting in the backlog, and retrying at
@@ -173,14 +180,19 @@ pub struct EventLoop<U: UpstreamIo> {
     link: U::Link,
     /// `CGW_AUDIT_LOG`, for SIGHUP and the stats line (its records come through tracing).
     audit: Option<AuditLog>,
+    /// `/health`, `/ready`, `/live`, `/metrics`; served until the process exits, through the
+    /// drain (gateway.md section 8: `/ready` says 503 meanwhile).
+    http: HttpServer,
     /// systemd's notifications (inert without `NOTIFY_SOCKET`).
     notifier: Notifier,
 }
 
 impl<U: UpstreamIo> EventLoop<U> {
+    /// `http_listener`: the bound (or inherited) HTTP listener, `None` without HTTP.
     pub fn new(
         gateway: Gateway<U>,
         mut socket: BoundSocket,
+        http_listener: Option<std::net::TcpListener>,
         audit: Option<AuditLog>,
         notifier: Notifier,
     ) -> io::Result<EventLoop<U>> {
@@ -191,6 +203,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let link = U::open_link(poll.registry(), UPSTREAM, UPSTREAM_WAKER)?;
+        let http = HttpServer::new(http_listener, poll.registry())?;
         Ok(EventLoop {
             poll,
             gateway,
@@ -203,6 +216,7 @@ impl<U: UpstreamIo> EventLoop<U> {
             accept_again: None,
             link,
             audit,
+            http,
             notifier,
         })
     }
@@ -215,7 +229,10 @@ impl<U: UpstreamIo> EventLoop<U> {
         self.notifier
             .ready(&self.gateway.health(), std::time::Instant::now());
         loop {
-            let timeout = if self.read_again.is_empty() && !self.link.wants_read_again() {
+            let timeout = if self.read_again.is_empty()
+                && !self.link.wants_read_again()
+                && !self.http.has_pending()
+            {
                 let now = self.clock.now();
                 let core = self.gateway.poll_timeout().map(|t| {
                     if t <= now {
@@ -229,12 +246,18 @@ impl<U: UpstreamIo> EventLoop<U> {
                 });
                 let wall = std::time::Instant::now();
                 let accept = self.accept_again.map(|t| t.saturating_duration_since(wall));
+                let http = self.http.next_deadline().map(http::timeout_until);
                 let watchdog = self.notifier.watchdog_timeout(wall);
-                core.into_iter().chain(accept).chain(watchdog).min()
+                core.into_iter()
+                    .chain(accept)
+                    .chain(http)
+                    .chain(watchdog)
+                    .min()
             } else {
                 Some(Duration::ZERO)
             };
             self.clients.recycle();
+            self.http.recycle();
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -252,6 +275,18 @@ impl<U: UpstreamIo> EventLoop<U> {
                     UPSTREAM_WAKER => {
                         self.link
                             .on_resolved(&mut self.gateway, self.poll.registry(), now);
+                    }
+                    // HTTP only reads the gateway: it produces no core actions.
+                    token if HttpServer::owns(token) => {
+                        let ctx = http::Ctx {
+                            gateway: &self.gateway,
+                            audit_write_errors: self
+                                .audit
+                                .as_ref()
+                                .map_or(0, AuditLog::write_errors),
+                        };
+                        self.http.on_event(token, event, self.poll.registry(), &ctx);
+                        continue;
                     }
                     // EPOLLHUP: the client closed both directions (a half-close raises only
                     // RDHUP), so nobody will read replies. Its requests are cancelled now,
@@ -283,6 +318,11 @@ impl<U: UpstreamIo> EventLoop<U> {
             if let Some(exit) = self.apply_actions(now) {
                 return Ok(exit);
             }
+            let ctx = http::Ctx {
+                gateway: &self.gateway,
+                audit_write_errors: self.audit.as_ref().map_or(0, AuditLog::write_errors),
+            };
+            self.http.on_turn_end(self.poll.registry(), &ctx);
             if self
                 .accept_again
                 .is_some_and(|t| t <= std::time::Instant::now())

@@ -7,10 +7,9 @@ mod audit;
 mod config;
 mod event_loop;
 mod handoff;
+mod http;
 mod listener;
 mod logging;
-// Wired by the HTTP server's `/metrics`.
-#[allow(dead_code)]
 mod metrics;
 mod nats_link;
 mod sync;
@@ -98,6 +97,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Bound apart from the loop, so that a listener handed in by the service manager can take
+    // its place; and before the IPC socket, so that refusing CGW_HTTP_ADDR leaves no socket
+    // file behind. An inherited `http` listener wins: the socket unit chose the address.
+    let http_listener = match inherited.http {
+        Some(listener) => {
+            info!(
+                event = "http_inherited",
+                component = "http",
+                "HTTP listener taken from systemd; CGW_HTTP_ADDR is not bound"
+            );
+            http::listening(&listener).map(|()| Some(listener))
+        }
+        None => http::bind(&settings.http),
+    };
+    let http_listener = match http_listener {
+        Ok(l) => l,
+        Err(e) => {
+            error!(event = "error", component = "http", error = %e.0, "cannot start");
+            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let upstream_kind = if settings.nats.enabled {
         "nats"
     } else {
@@ -129,9 +150,6 @@ fn main() -> ExitCode {
             }
         },
     };
-    // Checked and kept open until the HTTP server (another branch) takes it in place of
-    // binding CGW_HTTP_ADDR.
-    let _inherited_http = inherited.http;
     let notifier = systemd::Notifier::new(&notify_env, std::process::id());
 
     let result = if settings.nats.enabled {
@@ -139,6 +157,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
             socket,
+            http_listener,
             audit,
             notifier,
         )
@@ -149,6 +168,7 @@ fn main() -> ExitCode {
         run(
             Gateway::<StubUpstream>::new(settings.gateway.clone(), stub),
             socket,
+            http_listener,
             audit,
             notifier,
         )
@@ -167,10 +187,12 @@ fn main() -> ExitCode {
 fn run<U: UpstreamIo>(
     gateway: Gateway<U>,
     socket: BoundSocket,
+    http_listener: Option<std::net::TcpListener>,
     audit: Option<audit::AuditLog>,
     notifier: systemd::Notifier,
 ) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket, audit, notifier).and_then(|mut event_loop| event_loop.run())
+    EventLoop::new(gateway, socket, http_listener, audit, notifier)
+        .and_then(|mut event_loop| event_loop.run())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and logs both values (`fd_limit`). Each

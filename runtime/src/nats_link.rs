@@ -49,6 +49,8 @@ pub struct UpstreamReport {
     pub server: String,
     pub buffered_bytes: usize,
     pub nats: NatsStats,
+    /// Why the last attempt failed or the last link was lost (`/health`).
+    pub last_error: Option<String>,
 }
 
 /// An upstream the event loop can drive: its [`Upstream::Action`]s in syscalls.
@@ -134,6 +136,7 @@ impl UpstreamIo for NatsSession {
             server: self.server().unwrap_or_default(),
             buffered_bytes: self.buffered_bytes(),
             nats: self.stats().clone(),
+            last_error: self.last_error().map(str::to_owned),
         }
     }
 }

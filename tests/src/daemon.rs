@@ -8,6 +8,7 @@
 //! daemon's stderr (its JSON log lines) under the test's output.
 
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -428,6 +429,33 @@ impl Daemon {
     /// Everything the daemon wrote to stdout so far.
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&lock(&self.stdout)).into_owned()
+    }
+
+    /// The address of the HTTP endpoints, from the `http_listening` log line (start the daemon
+    /// with `CGW_HTTP_ADDR` set, e.g. `127.0.0.1:0`: spawned daemons have HTTP off otherwise);
+    /// waits for the line up to [`START_TIMEOUT`], panics if none comes or the daemon exits.
+    pub fn http_addr(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let found = self.stderr().lines().find_map(|line| {
+                let v: Value = serde_json::from_str(line).ok()?;
+                if v["event"] != "http_listening" {
+                    return None;
+                }
+                v["addr"].as_str()?.parse().ok()
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            if let Some(status) = self.poll_exit() {
+                panic!("ipc-gateway exited ({status}) without logging http_listening");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no http_listening log line after {START_TIMEOUT:?} (is CGW_HTTP_ADDR set?)"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until stderr contains `needle`; panics after `within`.

@@ -333,6 +333,58 @@ fn inherited_listener_serves_and_its_file_stays() {
     UnixStream::connect(&path).expect("the test's listener still listens");
 }
 
+/// Socket activation with `ipc` and `http`: the inherited TCP listener serves `/live`, and
+/// CGW_HTTP_ADDR is not bound (it names the test's own, busy, listener: binding it would stop
+/// the start with exit code 2).
+#[test]
+fn inherited_http_listener_serves_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, unix) = test_listener(dir.path());
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_addr = tcp.local_addr().unwrap();
+    let busy = http_addr.to_string();
+    let mut notify = Notify::at_path();
+    let mut daemon = Daemon::spawn_activated(
+        &path,
+        &[unix.as_fd(), tcp.as_fd()],
+        &[
+            notify.env(),
+            ("LISTEN_FDNAMES", "ipc:http"),
+            ("CGW_HTTP_ADDR", &busy),
+        ],
+        &[],
+    );
+    notify.wait_for("READY=1");
+    assert_eq!(daemon.http_addr(), http_addr);
+    assert_eq!(log_events(&daemon, "http_inherited").len(), 1);
+    let response = http_get(http_addr, "/live");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "GET /live on the inherited listener: {response:?}"
+    );
+    ping(&mut daemon.connect());
+    daemon.terminate();
+    let status = daemon.wait_exit(START_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    std::net::TcpStream::connect(http_addr).expect("the test's TCP listener still listens");
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; the whole response as text.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 /// LISTEN_PID of another process: the descriptors are not ours, so they are left alone (and
 /// this is logged) and the daemon binds CGW_IPC_SOCKET_PATH as usual.
 #[test]

@@ -110,6 +110,22 @@ impl<U: Upstream> Gateway<U> {
         self.shutdown != Shutdown::Running
     }
 
+    /// Whether new requests can succeed now (`/ready`, gateway.md section 5): not draining,
+    /// a link up (NATS connected, or the stub), the breaker not Open. `Err` is the one line
+    /// saying why not. Unlike [`Gateway::health`], a link lost within the grace period is
+    /// already not ready: requests sent now wait in the reconnect buffer or fail.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.shutdown != Shutdown::Running {
+            Err("draining")
+        } else if self.breaker.state() == crate::breaker::BreakerState::Open {
+            Err("breaker open")
+        } else if self.upstream.link().is_none() {
+            Err("nats not connected")
+        } else {
+            Ok(())
+        }
+    }
+
     /// Where the shutdown is.
     pub fn shutdown_state(&self) -> Shutdown {
         self.shutdown

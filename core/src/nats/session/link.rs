@@ -155,6 +155,7 @@ impl NatsSession {
 
     /// An attempt ended before the handshake: try the next server, or back off.
     pub(super) fn attempt_failed(&mut self, now: Instant, reason: &'static str) {
+        self.last_error = Some(format!("{reason} ({})", self.server_text()));
         warn!(event = "nats_connect_failed", component = "nats_resilience",
               server = %self.server_text(), reason);
         self.schedule_next(now);
@@ -181,6 +182,7 @@ impl NatsSession {
 
     /// An established stream ended (handshake or connected).
     pub(super) fn lose(&mut self, now: Instant, reason: &'static str, closed_by: ClosedBy) {
+        self.last_error = Some(format!("{reason} ({})", self.server_text()));
         if closed_by == ClosedBy::Session {
             self.actions
                 .push_back(SessionAction::Disconnect { link: self.link_id });
@@ -460,6 +462,8 @@ impl NatsSession {
               server = %self.server_text(), error = %text, fatal = !benign);
         if !benign {
             self.lose(now, "server error", ClosedBy::Session);
+            // More useful to an operator than "server error": what the server said.
+            self.last_error = Some(format!("server error: {text} ({})", self.server_text()));
         }
     }
 }

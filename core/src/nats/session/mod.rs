@@ -134,6 +134,10 @@ pub struct NatsSession {
     /// The latest time seen, for inputs that carry none (`cancel`).
     now: Instant,
     stats: NatsStats,
+    /// Why the last connection attempt failed or the last link was lost, with the server
+    /// (`/health`'s `nats.last_error`); kept after a reconnect, so an operator sees what the
+    /// last outage was.
+    last_error: Option<String>,
 }
 
 impl NatsSession {
@@ -180,6 +184,7 @@ impl NatsSession {
             events: VecDeque::new(),
             now: Instant::ZERO,
             stats: NatsStats::default(),
+            last_error: None,
         }
     }
 
@@ -354,6 +359,12 @@ impl NatsSession {
 
     pub fn stats(&self) -> &NatsStats {
         &self.stats
+    }
+
+    /// Why the last attempt failed or the last link was lost, naming the server (credentials
+    /// masked); `None` if nothing has failed yet.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
     }
 
     /// The server of the current or last attempt, credentials masked.
