@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{binary, workspace_dir, Daemon, IO_TIMEOUT};
+use ipc_gateway_tests::daemon::{binary, workspace_dir, Daemon, IO_TIMEOUT, START_TIMEOUT};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -334,6 +334,125 @@ fn systemd_units_agree_with_each_other_and_the_spec() {
         unit_value(&user_service, "user service", "Service", "Type"),
         "notify"
     );
+}
+
+/// The units' listeners and environment, handed to the real daemon as systemd would hand
+/// them (`LISTEN_FDS`, `LISTEN_FDNAMES` from `FileDescriptorName=`, the service's
+/// `Environment=`): it starts, takes both listeners, is HEALTHY on the inherited HTTP
+/// listener and answers a PING on the inherited IPC socket. Paths and ports are the test's
+/// (a temporary directory for the socket, port 0 for HTTP); everything else is the units'.
+#[test]
+fn the_units_environment_and_descriptors_start_the_daemon() {
+    let dir = deploy_dir().join("systemd");
+    for (service, sockets, user) in [
+        (
+            dir.join("ipc-gateway.service"),
+            vec![
+                dir.join("ipc-gateway.socket"),
+                dir.join("ipc-gateway-http.socket"),
+            ],
+            false,
+        ),
+        (
+            dir.join("user/ipc-gateway.service"),
+            vec![dir.join("user/ipc-gateway.socket")],
+            true,
+        ),
+    ] {
+        let tmp = tempfile::tempdir().expect("creating a temporary directory");
+        let service = unit_settings(&read(&service));
+        let mut env = unit_environment(&service);
+        let mut names = Vec::new();
+        let mut unix = None;
+        let mut tcp = None;
+        for socket in &sockets {
+            let settings = unit_settings(&read(socket));
+            let listen = unit_value(&settings, "socket", "Socket", "ListenStream");
+            let name = unit_value(&settings, "socket", "Socket", "FileDescriptorName");
+            names.push(name.to_owned());
+            if listen.starts_with('/') || listen.starts_with("%t/") {
+                // The daemon is told the same path as systemd listens on; so here.
+                let path = tmp.path().join("gateway.sock");
+                let configured = env
+                    .get("CGW_IPC_SOCKET_PATH")
+                    .expect("CGW_IPC_SOCKET_PATH in the service");
+                assert_eq!(configured, listen, "service and socket disagree");
+                env.insert(
+                    "CGW_IPC_SOCKET_PATH".into(),
+                    path.to_string_lossy().into_owned(),
+                );
+                unix = Some((
+                    path.clone(),
+                    std::os::unix::net::UnixListener::bind(&path).expect("binding"),
+                ));
+            } else {
+                tcp = Some(TcpListener::bind("127.0.0.1:0").expect("binding port 0"));
+            }
+        }
+        let (path, unix) = unix.expect("an IPC socket unit");
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = {
+            use std::os::fd::AsFd;
+            let mut fds = vec![unix.as_fd()];
+            fds.extend(tcp.as_ref().map(|t| t.as_fd()));
+            fds
+        };
+        // systemd passes descriptors in the order of the service's Sockets=, names alike; the
+        // daemon goes by name, so the test's order (ipc first) is as good as any.
+        names.sort_by_key(|n| n != "ipc");
+        let fdnames = names.join(":");
+        let mut vars: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        vars.push(("LISTEN_FDNAMES", &fdnames));
+        let mut daemon = Daemon::spawn_activated(&path, &fds, &vars, &[]);
+        // A connect proves nothing (the test's listener accepts before the daemon runs), and a
+        // daemon that refused the units' settings would only show as a PING timing out.
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !daemon.stderr().contains("\"listener_inherited\"") {
+            if let Some(status) = daemon.poll_exit() {
+                panic!(
+                    "the daemon refused the units ({status}):\n{}",
+                    daemon.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no listener_inherited:\n{}",
+                daemon.stderr()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        ipc_gateway_tests::daemon::ping(&mut daemon.connect());
+        if let Some(tcp) = &tcp {
+            let addr = daemon.http_addr();
+            assert_eq!(
+                addr,
+                tcp.local_addr().unwrap(),
+                "the HTTP listener was not taken over"
+            );
+            let out = health(&["--addr", &addr.to_string()], &[]);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}{}",
+                stdout(&out),
+                stderr(&out)
+            );
+        }
+        assert!(
+            daemon.is_running(),
+            "user units: {user}\n{}",
+            daemon.stderr()
+        );
+        daemon.terminate();
+        // Not expect_clean_exit: that also expects the socket file gone, and an inherited
+        // socket's file is systemd's to keep.
+        let status = daemon.wait_exit(START_TIMEOUT);
+        assert!(status.success(), "{status}\n{}", daemon.stderr());
+        assert!(
+            path.exists(),
+            "the daemon removed the socket file systemd owns"
+        );
+    }
 }
 
 /// The sysusers.d file is one `systemd-sysusers` accepts (dry run into an empty root).
@@ -1140,16 +1259,16 @@ fn the_kubernetes_sidecar_probes_live_and_ready() {
 }
 
 /// Every CGW_* variable the unit files, the image and the pod set is one the daemon knows
-/// (`--help` lists each with its `[env: …]`); a misspelt one would only be warned about.
-/// CGW_HTTP_ADDR needs the HTTP server (branch `http`).
+/// (`--help` lists each with its `[env: …]`; a misspelt one would only be warned about), and
+/// each file's settings together are a configuration the daemon accepts (`--check-config`).
 #[test]
-fn deployment_files_set_only_variables_the_daemon_knows() {
+fn deployment_files_set_only_valid_daemon_settings() {
     let out = Command::new(binary())
         .arg("--help")
         .output()
         .expect("running --help");
     let help = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut set: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    let mut files: Vec<(&str, BTreeMap<String, String>)> = Vec::new();
     let systemd = deploy_dir().join("systemd");
     for (file, path) in [
         (
@@ -1161,46 +1280,72 @@ fn deployment_files_set_only_variables_the_daemon_knows() {
             systemd.join("user/ipc-gateway.service"),
         ),
     ] {
-        for name in unit_environment(&unit_settings(&read(&path))).into_keys() {
-            set.entry(name).or_default().insert(file);
+        let mut env = unit_environment(&unit_settings(&read(&path)));
+        // %t is the user's runtime directory; any absolute directory checks the same.
+        for value in env.values_mut() {
+            *value = value.replace("%t", "/run/user/1000");
         }
+        files.push((file, env));
     }
-    for (_, rest) in instructions(&containerfile())
+    let image = instructions(&containerfile())
         .iter()
         .filter(|(w, _)| w == "ENV")
-    {
-        for (name, _) in rest.split_whitespace().filter_map(|kv| kv.split_once('=')) {
-            set.entry(name.to_owned())
-                .or_default()
-                .insert("container/Containerfile");
-        }
-    }
+        .flat_map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    files.push(("container/Containerfile", image));
     let pod = sidecar();
-    for c in pod["spec"]["initContainers"]
+    let gateway = pod["spec"]["initContainers"]
         .as_sequence()
         .into_iter()
         .chain(pod["spec"]["containers"].as_sequence())
         .flatten()
-        .filter(|c| c["name"] == "ipc-gateway")
-    {
-        for e in c["env"].as_sequence().into_iter().flatten() {
-            set.entry(e["name"].as_str().unwrap().to_owned())
-                .or_default()
-                .insert("k8s/sidecar.yaml");
+        .find(|c| c["name"] == "ipc-gateway")
+        .expect("the gateway container");
+    let pod_env = gateway["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let name = e["name"].as_str().expect("env name").to_owned();
+            (name, e["value"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    files.push(("k8s/sidecar.yaml", pod_env));
+
+    let mut problems = Vec::new();
+    for (file, env) in &files {
+        assert!(!env.is_empty(), "deploy/{file}: no CGW_* settings found");
+        for name in env.keys() {
+            if !help.contains(&format!("{name}=")) && !help.contains(&format!("env: {name}]")) {
+                problems.push(format!(
+                    "deploy/{file}: {name} is not in `ipc-gateway --help`"
+                ));
+            }
+        }
+        let mut cmd = Command::new(binary());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CGW_") {
+                cmd.env_remove(key);
+            }
+        }
+        let out = cmd
+            .arg("--check-config")
+            .envs(env)
+            .output()
+            .expect("running --check-config");
+        if !out.status.success() {
+            problems.push(format!(
+                "deploy/{file}: --check-config refuses its settings: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
     }
-    assert!(set.len() >= 4, "{set:?}");
-    let unknown: Vec<String> = set
-        .iter()
-        .filter(|(name, _)| {
-            !help.contains(&format!("{name}=")) && !help.contains(&format!("env: {name}]"))
-        })
-        .map(|(name, files)| format!("{name} (in {files:?})"))
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "not in `ipc-gateway --help`: {unknown:?}"
-    );
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------
