@@ -52,6 +52,8 @@ fn main() -> ExitCode {
     let inherited = activation::take(std::process::id());
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
+    // Not reached while `health` can only be the first argument (see the Cli's
+    // args_conflicts_with_subcommands); kept so a subcommand can never start a daemon.
     if let Some(config::Command::Health(args)) = &cli.command {
         return health_cli::run(args);
     }
