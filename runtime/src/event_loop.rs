@@ -35,6 +35,10 @@
 //!   exits, so `/ready` can say "draining" through the drain.
 //! - SIGHUP reopens the audit log (logrotate's `create` mode); without one it is logged and
 //!   otherwise ignored (it no longer ends the process, as its default action would).
+//! - systemd ([`crate::systemd::Notifier`]): `READY=1` before the first poll, `STATUS=` when
+//!   a turn ends with another health, `WATCHDOG=1` from the turns themselves (its deadline is
+//!   part of the poll timeout, so an idle loop still sends it and a stuck one does not), and
+//!   `STOPPING=1` once the first SIGTERM/SIGINT has closed the listener.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -52,6 +56,7 @@ use crate::audit::AuditLog;
 use crate::http::{self, HttpServer};
 use crate::listener::BoundSocket;
 use crate::nats_link::{UpstreamIo, UpstreamLink};
+use crate::systemd::Notifier;
 use crate::vectored::{write_once, WriteStep};
 
 const LISTENER: Token = Token(0);
@@ -178,6 +183,8 @@ pub struct EventLoop<U: UpstreamIo> {
     /// `/health`, `/ready`, `/live`, `/metrics`; served until the process exits, through the
     /// drain (gateway.md section 8: `/ready` says 503 meanwhile).
     http: HttpServer,
+    /// systemd's notifications (inert without `NOTIFY_SOCKET`).
+    notifier: Notifier,
 }
 
 impl<U: UpstreamIo> EventLoop<U> {
@@ -187,6 +194,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         mut socket: BoundSocket,
         http_listener: Option<std::net::TcpListener>,
         audit: Option<AuditLog>,
+        notifier: Notifier,
     ) -> io::Result<EventLoop<U>> {
         let poll = Poll::new()?;
         poll.registry()
@@ -209,12 +217,17 @@ impl<U: UpstreamIo> EventLoop<U> {
             link,
             audit,
             http,
+            notifier,
         })
     }
 
     /// Runs until the shutdown completes or a second signal arrives.
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
+        // The listener is registered and nothing has been accepted yet: connections made from
+        // now on wait in the backlog until the first poll.
+        self.notifier
+            .ready(&self.gateway.health(), std::time::Instant::now());
         loop {
             let timeout = if self.read_again.is_empty()
                 && !self.link.wants_read_again()
@@ -231,11 +244,15 @@ impl<U: UpstreamIo> EventLoop<U> {
                         (t - now) + Duration::from_micros(999)
                     }
                 });
-                let accept = self
-                    .accept_again
-                    .map(|t| t.saturating_duration_since(std::time::Instant::now()));
+                let wall = std::time::Instant::now();
+                let accept = self.accept_again.map(|t| t.saturating_duration_since(wall));
                 let http = self.http.next_deadline().map(http::timeout_until);
-                core.into_iter().chain(accept).chain(http).min()
+                let watchdog = self.notifier.watchdog_timeout(wall);
+                core.into_iter()
+                    .chain(accept)
+                    .chain(http)
+                    .chain(watchdog)
+                    .min()
             } else {
                 Some(Duration::ZERO)
             };
@@ -320,6 +337,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             if let Some(exit) = self.apply_actions(now) {
                 return Ok(exit);
             }
+            self.notifier.health(&self.gateway.health());
+            self.notifier.on_turn(std::time::Instant::now());
         }
     }
 
@@ -376,6 +395,9 @@ impl<U: UpstreamIo> EventLoop<U> {
             info!(event = "signal_received", component = "ipc_bridge", signal);
             self.close_listener();
             self.gateway.handle_shutdown(now);
+            // After the listener is gone: whatever connects from now on waits for a successor
+            // (on an inherited listener) instead of being accepted here and refused.
+            self.notifier.stopping(&self.gateway.health());
         }
     }
 
@@ -401,7 +423,9 @@ impl<U: UpstreamIo> EventLoop<U> {
     }
 
     /// Stops accepting and removes the socket file, so new clients fail fast and a successor
-    /// can bind the path while we drain.
+    /// can bind the path while we drain. An inherited listener (socket activation) is only
+    /// deregistered and dropped: systemd holds its own copy, so connections keep queueing in
+    /// its backlog for the next process, and its file stays where the socket unit made it.
     fn close_listener(&mut self) {
         if let Some(mut socket) = self.socket.take() {
             let _ = self.poll.registry().deregister(&mut socket.listener);

@@ -8,7 +8,9 @@
 //! - An existing path is probed: if a server answers a connect, we refuse to start rather than
 //!   steal its socket; if nobody answers, the file is stale and replaced. A path that is not a
 //!   socket at all is left alone: it may be somebody's file.
-//! - At shutdown the file is removed only if it is still the one we bound (same inode).
+//! - At shutdown the file is removed only if it is still the one we bound (same inode), and
+//!   never for a listener inherited from systemd (socket activation): its socket unit created
+//!   the file and keeps listening on it across our restarts.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -37,11 +39,12 @@ pub enum ListenError {
     Bind { path: PathBuf, source: io::Error },
 }
 
-/// A bound listener and the identity of the file it created.
+/// A listener and, if this process created its file, the identity of that file.
 pub struct BoundSocket {
     pub listener: UnixListener,
-    path: PathBuf,
-    inode: (u64, u64),
+    /// The file we bound, as (path, (dev, inode)); `None` for an inherited listener, whose
+    /// file is not ours to remove.
+    created: Option<(PathBuf, (u64, u64))>,
 }
 
 impl BoundSocket {
@@ -76,17 +79,26 @@ impl BoundSocket {
         })?;
         Ok(BoundSocket {
             listener,
-            path: path.to_path_buf(),
-            inode: (meta.dev(), meta.ino()),
+            created: Some((path.to_path_buf(), (meta.dev(), meta.ino()))),
         })
     }
 
-    /// Removes the socket file if it is still ours; returns whether it did.
+    /// A listener systemd bound and passed in (socket activation); expected non-blocking.
+    pub fn inherited(listener: std::os::unix::net::UnixListener) -> BoundSocket {
+        BoundSocket {
+            listener: UnixListener::from_std(listener),
+            created: None,
+        }
+    }
+
+    /// Removes the socket file if this process created it and it is still that file; returns
+    /// whether it did.
     pub fn remove_file(&self) -> bool {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
-                std::fs::remove_file(&self.path).is_ok()
-            }
+        let Some((path, inode)) = &self.created else {
+            return false;
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == *inode => std::fs::remove_file(path).is_ok(),
             _ => false,
         }
     }
@@ -210,6 +222,17 @@ mod tests {
             Err(ListenError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+
+    /// An inherited listener's file belongs to whoever bound it (systemd's socket unit).
+    #[test]
+    fn never_removes_the_file_of_an_inherited_listener() {
+        let path = temp_path("inherited");
+        let std_listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let inherited = BoundSocket::inherited(std_listener);
+        assert!(!inherited.remove_file());
+        assert!(path.exists());
     }
 
     #[test]

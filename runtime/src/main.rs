@@ -1,17 +1,20 @@
-//! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket, and
-//! runs the event loop around the core with the stub upstream or, with NATS enabled, the
-//! NATS session.
+//! `ipc-gateway`: the daemon. Parses the configuration, sets up logging and the socket (or
+//! takes it from systemd), and runs the event loop around the core with the stub upstream or,
+//! with NATS enabled, the NATS session.
 
+mod activation;
 mod audit;
 mod config;
 mod event_loop;
 mod handoff;
+mod health_cli;
 mod http;
 mod listener;
 mod logging;
 mod metrics;
 mod nats_link;
 mod sync;
+mod systemd;
 mod vectored;
 
 use std::hash::{BuildHasher, Hasher};
@@ -36,8 +39,24 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // Not the daemon: reads none of its settings (see config::health_args) and leaves
+    // systemd's variables and descriptors below alone.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "health") {
+        return health_cli::run(&config::health_args(std::env::args_os().skip(1)));
+    }
+    // First of all, while this is the only thread (removing variables races with threads that
+    // read the environment): systemd's variables, taken out so no child inherits them; and the
+    // descriptors of socket activation, before this process opens any of its own. Errors wait
+    // until logging is up.
+    let notify_env = systemd::NotifyEnv::take();
+    let inherited = activation::take(std::process::id());
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
+    // Not reached while `health` can only be the first argument (see the Cli's
+    // args_conflicts_with_subcommands); kept so a subcommand can never start a daemon.
+    if let Some(config::Command::Health(args)) = &cli.command {
+        return health_cli::run(args);
+    }
     let own_uid = rustix::process::getuid().as_raw();
     let settings = match cli.settings(own_uid, random_seed()) {
         Ok(s) => s,
@@ -81,10 +100,29 @@ fn main() -> ExitCode {
     info!(event = "config_loaded", component = "config", config = %settings.to_json());
     raise_fd_limit();
 
+    let inherited = match inherited.and_then(activation::Taken::into_listeners) {
+        Ok(fds) => fds,
+        Err(e) => {
+            error!(event = "error", component = "systemd", error = %e, "cannot start");
+            eprintln!("ipc-gateway: invalid socket activation: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // Bound apart from the loop, so that a listener handed in by the service manager can take
     // its place; and before the IPC socket, so that refusing CGW_HTTP_ADDR leaves no socket
-    // file behind.
-    let http_listener = match http::bind(&settings.http) {
+    // file behind. An inherited `http` listener wins: the socket unit chose the address.
+    let http_listener = match inherited.http {
+        Some(listener) => {
+            info!(
+                event = "http_inherited",
+                component = "http",
+                "HTTP listener taken from systemd; CGW_HTTP_ADDR is not bound"
+            );
+            http::listening(&listener).map(|()| Some(listener))
+        }
+        None => http::bind(&settings.http),
+    };
+    let http_listener = match http_listener {
         Ok(l) => l,
         Err(e) => {
             error!(event = "error", component = "http", error = %e.0, "cannot start");
@@ -92,17 +130,38 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let socket = match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(event = "error", component = "ipc_bridge", error = %e, "cannot start");
-            eprintln!("ipc-gateway: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+    let upstream_kind = if settings.nats.enabled {
+        "nats"
+    } else {
+        "stub"
     };
-    info!(event = "listening", component = "ipc_bridge", path = %settings.socket_path.display(),
-          mode = format!("{:04o}", settings.socket_mode),
-          upstream = if settings.nats.enabled { "nats" } else { "stub" });
+    let socket = match inherited.ipc {
+        Some(listener) => {
+            // systemd's socket unit decides the path and the mode; CGW_IPC_SOCKET_PATH and
+            // CGW_IPC_SOCKET_MODE do not apply (the listener_inherited line has the address).
+            info!(
+                event = "listening",
+                component = "ipc_bridge",
+                inherited = true,
+                upstream = upstream_kind
+            );
+            BoundSocket::inherited(listener)
+        }
+        None => match BoundSocket::bind(&settings.socket_path, settings.socket_mode) {
+            Ok(s) => {
+                info!(event = "listening", component = "ipc_bridge",
+                      path = %settings.socket_path.display(),
+                      mode = format!("{:04o}", settings.socket_mode), upstream = upstream_kind);
+                s
+            }
+            Err(e) => {
+                error!(event = "error", component = "ipc_bridge", error = %e, "cannot start");
+                eprintln!("ipc-gateway: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+    };
+    let notifier = systemd::Notifier::new(&notify_env, std::process::id());
 
     let result = if settings.nats.enabled {
         let nats = settings.nats_config(&hostname());
@@ -111,6 +170,7 @@ fn main() -> ExitCode {
             socket,
             http_listener,
             audit,
+            notifier,
         )
     } else {
         let stub = StubConfig {
@@ -121,6 +181,7 @@ fn main() -> ExitCode {
             socket,
             http_listener,
             audit,
+            notifier,
         )
     };
     match result {
@@ -139,8 +200,9 @@ fn run<U: UpstreamIo>(
     socket: BoundSocket,
     http_listener: Option<std::net::TcpListener>,
     audit: Option<audit::AuditLog>,
+    notifier: systemd::Notifier,
 ) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket, http_listener, audit)
+    EventLoop::new(gateway, socket, http_listener, audit, notifier)
         .and_then(|mut event_loop| event_loop.run())
 }
 

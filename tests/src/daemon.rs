@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -28,6 +29,27 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The exact bytes of a PONG (ipc-protocol.md section 8).
 pub const PONG_BYTES: [u8; 6] = [0x00, 0x00, 0x00, 0x06, 0x01, 0xF1];
+
+/// The variables through which a service manager talks to the daemon (gateway.md section 10).
+/// Never inherited from the test's own environment: a test run inside a systemd service would
+/// otherwise have every daemon notify that service's manager or take its descriptors.
+const SYSTEMD_VARIABLES: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+];
+
+/// How a spawned daemon's stdin and stdout are set up.
+enum Stdio01 {
+    /// stdin from /dev/null, stdout collected.
+    Usual,
+    /// Descriptors to be moved to 3 (and 4) by the shell of [`Daemon::spawn_activated`]:
+    /// the first is the child's stdin, the second its stdout.
+    Passed(Vec<OwnedFd>),
+}
 
 /// The daemon binary: `IPC_GATEWAY_BIN` if set, otherwise built once per test process.
 pub fn binary() -> &'static Path {
@@ -171,7 +193,50 @@ impl Daemon {
     /// cannot leak in; `CGW_IPC_SOCKET_PATH` is `socket` and `CGW_HTTP_ADDR` is `off` (parallel
     /// daemons would fight over the default port) unless `env` says otherwise.
     pub fn spawn_at(socket: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
-        Daemon::spawn_command(Command::new(binary()), socket, env, args)
+        Daemon::spawn_command(Command::new(binary()), socket, env, args, Stdio01::Usual)
+    }
+
+    /// Starts a daemon the way systemd's socket activation does, without waiting for it:
+    /// `fds` (at most two) become its descriptors 3 and 4, `LISTEN_FDS` is their number and
+    /// `LISTEN_PID` the daemon's pid, unless `env` sets them (so a test can get them wrong).
+    /// `socket` is where the test's listener is bound ([`Daemon::connect`] goes there).
+    ///
+    /// [`Daemon::wait_ready`] proves nothing here (a connect succeeds on the test's listener
+    /// before the daemon runs): wait for `READY=1` or a reply instead. With two descriptors
+    /// the daemon's stdout is /dev/null, since it carried the second one.
+    ///
+    /// The descriptors travel as the child's stdin and stdout, which the standard library
+    /// places after the fork (race-free, whatever other threads spawn meanwhile), and a shell
+    /// moves them to 3 and 4, sets `LISTEN_PID=$$` and `exec`s the daemon under that same pid.
+    pub fn spawn_activated(
+        socket: &Path,
+        fds: &[BorrowedFd<'_>],
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
+        assert!(
+            fds.len() <= 2,
+            "stdin and stdout carry at most two descriptors"
+        );
+        let passed: Vec<OwnedFd> = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().expect("dup of a passed descriptor"))
+            .collect();
+        let moves = match passed.len() {
+            0 => "",
+            1 => "exec 3<&0 0</dev/null; ",
+            _ => "exec 3<&0 4<&1 0</dev/null 1>/dev/null; ",
+        };
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                r#"{moves}: "${{LISTEN_PID:=$$}}"; export LISTEN_PID; exec "$0" "$@""#
+            ))
+            .arg(binary());
+        if !env.iter().any(|(k, _)| *k == "LISTEN_FDS") {
+            cmd.env("LISTEN_FDS", fds.len().to_string());
+        }
+        Daemon::spawn_command(cmd, socket, env, args, Stdio01::Passed(passed))
     }
 
     /// Starts a daemon whose open-file limit, soft and hard, is `nofile` (through the shell's
@@ -195,7 +260,7 @@ impl Daemon {
             .arg(binary())
             .arg(option)
             .arg(nofile.to_string());
-        let mut daemon = Daemon::spawn_command(cmd, &socket, env, &[]);
+        let mut daemon = Daemon::spawn_command(cmd, &socket, env, &[], Stdio01::Usual);
         daemon._dir = Some(dir);
         daemon.wait_ready();
         daemon
@@ -206,9 +271,13 @@ impl Daemon {
         socket: &Path,
         env: &[(&str, &str)],
         args: &[&str],
+        stdio: Stdio01,
     ) -> Daemon {
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CGW_") || key == "RUST_LOG" {
+            if key.to_string_lossy().starts_with("CGW_")
+                || key == "RUST_LOG"
+                || SYSTEMD_VARIABLES.iter().any(|v| key == *v)
+            {
                 cmd.env_remove(key);
             }
         }
@@ -219,10 +288,25 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Stdio01::Passed(passed) = stdio {
+            let mut passed = passed.into_iter();
+            if let Some(first) = passed.next() {
+                cmd.stdin(Stdio::from(first));
+            }
+            if let Some(second) = passed.next() {
+                cmd.stdout(Stdio::from(second));
+            }
+        }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
-        let (stdout, stdout_reader) = collect_pipe(child.stdout.take().expect("piped stdout"));
+        // Our copies of passed descriptors went with `cmd` (dropped here): only the child and
+        // the test's own listener hold them now.
+        drop(cmd);
+        let (stdout, stdout_reader) = match child.stdout.take() {
+            Some(pipe) => collect_pipe(pipe),
+            None => (Arc::default(), thread::spawn(|| {})),
+        };
         let (stderr, stderr_reader) = collect_pipe(child.stderr.take().expect("piped stderr"));
         let socket = env
             .iter()
