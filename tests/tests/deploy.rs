@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::mpsc;
@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{binary, workspace_dir, Daemon, IO_TIMEOUT, START_TIMEOUT};
+use ipc_gateway_tests::http_client;
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
@@ -850,8 +851,8 @@ fn the_dashboard_and_alerts_use_only_metrics_a_live_daemon_exports() {
     let used = used_metric_names();
     let (_daemon, addr) = start_with_http();
     let response = http_get(&addr, "/metrics");
-    assert_eq!(response.code, 200, "GET /metrics: {}", response.body);
-    let exposition = Exposition::parse(&response.body);
+    assert_eq!(response.status, 200, "GET /metrics: {}", response.text());
+    let exposition = Exposition::parse(&response.text());
     let missing: Vec<String> = used
         .iter()
         .filter(|(name, _)| !exposition.exports(name))
@@ -1610,71 +1611,8 @@ fn start_with_http() -> (Daemon, String) {
     (daemon, addr)
 }
 
-struct HttpResponse {
-    code: u16,
-    body: String,
-}
-
-/// GET `path` with `Connection: close`; the answer ends at its Content-Length, else at the end
-/// of the connection (so a server that keeps the connection open anyway does not stall the
-/// test); chunked bodies decoded.
-fn http_get(addr: &str, path: &str) -> HttpResponse {
-    let mut stream =
-        TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("reading the answer to GET {path}: {e}"));
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            });
-            if length.is_some_and(|n| body.len() >= n) {
-                break;
-            }
-        }
-    }
-    let text = String::from_utf8(raw).expect("a UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP head");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    let chunked = head
-        .to_ascii_lowercase()
-        .lines()
-        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
-    let body = if chunked {
-        let mut out = String::new();
-        let mut rest = body;
-        loop {
-            let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
-            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
-                .expect("a hex size");
-            if size == 0 {
-                break out;
-            }
-            out.push_str(&after[..size]);
-            rest = &after[size + 2..];
-        }
-    } else {
-        body.to_owned()
-    };
-    HttpResponse { code, body }
+/// GET `path` from the daemon at `addr`; panics on any failure.
+fn http_get(addr: &str, path: &str) -> http_client::Response {
+    let parsed = addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"));
+    http_client::get(parsed, path, None, IO_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -21,6 +21,7 @@ use ipc_gateway_tests::daemon::{
 use ipc_gateway_tests::frame::{
     CAPABILITIES, PING, RESPONSE_OK, TASK_CANCEL, TASK_QUERY, TASK_SUBMIT,
 };
+use ipc_gateway_tests::http_client::{self, Response};
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
 use serde_json::{json, Value};
@@ -86,86 +87,13 @@ enum Format {
     OpenMetrics,
 }
 
-/// One HTTP response.
-struct Response {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-/// One HTTP/1.1 GET on a fresh connection, read to the end of its `Content-Length`; panics
-/// on any failure.
+/// One HTTP/1.1 GET on a fresh connection; panics on any failure.
 fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Response {
     try_http_get(addr, path, accept).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// [`http_get`] without the panic: `Err` says what went wrong.
 fn try_http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Result<Response, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, WAIT)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(WAIT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(WAIT))
-        .map_err(|e| e.to_string())?;
-    let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("writing GET {path}: {e}"))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    let head_end = loop {
-        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|e| format!("reading the response to GET {path}: {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "connection closed before the head of GET {path} was complete"
-            ));
-        }
-        raw.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let length: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("GET {path}: no Content-Length in {head:?}"))?;
-    let mut body = raw[head_end..].to_vec();
-    while body.len() < length {
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|e| format!("reading the body of GET {path}: {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "GET {path}: body ended at {} of {length} bytes",
-                body.len()
-            ));
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(length);
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    http_client::get(addr, path, accept, WAIT)
 }
 
 /// A parsed exposition: families by name, as the Python parser saw them.

@@ -6,12 +6,13 @@
 //! reads the whole response and counts it. The daemon serves HTTP on its one event-loop thread
 //! beside the IPC clients, so whatever a scrape costs is taken from them.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use ipc_gateway_tests::http_client;
 
 /// How long one scrape may take before it counts as failed.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,31 +101,9 @@ impl Scraper {
 /// One `GET /metrics` on a fresh connection, read to the end (the request says
 /// `Connection: close`); returns the body's length.
 fn scrape_once(addr: SocketAddr) -> Result<usize, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(SCRAPE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(SCRAPE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| format!("write: {e}"))?;
-    let mut response = Vec::with_capacity(16 * 1024);
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
-    if !response.starts_with(b"HTTP/1.1 200") {
-        let head = String::from_utf8_lossy(&response[..response.len().min(40)]).into_owned();
-        return Err(format!("not a 200 response: {head:?}"));
+    let response = http_client::get(addr, "/metrics", None, SCRAPE_TIMEOUT)?;
+    if response.status != 200 {
+        return Err(format!("GET /metrics answered {}", response.status));
     }
-    let body = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(0, |i| response.len() - i - 4);
-    Ok(body)
+    Ok(response.body.len())
 }
