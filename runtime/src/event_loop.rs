@@ -591,6 +591,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             failed_on_disconnect = ns.failed_on_disconnect,
             connect_attempts = ns.connect_attempts,
             reconnects = ns.reconnects,
+            auth_failures = ns.auth_failures,
+            tls_failures = ns.tls_failures,
             audit_write_errors = self.audit.as_ref().map_or(0, AuditLog::write_errors),
             "stats"
         );
