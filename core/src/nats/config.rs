@@ -144,9 +144,10 @@ pub enum SessionAction {
     /// `server_name`: the session reads and writes plaintext NATS bytes as before, the shell
     /// encrypts them. Output queued after this action (CONNECT) goes through TLS; what the
     /// shell cannot send before the handshake completes, it buffers. A failed handshake or
-    /// certificate check is reported as [`NatsInput::TlsFailed`]. Emitted after INFO, or right
-    /// after `Connected` with `tls_first`; never for a configuration without TLS (the
-    /// simulations'), which a shell without TLS may treat as unreachable.
+    /// certificate check is reported as [`NatsInput::TlsFailed`]. Emitted after an INFO that
+    /// says `tls_required` (or any INFO when [`NatsConfig::tls_wanted`]), or right after
+    /// `Connected` with `tls_first`. The simulations configure no TLS and their server
+    /// stand-in never requires it, so their shells only record it.
     StartTls { link: LinkId, server_name: String },
     /// Output is queued for the link: write [`crate::nats_session::NatsSession::output`] and
     /// report [`NatsInput::Written`]. The gateway holds this until the shell's next
@@ -218,6 +219,36 @@ pub struct NatsStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config reaches logs through Debug (`--check-config` shows the runtime's own view):
+    /// every credential in it is masked, in the servers' URLs and in `auth`.
+    #[test]
+    fn debug_masks_credentials() {
+        use crate::nats::auth::Secret;
+        let mut c = NatsConfig::default();
+        c.set_servers("nats://u:url-pa55@h:1,tls://url-t0ken@h2:2")
+            .unwrap();
+        for auth in [
+            NatsAuth::Token(Secret::new("cfg-t0ken")),
+            NatsAuth::Jwt {
+                jwt: Secret::new("eyJ-the-jwt"),
+                seed: Secret::new("SUA-the-seed"),
+            },
+        ] {
+            c.auth = auth;
+            let text = format!("{c:?}");
+            for secret in [
+                "url-pa55",
+                "url-t0ken",
+                "cfg-t0ken",
+                "eyJ-the-jwt",
+                "SUA-the-seed",
+            ] {
+                assert!(!text.contains(secret), "{text}");
+            }
+            assert!(text.contains("tls://***@h2:2"), "{text}");
+        }
+    }
 
     /// These names are what /health and the logs show.
     #[test]
