@@ -122,7 +122,7 @@ pub struct Cli {
 
     /// NATS nkey seed (SU...) that signs the server's nonce; prefer --nats-nkey-seed-file
     #[arg(long, env = "CGW_IPC_NATS_NKEY_SEED", hide_env_values = true,
-          value_parser = secret("CGW_IPC_NATS_NKEY_SEED"), conflicts_with = "nats_nkey_seed_file")]
+          value_parser = secret("CGW_IPC_NATS_NKEY_SEED"))]
     pub nats_nkey_seed: Option<Secret>,
 
     /// NATS: file holding the nkey seed; re-read on SIGHUP
@@ -131,7 +131,7 @@ pub struct Cli {
 
     /// NATS authentication token; prefer --nats-token-file
     #[arg(long, env = "CGW_IPC_NATS_TOKEN", hide_env_values = true,
-          value_parser = secret("CGW_IPC_NATS_TOKEN"), conflicts_with = "nats_token_file")]
+          value_parser = secret("CGW_IPC_NATS_TOKEN"))]
     pub nats_token: Option<Secret>,
 
     /// NATS: file holding the token; re-read on SIGHUP
@@ -144,7 +144,7 @@ pub struct Cli {
 
     /// NATS password; prefer --nats-password-file
     #[arg(long, env = "CGW_IPC_NATS_PASSWORD", hide_env_values = true,
-          value_parser = secret("CGW_IPC_NATS_PASSWORD"), conflicts_with = "nats_password_file")]
+          value_parser = secret("CGW_IPC_NATS_PASSWORD"))]
     pub nats_password: Option<Secret>,
 
     /// NATS: file holding the password; re-read on SIGHUP
@@ -394,15 +394,18 @@ impl Cli {
                       file: &Option<PathBuf>,
                       file_var: &'static str| {
             match (value, file) {
-                (Some(v), _) => Some(SecretSetting {
+                (Some(_), Some(_)) => Err(ConfigError(format!(
+                    "{var} and {file_var} are both set: give the secret or the file holding it"
+                ))),
+                (Some(v), None) => Ok(Some(SecretSetting {
                     var,
                     source: SecretSource::Value(v.clone()),
-                }),
-                (None, Some(p)) => Some(SecretSetting {
+                })),
+                (None, Some(p)) => Ok(Some(SecretSetting {
                     var: file_var,
                     source: SecretSource::File(p.clone()),
-                }),
-                (None, None) => None,
+                })),
+                (None, None) => Ok(None),
             }
         };
         let sources = Sources {
@@ -416,20 +419,20 @@ impl Cli {
                 "CGW_IPC_NATS_NKEY_SEED",
                 &self.nats_nkey_seed_file,
                 "CGW_IPC_NATS_NKEY_SEED_FILE",
-            ),
+            )?,
             token: either(
                 &self.nats_token,
                 "CGW_IPC_NATS_TOKEN",
                 &self.nats_token_file,
                 "CGW_IPC_NATS_TOKEN_FILE",
-            ),
+            )?,
             user: self.nats_user.clone(),
             password: either(
                 &self.nats_password,
                 "CGW_IPC_NATS_PASSWORD",
                 &self.nats_password_file,
                 "CGW_IPC_NATS_PASSWORD_FILE",
-            ),
+            )?,
         };
         sources.check()?;
         Ok(sources)
@@ -915,6 +918,50 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A secret and its file, or two credential methods, are refused naming the variables;
+    /// the value of a secret never appears in `--help` (clap would show the environment's).
+    #[test]
+    fn nats_secrets_conflicts_name_the_variables() {
+        let e = parse(&["--nats-token", "t", "--nats-token-file", "/f"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(
+            e.0.contains("CGW_IPC_NATS_TOKEN and CGW_IPC_NATS_TOKEN_FILE"),
+            "{}",
+            e.0
+        );
+        let e = parse(&["--nats-token", "t", "--nats-nkey-seed-file", "/f"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(
+            e.0.contains("CGW_IPC_NATS_NKEY_SEED_FILE and CGW_IPC_NATS_TOKEN"),
+            "{}",
+            e.0
+        );
+        use clap::CommandFactory;
+        for secret in [
+            "CGW_IPC_NATS_TOKEN",
+            "CGW_IPC_NATS_PASSWORD",
+            "CGW_IPC_NATS_NKEY_SEED",
+        ] {
+            let arg = Cli::command()
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == secret))
+                .cloned()
+                .unwrap();
+            assert!(arg.is_hide_env_values_set(), "{secret}");
+        }
+        let s = parse(&["--nats-tls-first", "1", "--nats-tls-ca", "/ca.pem"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap();
+        let c = s.nats_config("h", &NatsAuth::None);
+        assert!(c.tls && c.tls_first);
+        assert_eq!(s.to_json()["nats"]["security"]["tls"]["ca"], "/ca.pem");
     }
 
     /// A breaker max open time below the base open time is refused, naming both variables.

@@ -243,22 +243,41 @@ impl UpstreamLink<NatsSession> for NatsLink {
         }
     }
 
+    /// The certificates and the credentials are re-read apart: a file that fails keeps what
+    /// was loaded before for its part (logged, naming the variable and the file), the other
+    /// part still rotates.
     fn reload(&mut self, gateway: &mut Gateway<NatsSession>) {
-        match self.sources.load(Roots::System) {
-            Ok(loaded) => {
+        match self.sources.tls_config(Roots::System) {
+            Ok(tls) => {
+                self.tls_config = Arc::new(tls);
                 info!(
                     event = "nats_credentials_reloaded",
                     component = "nats_resilience",
-                    auth_method = loaded.auth.method(),
-                    "certificates and credentials re-read; the next connection uses them"
+                    part = "tls",
+                    "TLS certificates re-read; the next connection uses them"
                 );
-                self.tls_config = loaded.tls;
-                gateway.upstream_mut().set_auth(loaded.auth);
             }
             Err(e) => {
                 error!(event = "nats_credentials_reload_failed", component = "nats_resilience",
-                             error = %e.0,
-                             "cannot re-read the NATS certificates or credentials; keeping the ones loaded before")
+                             part = "tls", error = %e.0,
+                             "cannot re-read the NATS TLS files; keeping the ones loaded before")
+            }
+        }
+        match self.sources.auth() {
+            Ok(auth) => {
+                info!(
+                    event = "nats_credentials_reloaded",
+                    component = "nats_resilience",
+                    part = "auth",
+                    auth_method = auth.method(),
+                    "NATS credentials re-read; the next connection uses them"
+                );
+                gateway.upstream_mut().set_auth(auth);
+            }
+            Err(e) => {
+                error!(event = "nats_credentials_reload_failed", component = "nats_resilience",
+                             part = "auth", error = %e.0,
+                             "cannot re-read the NATS credentials; keeping the ones loaded before")
             }
         }
     }

@@ -156,7 +156,8 @@ impl Sources {
         })
     }
 
-    fn auth(&self) -> Result<NatsAuth, ConfigError> {
+    /// The credentials alone (SIGHUP re-reads them apart from the certificates).
+    pub fn auth(&self) -> Result<NatsAuth, ConfigError> {
         let auth = if let Some(path) = &self.creds {
             let text = read_text("CGW_IPC_NATS_CREDS", path)?;
             parse_creds(&text).map_err(|e| bad_file("CGW_IPC_NATS_CREDS", path, &e))?
@@ -179,7 +180,8 @@ impl Sources {
         Ok(auth)
     }
 
-    fn tls_config(&self, roots: Roots) -> Result<ClientConfig, ConfigError> {
+    /// The TLS settings alone (SIGHUP re-reads them apart from the credentials).
+    pub fn tls_config(&self, roots: Roots) -> Result<ClientConfig, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut store = RootCertStore::empty();
         if let Some(path) = &self.ca {

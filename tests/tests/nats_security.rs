@@ -345,6 +345,63 @@ fn token_and_nkey_are_accepted() {
     assert!(!daemon.stderr().contains(&seed));
 }
 
+/// SIGHUP re-reads a rotated token file: refused with the old token, the gateway connects
+/// with the new one without a restart. A file that cannot be read on SIGHUP keeps the old
+/// secret and is logged naming the variable and the file. The audit log records the
+/// authentication (server, method), never the token.
+#[test]
+fn a_rotated_token_file_is_used_after_sighup() {
+    let server = NatsServer::start_with_args(&["--auth", "new-t0ken"]);
+    let dir = scratch();
+    let file = write(dir.path(), "token", "old-t0ken\n");
+    let audit = dir.path().join("audit.jsonl").display().to_string();
+    let (daemon, http) = gateway(
+        &server.url(),
+        &[
+            ("CGW_IPC_NATS_TOKEN_FILE", &file),
+            ("CGW_HEALTH_GRACE_MS", "600000"),
+            ("CGW_AUDIT_LOG", &audit),
+        ],
+    );
+    wait_health(http, "refused with the old token", |h| {
+        h["reason"] == "nats auth failed: Authorization Violation"
+    });
+
+    std::fs::remove_file(&file).unwrap();
+    daemon.signal(Signal::HUP);
+    let failed = wait_event(&daemon, "nats_credentials_reload_failed");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("CGW_IPC_NATS_TOKEN_FILE") && error.contains(&file),
+        "{failed}"
+    );
+    assert_eq!(health(http)["status"], "UNHEALTHY", "still the old token");
+
+    write(dir.path(), "token", "new-t0ken\n");
+    daemon.signal(Signal::HUP);
+    wait_until("the auth part re-read", WAIT, || {
+        log_events(&daemon, "nats_credentials_reloaded")
+            .iter()
+            .any(|e| e["part"] == "auth")
+    });
+    wait_health(http, "HEALTHY with the new token", |h| {
+        h["status"] == "HEALTHY"
+    });
+    let records = || std::fs::read_to_string(&audit).unwrap_or_default();
+    wait_until("nats_authenticated in the audit log", WAIT, || {
+        records().contains("nats_authenticated")
+    });
+    let record: Value = records()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["event"] == "nats_authenticated")
+        .unwrap();
+    assert_eq!(record["auth_method"], "token", "{record}");
+    assert_eq!(record["server"], server.url().as_str(), "{record}");
+    let all = format!("{}{}", records(), daemon.stderr());
+    assert!(!all.contains("new-t0ken") && !all.contains("old-t0ken"));
+}
+
 // ----- a fake server: the .creds JWT, and a refusal that is later lifted ---------------------
 
 /// What the fake saw on each connection: the CONNECT object.
