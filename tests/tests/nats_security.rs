@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{recv, run, send_json, wait_until, Daemon};
+use ipc_gateway_tests::daemon::{ping, recv, run, send_json, wait_until, Daemon};
 use ipc_gateway_tests::frame::{RESPONSE_ERROR, RESPONSE_OK, TASK_SUBMIT};
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::DEFAULT_SUBJECT;
@@ -588,6 +588,44 @@ fn tls_first_speaks_tls_before_info() {
         "a TLS handshake record first"
     );
     assert_eq!(connects.lock().unwrap()[0]["auth_token"], "tf-t0ken");
+}
+
+/// A TLS handshake the server never answers holds nothing up: the gateway keeps serving its
+/// clients (the handshake is one more non-blocking socket in the loop), and the session's
+/// handshake timeout ends the attempt.
+#[test]
+fn a_stalled_tls_handshake_never_stalls_ipc() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&held);
+    // Accepts and keeps every connection open without reading or writing a byte.
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    let (daemon, http) = gateway(
+        &format!("nats://{addr}"),
+        &[
+            ("CGW_IPC_NATS_TLS_FIRST", "1"),
+            ("CGW_IPC_NATS_TLS_CA", &tls_path("ca.pem")),
+        ],
+    );
+    wait_until("the gateway's TCP connection", WAIT, || {
+        !held.lock().unwrap().is_empty()
+    });
+    let mut stream = daemon.connect();
+    for _ in 0..20 {
+        ping(&mut stream);
+    }
+    assert_eq!(health(http)["status"], "DEGRADED", "still connecting");
+    wait_until("the handshake timeout", WAIT, || {
+        log_events(&daemon, "nats_handshake_failed")
+            .iter()
+            .any(|e| e["reason"] == "handshake timeout")
+    });
+    ping(&mut stream);
 }
 
 // ----- configuration -------------------------------------------------------------------------
