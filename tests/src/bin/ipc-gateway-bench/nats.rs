@@ -630,7 +630,7 @@ fn median(values: &[f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    Some(if v.len() % 2 == 0 {
+    Some(if v.len().is_multiple_of(2) {
         (v[mid - 1] + v[mid]) / 2.0
     } else {
         v[mid]
@@ -952,7 +952,7 @@ pub(super) fn run(args: &Args) -> Result<bool> {
             };
             // Alternate which link goes first, round by round.
             let mut order: Vec<&Link> = links.iter().collect();
-            if repeat % 2 == 0 {
+            if repeat.is_multiple_of(2) {
                 order.reverse();
             }
             for link in order {
