@@ -111,6 +111,12 @@ pub fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The certificate and key files of a TLS nats-server (for 127.0.0.1).
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// `nats-server -a 127.0.0.1 -p PORT`, killed on drop. Not [`crate::nats_server::NatsServer`]:
 /// that one panics on failure and takes its binary from the environment, where the load tools
 /// report errors and take `--nats-server PATH`.
@@ -125,6 +131,13 @@ pub struct NatsProcess {
 impl NatsProcess {
     /// Starts `program` on a free loopback port and waits until it greets a client.
     pub fn start(program: &Path) -> Result<NatsProcess> {
+        NatsProcess::start_with(program, None)
+    }
+
+    /// With `tls: Some(..)`, the server requires TLS (`--tls`, its certificate and key; it
+    /// still sends INFO in plaintext first, `tls_required`) and [`NatsProcess::url`] is
+    /// `tls://127.0.0.1:PORT`.
+    pub fn start_with(program: &Path, tls: Option<&ServerTls>) -> Result<NatsProcess> {
         let version = Command::new(program)
             .arg("--version")
             .output()
@@ -145,8 +158,13 @@ impl NatsProcess {
         let mut last_error = anyhow!("no attempt");
         for _ in 0..5 {
             let port = free_port()?;
-            let mut child = Command::new(program)
-                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            let mut command = Command::new(program);
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            if let Some(tls) = tls {
+                command.arg("--tls").arg("--tlscert").arg(&tls.cert);
+                command.arg("--tlskey").arg(&tls.key);
+            }
+            let mut child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -155,7 +173,8 @@ impl NatsProcess {
             let (tail, drain) = keep_tail(child.stderr.take().expect("piped stderr"));
             match wait_for_nats(&mut child, port) {
                 Ok(()) => {
-                    let url = format!("nats://127.0.0.1:{port}");
+                    let scheme = if tls.is_some() { "tls" } else { "nats" };
+                    let url = format!("{scheme}://127.0.0.1:{port}");
                     // The drain thread ends with the process.
                     drop(drain);
                     return Ok(NatsProcess {
@@ -242,6 +261,17 @@ impl StandInCount {
 /// A request as the stand-in received it: payload and NATS headers.
 pub type Captured = (Bytes, Option<async_nats::HeaderMap>);
 
+/// async-nats options, with TLS required and the CA in `tls_ca` trusted if it is given.
+pub fn client_options(tls_ca: Option<&Path>) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new();
+    match tls_ca {
+        Some(ca) => options
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true),
+        None => options,
+    }
+}
+
 /// The Router stand-in: `conns` async-nats connections on the stand-in runtime, each with one
 /// subscription to the decide subject in one queue group, answering every request at once.
 /// Its tasks run until the runtime shuts down. It keeps the first request that came with NATS
@@ -268,12 +298,22 @@ impl StandIn {
     /// [`STANDIN_SILENT`] is never answered, one holding [`STANDIN_LATE`] is answered after
     /// `delay` (from a task of its own), any other at once.
     pub async fn start_with(url: &str, conns: usize, late: Option<Duration>) -> Result<StandIn> {
+        StandIn::start_on(url, conns, late, None).await
+    }
+
+    /// With `tls_ca: Some(file)`, every connection requires TLS and trusts the CA in `file`.
+    pub async fn start_on(
+        url: &str,
+        conns: usize,
+        late: Option<Duration>,
+        tls_ca: Option<&Path>,
+    ) -> Result<StandIn> {
         let reply = Bytes::from_static(STANDIN_REPLY.as_bytes());
         let mut counters = Vec::with_capacity(conns);
         let sample: Arc<Mutex<Option<Captured>>> = Arc::default();
         let sampled = Arc::new(AtomicBool::new(false));
         for k in 0..conns {
-            let client = async_nats::ConnectOptions::new()
+            let client = client_options(tls_ca)
                 .name(format!("bench-standin-{k}"))
                 .connect(url)
                 .await

@@ -15,6 +15,14 @@
 //!   one the gateway publishes (its Router envelope and NATS headers, captured by the
 //!   stand-in), which splits the gap into "a larger request" and "the hop through the daemon".
 //!
+//! With `--tls-compare`, a second NATS link runs beside the first, all of it over TLS: a
+//! nats-server that requires TLS (the test certificates of runtime/testdata/tls, built into the
+//! bench), its own stand-in and daemon (`CGW_IPC_NATS_TLS_CA` and a `tls://` URL), and direct
+//! clients that require TLS. Each round then runs both links, `gateway-tls` and `direct-tls`
+//! beside `gateway` and `direct`, the plaintext link first in odd rounds and the TLS link first
+//! in even ones, so that a drift of the machine's load weighs on both alike; the summary gives
+//! the ratios TLS/plaintext of each round and their median (`TLS_COST`).
+//!
 //! Both runs use the same window rules as stub mode (warmup, measured window, 2 s to drain).
 //! Every run reports the CPU that each process used, so that the limit can be seen: on a small
 //! machine the four parties (load generator, daemon, nats-server, stand-in) share the cores.
@@ -30,8 +38,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use ipc_gateway_tests::figures::ratio;
 use ipc_gateway_tests::frame::HEADER_LEN;
 use ipc_gateway_tests::launch::{
-    admit_all_env, nats_env, Captured, CpuMeter, CpuUse, GatewayDaemon, NatsProcess, StandIn,
-    StandInCount, STANDIN_QUEUE, STANDIN_REPLY, STANDIN_THREAD, SUBJECT,
+    admit_all_env, client_options, nats_env, Captured, CpuMeter, CpuUse, GatewayDaemon,
+    NatsProcess, ServerTls, StandIn, StandInCount, STANDIN_QUEUE, STANDIN_REPLY, STANDIN_THREAD,
+    SUBJECT,
 };
 use tokio::runtime::Runtime;
 
@@ -46,6 +55,37 @@ use crate::report::{kernel_release, print_counts, print_memory, print_run_notes}
 const DIRECT: &str = "direct";
 /// The direct runs that send the gateway's own request (`--direct-envelope`).
 const DIRECT_ENV: &str = "direct-env";
+/// The gateway's runs over the TLS link (`--tls-compare`).
+const GATEWAY_TLS: &str = "gateway-tls";
+/// The direct runs over the TLS link (`--tls-compare`).
+const DIRECT_TLS: &str = "direct-tls";
+/// The test certificates of runtime/testdata/tls (README.md there), built into the bench so
+/// that it reads no file of the repository at run time: the CA, and the server's certificate
+/// (localhost and 127.0.0.1) and key. Written to a temporary directory for nats-server and
+/// the daemon.
+const TLS_FILES: [(&str, &str); 3] = [
+    (
+        "ca.pem",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../runtime/testdata/tls/ca.pem"
+        )),
+    ),
+    (
+        "server.pem",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../runtime/testdata/tls/server.pem"
+        )),
+    ),
+    (
+        "server-key.pem",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../runtime/testdata/tls/server-key.pem"
+        )),
+    ),
+];
 /// The thread name of the direct clients' runtime (its CPU is the load generator's).
 const DIRECT_THREAD: &str = "direct-nats";
 
@@ -85,6 +125,13 @@ pub(super) struct NatsArgs {
     /// of the hop through the daemon alone.
     #[arg(long, conflicts_with = "direct_only")]
     direct_envelope: bool,
+
+    /// Measure the cost of TLS on the NATS link: a second nats-server requiring TLS, with its
+    /// own stand-in and daemon (CGW_IPC_NATS_TLS_CA, tls:// URL), and direct clients over TLS.
+    /// Every round (--repeat) runs both links, plaintext first in odd rounds and TLS first in
+    /// even ones, and the summary gives the ratios TLS/plaintext (TLS_COST).
+    #[arg(long, conflicts_with = "direct_envelope")]
+    tls_compare: bool,
 }
 
 impl NatsArgs {
@@ -103,6 +150,7 @@ impl NatsArgs {
         note(self.repeat.is_some(), "--repeat");
         note(self.direct_only, "--direct-only");
         note(self.direct_envelope, "--direct-envelope");
+        note(self.tls_compare, "--tls-compare");
         given
     }
 }
@@ -125,6 +173,7 @@ struct Settings {
     standin_conns: usize,
     standin_threads: usize,
     direct_threads: usize,
+    tls_compare: bool,
 }
 
 fn settings(args: &Args) -> Result<Settings> {
@@ -176,18 +225,23 @@ fn settings(args: &Args) -> Result<Settings> {
         standin_conns: n.standin_conns.unwrap_or(2) as usize,
         standin_threads: n.standin_threads.unwrap_or(1) as usize,
         direct_threads: n.direct_threads.unwrap_or(1) as usize,
+        tls_compare: n.tls_compare,
     })
 }
 
 /// The daemon in NATS mode, its limits high enough for the whole load; ready once a request
-/// went through to the stand-in.
+/// went through to the stand-in. With `tls_ca`, it trusts that CA file for the TLS link.
 fn start_daemon(
     bin: &Path,
     url: &str,
+    tls_ca: Option<&Path>,
     connections: usize,
     pipeline: usize,
 ) -> Result<GatewayDaemon> {
     let mut env = nats_env(url);
+    if let Some(ca) = tls_ca {
+        env.push(("CGW_IPC_NATS_TLS_CA".to_string(), ca.display().to_string()));
+    }
     env.extend(admit_all_env(connections, pipeline));
     GatewayDaemon::start(bin, &env, &bench_payload(256)?)
 }
@@ -273,14 +327,14 @@ async fn drive_direct(
 fn run_direct(
     target: &'static str,
     rt: &Runtime,
-    url: &str,
+    (url, tls_ca): (&str, Option<&Path>),
     load: &Load,
     request: &Captured,
 ) -> Result<RunResult> {
     let clients = rt.block_on(async {
         let mut clients = Vec::with_capacity(load.connections);
         for i in 0..load.connections {
-            let client = async_nats::ConnectOptions::new()
+            let client = client_options(tls_ca)
                 .name(format!("bench-direct-{i}"))
                 .connect(url)
                 .await
@@ -480,7 +534,7 @@ fn range(values: &[f64], decimals: usize) -> String {
 fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
     println!();
     println!(
-        "{:<8} {:>4} {:<10} {:>12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10}",
+        "{:<8} {:>4} {:<11} {:>12} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10}",
         "setting",
         "run",
         "target",
@@ -499,7 +553,7 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
             .cpu_us_per_request()
             .map_or("n/a".to_string(), |c| format!("{c:.1}"));
         println!(
-            "{:<8} {:>4} {:<10} {:>12.1} {p50:>8} {p99:>8} {p999:>8} {max:>8} {:>7} {cpu:>10}",
+            "{:<8} {:>4} {:<11} {:>12.1} {p50:>8} {p99:>8} {p999:>8} {max:>8} {:>7} {cpu:>10}",
             format!("{connections}x{}", run.pipeline),
             run.repeat,
             r.target,
@@ -517,11 +571,11 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
         let rps = |v: &[&NatsRun]| v.iter().map(|r| r.result.rps()).collect::<Vec<_>>();
         let pct =
             |v: &[&NatsRun], q: f64| v.iter().map(|r| r.result.pct(q) as f64).collect::<Vec<_>>();
-        for name in [GATEWAY, DIRECT, DIRECT_ENV] {
+        for name in [GATEWAY, GATEWAY_TLS, DIRECT, DIRECT_TLS, DIRECT_ENV] {
             let v = of(name);
             if !v.is_empty() {
                 println!(
-                    "{setting:<6} {name:<10} requests/s {:>17}   p50 us {:>11}   p99 us {:>11}",
+                    "{setting:<6} {name:<11} requests/s {:>17}   p50 us {:>11}   p99 us {:>11}",
                     range(&rps(&v), 0),
                     range(&pct(&v, 0.5), 0),
                     range(&pct(&v, 0.99), 0)
@@ -542,6 +596,9 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
             (GATEWAY, DIRECT),
             (GATEWAY, DIRECT_ENV),
             (DIRECT_ENV, DIRECT),
+            (GATEWAY_TLS, DIRECT_TLS),
+            (GATEWAY_TLS, GATEWAY),
+            (DIRECT_TLS, DIRECT),
         ] {
             let each = ratios(a, b);
             if each.is_empty() {
@@ -570,7 +627,181 @@ fn print_summary(runs: &[NatsRun], connections: usize, pipelines: &[usize]) {
                 ratio(mean_p50(&gateway), mean_p50(&direct))
             );
         }
+        print_tls_cost(&setting, &of, &ratios);
     }
+}
+
+/// The median of some figures (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+/// `--tls-compare`: for one setting, what TLS costs the gateway and the direct clients, as the
+/// median of the per-round ratios TLS/plaintext (requests/s, p50, p99, the daemon's CPU per
+/// request), the ratio of the mean requests/s of all rounds, and the one-line TLS_COST.
+fn print_tls_cost<'a>(
+    setting: &str,
+    of: &dyn Fn(&str) -> Vec<&'a NatsRun>,
+    ratios: &dyn Fn(&str, &str) -> Vec<f64>,
+) {
+    let pairs = [(GATEWAY_TLS, GATEWAY), (DIRECT_TLS, DIRECT)];
+    if pairs.iter().all(|(tls, _)| of(tls).is_empty()) {
+        return;
+    }
+    let show = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}"));
+    // The same figure of the TLS run and of the plaintext run of each round, as ratios.
+    let each_round = |tls: &str, plain: &str, figure: &dyn Fn(&NatsRun) -> Option<f64>| {
+        let plain = of(plain);
+        of(tls)
+            .into_iter()
+            .filter_map(|t| {
+                let p = plain.iter().find(|p| p.repeat == t.repeat)?;
+                let (a, b) = (figure(t)?, figure(p)?);
+                (b > 0.0).then_some(a / b)
+            })
+            .collect::<Vec<f64>>()
+    };
+    let mean_rps = |v: &[&NatsRun]| {
+        (!v.is_empty()).then(|| v.iter().map(|r| r.result.rps()).sum::<f64>() / v.len() as f64)
+    };
+    let mut cost = Vec::new();
+    println!("{setting:<6} TLS against plaintext (each figure: the median of the rounds' ratios TLS/plain)");
+    for (tls, plain) in pairs {
+        let rps = median(&ratios(tls, plain));
+        let p50 = median(&each_round(tls, plain, &|r| Some(r.result.pct(0.5) as f64)));
+        let p99 = median(&each_round(
+            tls,
+            plain,
+            &|r| Some(r.result.pct(0.99) as f64),
+        ));
+        let overall = match (mean_rps(&of(tls)), mean_rps(&of(plain))) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let who = plain;
+        println!(
+            "{setting:<6}   {who:<8} requests/s {}   p50 {}   p99 {}   (mean requests/s of all rounds: {})",
+            show(rps),
+            show(p50),
+            show(p99),
+            show(overall)
+        );
+        cost.push(format!("{who} {}", show(rps)));
+    }
+    let daemon_us = |r: &NatsRun| r.cpu.daemon.and_then(|d| r.per_request(d));
+    let cpu = median(&each_round(GATEWAY_TLS, GATEWAY, &daemon_us));
+    let plain_us = median(
+        &of(GATEWAY)
+            .iter()
+            .filter_map(|r| daemon_us(r))
+            .collect::<Vec<_>>(),
+    );
+    let tls_us = median(
+        &of(GATEWAY_TLS)
+            .iter()
+            .filter_map(|r| daemon_us(r))
+            .collect::<Vec<_>>(),
+    );
+    if let (Some(p), Some(t)) = (plain_us, tls_us) {
+        println!(
+            "{setting:<6}   daemon CPU per request (median): plaintext {p:.1} us, TLS {t:.1} us, \
+             ratio {}",
+            show(cpu)
+        );
+    }
+    let rounds = of(GATEWAY_TLS).len().max(of(DIRECT_TLS).len());
+    println!(
+        "TLS_COST {} (requests/s TLS/plain, median of {rounds} rounds, {setting})",
+        cost.join(" ")
+    );
+}
+
+/// `--mode nats`.
+/// One NATS link under test: its nats-server, Router stand-in, daemon and CPU meter.
+struct Link {
+    /// What its runs are called: `gateway` and `direct`, or `gateway-tls` and `direct-tls`.
+    gateway_name: &'static str,
+    direct_name: &'static str,
+    server: NatsProcess,
+    url: String,
+    /// The CA file that the clients trust, on the TLS link.
+    tls_ca: Option<PathBuf>,
+    standin: StandIn,
+    daemon: Option<GatewayDaemon>,
+    /// Why the daemon could not be started.
+    gateway_error: Option<String>,
+    meter: CpuMeter,
+}
+
+/// Starts a link: plaintext, or with `tls` (the server's files and the CA file) over TLS.
+fn start_link(
+    s: &Settings,
+    tls: Option<(&ServerTls, &Path)>,
+    standin_rt: &Runtime,
+    connections: usize,
+    max_pipeline: usize,
+) -> Result<Link> {
+    let server = NatsProcess::start_with(&s.nats_server, tls.map(|(server, _)| server))?;
+    let url = server.url.clone();
+    let tls_ca = tls.map(|(_, ca)| ca.to_path_buf());
+    let standin = standin_rt.block_on(StandIn::start_on(
+        &url,
+        s.standin_conns,
+        None,
+        tls_ca.as_deref(),
+    ))?;
+    let mut gateway_error = None;
+    let daemon = match &s.gateway_bin {
+        None => None,
+        Some(bin) => match start_daemon(bin, &url, tls_ca.as_deref(), connections, max_pipeline) {
+            Ok(daemon) => Some(daemon),
+            Err(e) => {
+                gateway_error = Some(format!("{e:#}"));
+                None
+            }
+        },
+    };
+    let meter = CpuMeter::new(Some(server.pid()), daemon.as_ref().map(GatewayDaemon::pid));
+    let (gateway_name, direct_name) = match tls {
+        None => (GATEWAY, DIRECT),
+        Some(_) => (GATEWAY_TLS, DIRECT_TLS),
+    };
+    Ok(Link {
+        gateway_name,
+        direct_name,
+        server,
+        url,
+        tls_ca,
+        standin,
+        daemon,
+        gateway_error,
+        meter,
+    })
+}
+
+/// The test certificates ([`TLS_FILES`]) in a temporary directory, for the TLS link.
+fn write_tls_files() -> Result<(tempfile::TempDir, ServerTls, PathBuf)> {
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    for (name, text) in TLS_FILES {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let server = ServerTls {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server-key.pem"),
+    };
+    let ca = dir.path().join("ca.pem");
+    Ok((dir, server, ca))
 }
 
 /// `--mode nats`.
@@ -580,8 +811,6 @@ pub(super) fn run(args: &Args) -> Result<bool> {
     let connections = args.connections as usize;
     let max_pipeline = s.pipelines.iter().copied().max().unwrap_or(1);
 
-    let server = NatsProcess::start(&s.nats_server)?;
-    let url = server.url.clone();
     let standin_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(s.standin_threads)
         .thread_name(STANDIN_THREAD)
@@ -594,19 +823,22 @@ pub(super) fn run(args: &Args) -> Result<bool> {
         .enable_all()
         .build()
         .context("cannot start the direct clients' tokio runtime")?;
-    let standin = standin_rt.block_on(StandIn::start(&url, s.standin_conns))?;
-
-    let mut gateway_error = None;
-    let daemon = match &s.gateway_bin {
-        None => None,
-        Some(bin) => match start_daemon(bin, &url, connections, max_pipeline) {
-            Ok(daemon) => Some(daemon),
-            Err(e) => {
-                gateway_error = Some(format!("{e:#}"));
-                None
-            }
-        },
+    let tls_files = if s.tls_compare {
+        Some(write_tls_files()?)
+    } else {
+        None
     };
+    let mut links = vec![start_link(
+        &s,
+        None,
+        &standin_rt,
+        connections,
+        max_pipeline,
+    )?];
+    if let Some((_, server_tls, ca)) = &tls_files {
+        let tls = Some((server_tls, ca.as_path()));
+        links.push(start_link(&s, tls, &standin_rt, connections, max_pipeline)?);
+    }
 
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     let list: Vec<String> = s.pipelines.iter().map(usize::to_string).collect();
@@ -628,52 +860,92 @@ pub(super) fn run(args: &Args) -> Result<bool> {
         s.repeat
     );
     println!("  machine      {cpus} CPUs, kernel {}", kernel_release());
-    println!(
-        "  nats-server  {} ({}), pid {}, at {url}",
-        s.nats_server.display(),
-        server.version,
-        server.pid()
-    );
+    for link in &links {
+        let tls = if link.tls_ca.is_some() {
+            " requiring TLS (test certificate for 127.0.0.1)"
+        } else {
+            ""
+        };
+        println!(
+            "  nats-server  {} ({}), pid {}, at {}{tls}",
+            s.nats_server.display(),
+            link.server.version,
+            link.server.pid(),
+            link.url
+        );
+    }
+    let links_text = if s.tls_compare {
+        " (one per nats-server, the TLS one over TLS)"
+    } else {
+        ""
+    };
     println!(
         "  stand-in     {} async-nats connection(s) in queue group {STANDIN_QUEUE} on {} tokio \
-         thread(s), subject {SUBJECT}, replying with {} bytes: {STANDIN_REPLY}",
+         thread(s){links_text}, subject {SUBJECT}, replying with {} bytes: {STANDIN_REPLY}",
         s.standin_conns,
         s.standin_threads,
         STANDIN_REPLY.len()
     );
+    let direct_tls = if s.tls_compare {
+        "; direct-tls: the same over TLS (require_tls, the test CA as root)"
+    } else {
+        ""
+    };
     println!(
         "  direct       {connections} async-nats clients on {} tokio thread(s), each keeping P \
-         client.request() calls in flight",
+         client.request() calls in flight{direct_tls}",
         s.direct_threads
     );
-    match (&daemon, &s.gateway_bin) {
-        (Some(d), Some(bin)) => println!(
-            "  gateway      {} (pid {}), socket {}, CGW_IPC_NATS_ENABLE=1 CGW_IPC_NATS_URL={url}",
-            bin.display(),
-            d.pid(),
-            d.socket().display()
-        ),
-        _ if args.nats.direct_only => println!("  gateway      not run (--direct-only)"),
-        _ => println!("  gateway      NOT RUN: the daemon could not be started (below)"),
+    for link in &links {
+        let tls_ca = link.tls_ca.as_ref().map_or(String::new(), |ca| {
+            format!(" CGW_IPC_NATS_TLS_CA={}", ca.display())
+        });
+        match (&link.daemon, &s.gateway_bin) {
+            (Some(d), Some(bin)) => println!(
+                "  {:<12} {} (pid {}), socket {}, CGW_IPC_NATS_ENABLE=1 CGW_IPC_NATS_URL={}{tls_ca}",
+                link.gateway_name,
+                bin.display(),
+                d.pid(),
+                d.socket().display(),
+                link.url
+            ),
+            _ if args.nats.direct_only => {
+                println!("  {:<12} not run (--direct-only)", link.gateway_name)
+            }
+            _ => println!(
+                "  {:<12} NOT RUN: the daemon could not be started (below)",
+                link.gateway_name
+            ),
+        }
     }
-    let mut order = if daemon.is_some() {
+    let any_daemon = links.iter().any(|l| l.daemon.is_some());
+    let mut order = if any_daemon {
         "gateway, then direct".to_string()
     } else {
         "direct only".to_string()
     };
+    if s.tls_compare {
+        order = format!(
+            "{order}; the plaintext link then the TLS link in odd rounds, the TLS link first in \
+             even rounds"
+        );
+    }
     if s.repeat > 1 {
         order = format!("{order}; {} times each, the settings interleaved", s.repeat);
     }
     println!("  runs         for each setting: {order}");
-    if let Some(e) = &gateway_error {
-        println!();
-        println!("GATEWAY NOT STARTED: {e}");
+    for link in &links {
+        if let Some(e) = &link.gateway_error {
+            println!();
+            println!("GATEWAY NOT STARTED ({}): {e}", link.gateway_name);
+        }
     }
-    if let Some(d) = &daemon {
-        print_memory(d.pid(), "before");
+    for link in &links {
+        if let Some(d) = &link.daemon {
+            print_memory(d.pid(), &format!("before ({})", link.gateway_name));
+        }
     }
 
-    let meter = CpuMeter::new(Some(server.pid()), daemon.as_ref().map(GatewayDaemon::pid));
     let mut runs: Vec<NatsRun> = Vec::new();
     let mut shown_request = false;
     for repeat in 1..=s.repeat {
@@ -687,66 +959,95 @@ pub(super) fn run(args: &Args) -> Result<bool> {
                 duration: args.duration,
                 split: args.split_io || outstanding > SINGLE_THREAD_MAX_BYTES,
             };
-            let mut measure = |what: &str, go: &mut dyn FnMut() -> Result<RunResult>| {
-                let (count, cpu) = (standin.count(), meter.snapshot());
-                let result = go().with_context(|| format!("the {what} run"))?;
-                let cpu = meter.between(&cpu, &meter.snapshot());
-                let standin = standin.count().since(&count);
-                let run = NatsRun {
-                    pipeline,
-                    repeat,
-                    result,
-                    cpu,
-                    standin,
+            // Alternate which link goes first, round by round.
+            let mut order: Vec<&Link> = links.iter().collect();
+            if repeat.is_multiple_of(2) {
+                order.reverse();
+            }
+            for link in order {
+                let (meter, standin) = (&link.meter, &link.standin);
+                let mut measure = |what: &str, go: &mut dyn FnMut() -> Result<RunResult>| {
+                    let (count, cpu) = (standin.count(), meter.snapshot());
+                    let result = go().with_context(|| format!("the {what} run"))?;
+                    let cpu = meter.between(&cpu, &meter.snapshot());
+                    let standin = standin.count().since(&count);
+                    let run = NatsRun {
+                        pipeline,
+                        repeat,
+                        result,
+                        cpu,
+                        standin,
+                    };
+                    print_run(&run, connections, s.repeat);
+                    runs.push(run);
+                    Ok::<_, anyhow::Error>(())
                 };
-                print_run(&run, connections, s.repeat);
-                runs.push(run);
-                Ok::<_, anyhow::Error>(())
-            };
-            if let Some(d) = &daemon {
-                measure(GATEWAY, &mut || run_load(GATEWAY, d.socket(), &load))?;
-                if !shown_request {
-                    shown_request = true;
-                    print_captured(standin.sample().as_ref());
+                if let Some(d) = &link.daemon {
+                    let name = link.gateway_name;
+                    measure(name, &mut || run_load(name, d.socket(), &load))?;
+                    if !shown_request {
+                        shown_request = true;
+                        print_captured(standin.sample().as_ref());
+                    }
                 }
-            }
-            let bare: Captured = (Bytes::from(payload.clone()), None);
-            measure(DIRECT, &mut || {
-                run_direct(DIRECT, &direct_rt, &url, &load, &bare)
-            })?;
-            if args.nats.direct_envelope && daemon.is_some() {
-                let Some(envelope) = standin.sample() else {
-                    bail!(
-                        "--direct-envelope: the stand-in has not seen a request from the gateway"
-                    );
-                };
-                measure(DIRECT_ENV, &mut || {
-                    run_direct(DIRECT_ENV, &direct_rt, &url, &load, &envelope)
-                })?;
-            }
-            if let Some(d) = &daemon {
-                print_memory(d.pid(), &format!("after {connections}x{pipeline}"));
+                let bare: Captured = (Bytes::from(payload.clone()), None);
+                let (name, to) = (
+                    link.direct_name,
+                    (link.url.as_str(), link.tls_ca.as_deref()),
+                );
+                measure(name, &mut || run_direct(name, &direct_rt, to, &load, &bare))?;
+                if args.nats.direct_envelope && link.daemon.is_some() {
+                    let Some(envelope) = standin.sample() else {
+                        bail!(
+                            "--direct-envelope: the stand-in has not seen a request from the \
+                             gateway"
+                        );
+                    };
+                    measure(DIRECT_ENV, &mut || {
+                        run_direct(DIRECT_ENV, &direct_rt, to, &load, &envelope)
+                    })?;
+                }
+                if let Some(d) = &link.daemon {
+                    let of = if s.tls_compare {
+                        format!(" ({})", link.gateway_name)
+                    } else {
+                        String::new()
+                    };
+                    print_memory(d.pid(), &format!("after {connections}x{pipeline}{of}"));
+                }
             }
         }
     }
 
     print_summary(&runs, connections, &s.pipelines);
-    if let Some(d) = daemon {
-        println!();
-        print_memory(d.pid(), "at the end");
-        let pid = d.pid();
-        println!("daemon pid {pid} stopped: {}", d.stop());
+    let mut gateway_errors = Vec::new();
+    for link in links {
+        if let Some(d) = link.daemon {
+            println!();
+            let of = if s.tls_compare {
+                format!(" ({})", link.gateway_name)
+            } else {
+                String::new()
+            };
+            print_memory(d.pid(), &format!("at the end{of}"));
+            let pid = d.pid();
+            println!("daemon pid {pid} stopped: {}", d.stop());
+        }
+        drop(link.standin);
+        if let Some(e) = link.gateway_error {
+            gateway_errors.push(e);
+        }
+        drop(link.server);
     }
-    drop(standin);
     standin_rt.shutdown_timeout(Duration::from_secs(1));
     direct_rt.shutdown_timeout(Duration::from_secs(1));
-    drop(server);
+    drop(tls_files);
 
     let failed = runs.iter().any(|r| !r.result.failures.is_empty());
     if failed {
         eprintln!("ipc-gateway-bench: some connections failed during the run (see FAILED above)");
     }
-    if let Some(e) = gateway_error {
+    if let Some(e) = gateway_errors.first() {
         let first = e.lines().next().unwrap_or_default();
         eprintln!("ipc-gateway-bench: the gateway path was not measured: {first}");
         return Ok(false);
