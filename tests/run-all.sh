@@ -92,6 +92,11 @@ chaos_soak() {
     cargo build --release -p ipc-gateway -p ipc-gateway-tests
     "${CARGO_TARGET_DIR:-target}/release/ipc-gateway-chaos" \
         --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_SECS:-30}"
+    # Once more over a secured link (gateway.md section 9: TLS with a test CA, a certificate
+    # per node, password users), shorter: it is the same gateway, the link is what differs.
+    "${CARGO_TARGET_DIR:-target}/release/ipc-gateway-chaos" --tls \
+        --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_TLS_SECS:-20}" \
+        --out "${CARGO_TARGET_DIR:-target}/chaos-tls"
 }
 stage chaos chaos_soak
 

@@ -735,11 +735,18 @@ pub fn current_nats_server() -> PathBuf {
 /// new certificate (and checks its name) at every node. Routes between the nodes are
 /// plaintext (loopback; the gateway never sees them).
 pub fn tls_cluster(dir: &Path, pki: &TestPki, n: usize) -> NatsCluster {
-    tls_cluster_with(dir, pki, n, &Auth::None)
+    tls_cluster_with(dir, pki, n, &Auth::None, "")
 }
 
-/// [`tls_cluster`] with `auth` on every node.
-pub fn tls_cluster_with(dir: &Path, pki: &TestPki, n: usize, auth: &Auth) -> NatsCluster {
+/// [`tls_cluster`] with `auth` and the configuration lines `extra` (e.g. the lame duck
+/// durations of `nats_server::LAME_DUCK_CONFIG`) on every node.
+pub fn tls_cluster_with(
+    dir: &Path,
+    pki: &TestPki,
+    n: usize,
+    auth: &Auth,
+    extra: &str,
+) -> NatsCluster {
     let configs: Vec<String> = (0..n)
         .map(|i| {
             let name = format!("node{i}.nats.test");
@@ -747,7 +754,8 @@ pub fn tls_cluster_with(dir: &Path, pki: &TestPki, n: usize, auth: &Auth) -> Nat
                 &format!("node{i}"),
                 &[SERVER_NAMES[0], SERVER_NAMES[1], &name],
             );
-            let conf = ServerConf::tls(pair, None).with_auth(auth.clone());
+            let mut conf = ServerConf::tls(pair, None).with_auth(auth.clone());
+            conf.extra = extra.to_owned();
             conf.write(dir, &format!("node{i}.conf"))
                 .to_string_lossy()
                 .into_owned()
