@@ -28,11 +28,16 @@ stage() {
 }
 
 # The NATS tests start real nats-server processes on free loopback ports (Debian's package);
-# the HTTP tests (tests/tests/http.rs) ask the endpoints with curl, a real HTTP client.
+# the HTTP tests (tests/tests/http.rs) ask the endpoints with curl, a real HTTP client; the
+# metrics tests (tests/tests/metrics.rs) parse /metrics with Python's prometheus_client, an
+# independent parser, run as /usr/bin/python3 (a pyenv python3 first on PATH does not see apt
+# packages).
 install_tools() {
     local missing=()
     command -v nats-server >/dev/null || missing+=(nats-server)
     command -v curl >/dev/null || missing+=(curl)
+    /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null ||
+        missing+=(python3-prometheus-client)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
         $sudo apt-get update

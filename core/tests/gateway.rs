@@ -321,6 +321,50 @@ fn deadline_gives_timeout_and_the_late_reply_is_dropped() {
     assert!(h.gw.is_quiescent());
 }
 
+/// The request-duration histogram observes each answered task request once, from the
+/// instant its frame was decoded to the instant its reply was queued, by injected time: a
+/// Router reply, a timeout and an admission refusal count; a PING and a request whose client
+/// left before the answer do not.
+#[test]
+fn request_duration_histogram_counts_answered_task_requests() {
+    let mut h = Harness::new(config());
+    let c = h.open(ms(0));
+    h.task(c, "{}", ms(10));
+    let replied = h.submitted()[0];
+    h.reply(ok(replied, "{}"), ms(12));
+    h.task(c, "{}", ms(20));
+    h.tick(ms(120));
+    assert_eq!(h.gw.stats().router_timeouts, 1);
+    h.send(c, kind::TASK_SUBMIT, b"[1]", ms(130));
+    h.send(c, kind::PING, b"", ms(130));
+    let gone = h.open(ms(140));
+    h.task(gone, "{}", ms(140));
+    let abandoned = h.submitted()[2];
+    h.gw.handle_client_closed(gone, ms(150));
+    h.pump(ms(150));
+    h.reply(ok(abandoned, "{}"), ms(160));
+
+    let stats = h.gw.stats();
+    assert_eq!(stats.task_requests, [4, 0, 0]);
+    let hist = &stats.request_duration;
+    assert_eq!(
+        hist.count(),
+        3,
+        "reply, timeout and refusal; not the abandoned one"
+    );
+    assert_eq!(hist.sum(), Duration::from_millis(2 + 100));
+    let per_bucket: BTreeMap<Option<Duration>, u64> =
+        hist.buckets().filter(|&(_, n)| n > 0).collect();
+    assert_eq!(
+        per_bucket,
+        BTreeMap::from([
+            (Some(Duration::from_micros(50)), 1), // the refusal, answered at once
+            (Some(Duration::from_micros(2_500)), 1), // the reply after 2 ms
+            (Some(Duration::from_millis(100)), 1), // the timeout, exactly at 100 ms
+        ])
+    );
+}
+
 /// Request ids carry the seeded instance prefix and differ between requests and seeds.
 #[test]
 fn request_ids_are_unique_and_seeded() {
@@ -699,7 +743,7 @@ fn local_answers_in_order() {
     let e4: Value = serde_json::from_slice(&frames[3].1).unwrap();
     assert_eq!(e4["error"]["code"], 4);
     assert!(h.submitted().is_empty());
-    assert_eq!(h.gw.stats().local_requests, 3);
+    assert_eq!(h.gw.stats().local_requests, [1, 1, 1]);
     assert!(!h.closed(c));
 }
 

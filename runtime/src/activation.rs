@@ -27,6 +27,8 @@ use rustix::io::FdFlags;
 use rustix::net::{AddressFamily, SocketType};
 use tracing::{info, warn};
 
+use crate::systemd::take_var;
+
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
 
@@ -45,15 +47,10 @@ impl ListenEnv {
     /// Call it before any thread exists: `remove_var` races with other threads reading the
     /// environment (the workspace is edition 2021, where it is not yet marked `unsafe`).
     fn take() -> ListenEnv {
-        let take = |name: &str| {
-            let value = std::env::var_os(name);
-            std::env::remove_var(name);
-            value
-        };
         ListenEnv {
-            pid: take("LISTEN_PID"),
-            fds: take("LISTEN_FDS"),
-            names: take("LISTEN_FDNAMES"),
+            pid: take_var("LISTEN_PID"),
+            fds: take_var("LISTEN_FDS"),
+            names: take_var("LISTEN_FDNAMES"),
         }
     }
 }

@@ -26,6 +26,9 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[command(
     name = "ipc-gateway",
     version,
+    // `ipc-gateway --socket-path x health` would mix daemon settings into a subcommand that
+    // ignores them; refusing it keeps `health` the first argument, where main.rs looks for it.
+    args_conflicts_with_subcommands = true,
     about = "Local gateway between IDE integrations and the Beamline Router",
     long_about = "Local gateway between IDE integrations and the Beamline Router.\n\n\
         Listens on a Unix socket for the framed IPC protocol (v1) and answers every task. \
@@ -196,6 +199,42 @@ pub struct Cli {
     /// Print the effective configuration as JSON and exit
     #[arg(long)]
     pub check_config: bool,
+
+    /// Operator commands instead of running the daemon
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands. Each runs without the daemon's settings: main.rs dispatches to it before
+/// the `CGW_*` environment is parsed (see [`health_args`]).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Ask a running daemon for its health over HTTP: prints GET /health's JSON; exit 0
+    /// HEALTHY, 1 DEGRADED, 2 UNHEALTHY or unreachable
+    #[command(after_help = "Examples:\n  \
+        ipc-gateway health                         # CGW_HTTP_ADDR, else 127.0.0.1:8080\n  \
+        ipc-gateway health --addr 127.0.0.1:9100\n  \
+        ipc-gateway health --live                  # container HEALTHCHECK: exit 0 on 200\n\n\
+        The request times out after 2 s (connect and answer). An address that cannot be \
+        reached, or an answer that is not the daemon's, is reported on stderr with exit 2.")]
+    Health(crate::health_cli::HealthArgs),
+}
+
+/// Parses `ipc-gateway health …` (`args` starts at `health`) with the `health` subcommand's
+/// definition alone. Parsing the whole [`Cli`] would read and check every `CGW_*` variable,
+/// and a check run from a shell whose environment holds a stale or invalid daemon setting
+/// must still reach the daemon. `--help` and bad options exit through clap, as usual.
+pub fn health_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> crate::health_cli::HealthArgs {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command()
+        .find_subcommand("health")
+        .expect("the health subcommand is defined")
+        .clone()
+        .bin_name("ipc-gateway health");
+    let matches = command.get_matches_from(args);
+    crate::health_cli::HealthArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// A validated configuration: the core's part and the shell's part.

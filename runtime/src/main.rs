@@ -7,6 +7,7 @@ mod audit;
 mod config;
 mod event_loop;
 mod handoff;
+mod health_cli;
 mod http;
 mod listener;
 mod logging;
@@ -38,6 +39,11 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // Not the daemon: reads none of its settings (see config::health_args) and leaves
+    // systemd's variables and descriptors below alone.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "health") {
+        return health_cli::run(&config::health_args(std::env::args_os().skip(1)));
+    }
     // First of all, while this is the only thread (removing variables races with threads that
     // read the environment): systemd's variables, taken out so no child inherits them; and the
     // descriptors of socket activation, before this process opens any of its own. Errors wait
@@ -46,6 +52,11 @@ fn main() -> ExitCode {
     let inherited = activation::take(std::process::id());
     fix_malloc_mmap_threshold();
     let cli = Cli::parse();
+    // Not reached while `health` can only be the first argument (see the Cli's
+    // args_conflicts_with_subcommands); kept so a subcommand can never start a daemon.
+    if let Some(config::Command::Health(args)) = &cli.command {
+        return health_cli::run(args);
+    }
     let own_uid = rustix::process::getuid().as_raw();
     let settings = match cli.settings(own_uid, random_seed()) {
         Ok(s) => s,

@@ -46,17 +46,22 @@ impl NotifyEnv {
     /// Call it before any thread exists: `remove_var` races with other threads reading the
     /// environment (the workspace is edition 2021, where it is not yet marked `unsafe`).
     pub fn take() -> NotifyEnv {
-        let take = |name: &str| {
-            let value = std::env::var_os(name);
-            std::env::remove_var(name);
-            value
-        };
         NotifyEnv {
-            notify_socket: take("NOTIFY_SOCKET"),
-            watchdog_usec: take("WATCHDOG_USEC"),
-            watchdog_pid: take("WATCHDOG_PID"),
+            notify_socket: take_var("NOTIFY_SOCKET"),
+            watchdog_usec: take_var("WATCHDOG_USEC"),
+            watchdog_pid: take_var("WATCHDOG_PID"),
         }
     }
+}
+
+/// Reads an environment variable and removes it, so that no child process takes what
+/// systemd meant for this one (`sd_notify`'s and `sd_listen_fds`'s `unset_environment`).
+/// Only while no other thread exists: `remove_var` races with threads reading the environment
+/// (the workspace is edition 2021, where it is not yet marked `unsafe`).
+pub fn take_var(name: &str) -> Option<std::ffi::OsString> {
+    let value = std::env::var_os(name);
+    std::env::remove_var(name);
+    value
 }
 
 /// Where the datagrams go.

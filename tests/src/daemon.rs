@@ -426,6 +426,15 @@ impl Daemon {
         String::from_utf8_lossy(&lock(&self.stderr)).into_owned()
     }
 
+    /// The daemon's JSON log lines so far whose `event` is `name`.
+    pub fn log_events(&self, name: &str) -> Vec<Value> {
+        self.stderr()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
     /// Everything the daemon wrote to stdout so far.
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&lock(&self.stdout)).into_owned()

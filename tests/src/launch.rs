@@ -385,6 +385,7 @@ pub fn admit_all_env(connections: usize, pipeline: usize) -> Vec<(String, String
 /// and every error.
 fn kept_log_line(line: &str) -> bool {
     line.contains(r#""event":"stats""#)
+        || line.contains(r#""event":"http_listening""#)
         || line.contains(r#""event":"fd_limit""#)
         || line.contains(r#""level":"ERROR""#)
 }
@@ -484,9 +485,33 @@ impl GatewayDaemon {
         tail_text(&self.stderr)
     }
 
-    /// Every `stats`, `fd_limit` and error line it logged so far.
+    /// Every `stats`, `fd_limit`, `http_listening` and error line it logged so far.
     pub fn kept_lines(&self) -> Vec<String> {
         lock(&self.kept).clone()
+    }
+
+    /// The address of its HTTP endpoints, from the `http_listening` log line (start it with
+    /// `CGW_HTTP_ADDR` set, e.g. `127.0.0.1:0`); waits for the line up to [`READY_TIMEOUT`].
+    pub fn http_addr(&self) -> Result<std::net::SocketAddr> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let found = lock(&self.kept).iter().find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                if v["event"] != "http_listening" {
+                    return None;
+                }
+                v["addr"].as_str()?.parse().ok()
+            });
+            if let Some(addr) = found {
+                return Ok(addr);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no http_listening log line within {READY_TIMEOUT:?} (is CGW_HTTP_ADDR set?)"
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Whether the process still runs.

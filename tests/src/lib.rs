@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod figures;
 pub mod frame;
 pub mod golden;
+pub mod http_client;
 pub mod launch;
 pub mod nats_load;
 pub mod nats_server;

@@ -20,8 +20,6 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -796,35 +794,7 @@ pub fn tls_first_pair(dir: &Path, pki: &TestPki) -> NatsCluster {
 }
 
 // ---------------------------------------------------------------------------------------
-// HTTP: /health and /metrics of the daemon.
-
-/// A GET over plain HTTP/1.1 (`Connection: close`): status code and body. `Err` if the
-/// daemon does not answer.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("writing GET {path}: {e}"))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("reading GET {path}: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no end of head in {response:?}"))?;
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status line in {head:?}"))?;
-    Ok((code, body.to_owned()))
-}
+// /metrics of the daemon (fetched with `crate::http_client`).
 
 /// The value of metric `name` in a Prometheus text exposition, summed over its label sets;
 /// `None` if no sample has that name.

@@ -29,14 +29,15 @@ use std::time::{Duration, Instant};
 
 use ipc_gateway_tests::daemon::{check_error, ping, recv, run, send_json, wait_until, Daemon};
 use ipc_gateway_tests::frame::{RESPONSE_OK, TASK_SUBMIT};
+use ipc_gateway_tests::http_client;
 use ipc_gateway_tests::nats_load::{
     check_outcomes_and_deadlines, nats_connected_count, router_double_success, summary, Load,
 };
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
 use ipc_gateway_tests::secure_nats::{
-    creds_text, foreign_user, http_get, metric, squash, tls_cluster, tls_first_pair, write,
-    write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
+    creds_text, foreign_user, metric, squash, tls_cluster, tls_first_pair, write, write_secret,
+    Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
 };
 use rustix::process::Signal;
 use serde_json::{json, Value};
@@ -64,6 +65,11 @@ struct Gateway {
     http: SocketAddr,
     audit: PathBuf,
     env: Vec<(String, String)>,
+}
+
+/// GET `path` from the daemon: status and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_client::get(addr, path, None, Duration::from_secs(10)).map(|r| (r.status, r.text()))
 }
 
 fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {

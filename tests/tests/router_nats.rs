@@ -32,24 +32,15 @@ fn gateway(url: &str, extra: &[(&str, &str)]) -> Daemon {
     daemon
 }
 
-/// The daemon's JSON log lines whose `event` is `name`.
-fn log_events(daemon: &Daemon, name: &str) -> Vec<Value> {
-    daemon
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == name)
-        .collect()
-}
-
 /// Asks the daemon for a stats line (SIGUSR1) and returns it.
 fn stats(daemon: &Daemon) -> Value {
-    let before = log_events(daemon, "stats").len();
+    let before = daemon.log_events("stats").len();
     daemon.signal(Signal::USR1);
     wait_until("a new stats line after SIGUSR1", WAIT, || {
-        log_events(daemon, "stats").len() > before
+        daemon.log_events("stats").len() > before
     });
-    log_events(daemon, "stats")
+    daemon
+        .log_events("stats")
         .pop()
         .expect("a stats line is there")
 }
@@ -482,7 +473,7 @@ fn router_errors_come_back_verbatim_and_count_as_successes() {
     // an answer from the Router is a success (gateway.md section 4).
     let s = stats(&daemon);
     assert_eq!(s["breaker"], json!("closed"), "{s}");
-    assert!(log_events(&daemon, "breaker_transition").is_empty());
+    assert!(daemon.log_events("breaker_transition").is_empty());
     assert_eq!(s["inflight"], json!(0), "{s}");
     assert_eq!(s["upstream_pending"], json!(0), "{s}");
 }
@@ -538,7 +529,7 @@ fn no_responders_is_error_8_at_once() {
     }
     let s = stats(&daemon);
     assert_eq!(s["breaker"], json!("closed"), "{s}");
-    assert!(log_events(&daemon, "breaker_transition").is_empty());
+    assert!(daemon.log_events("breaker_transition").is_empty());
     ping(&mut client);
 }
 
@@ -718,12 +709,13 @@ fn breaker_opens_sends_nothing_half_opens_and_closes() {
     }
     let opened = Instant::now();
     wait_until("breaker open", WAIT, || {
-        log_events(&daemon, "breaker_transition")
+        daemon
+            .log_events("breaker_transition")
             .iter()
             .any(|e| e["to"] == "open")
     });
     // The log line says why, with the count (gateway.md section 4).
-    let open = log_events(&daemon, "breaker_transition")[0].clone();
+    let open = daemon.log_events("breaker_transition")[0].clone();
     assert_eq!(
         (&open["cause"], &open["count"]),
         (&json!("router_timeouts"), &json!(5)),
@@ -778,7 +770,8 @@ fn breaker_opens_sends_nothing_half_opens_and_closes() {
     }
     let s = wait_stats(&daemon, "breaker closed", |s| s["breaker"] == "closed");
     assert_eq!(s["inflight"], json!(0), "{s}");
-    let transitions: Vec<Value> = log_events(&daemon, "breaker_transition")
+    let transitions: Vec<Value> = daemon
+        .log_events("breaker_transition")
         .iter()
         .map(|e| e["to"].clone())
         .collect();

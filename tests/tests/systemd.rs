@@ -19,6 +19,7 @@ use ipc_gateway_tests::daemon::{
     IO_TIMEOUT, START_TIMEOUT,
 };
 use ipc_gateway_tests::frame::{write_frame, PING, TASK_SUBMIT};
+use ipc_gateway_tests::http_client;
 use rustix::process::Signal;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -135,26 +136,16 @@ fn test_listener(dir: &Path) -> (PathBuf, UnixListener) {
     (path, listener)
 }
 
-/// The daemon's JSON log lines whose `event` is `name`.
-fn log_events(daemon: &Daemon, name: &str) -> Vec<Value> {
-    daemon
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == name)
-        .collect()
-}
-
 /// Polls the SIGUSR1 stats line until `cond` holds for it.
 fn wait_stats(daemon: &Daemon, what: &str, cond: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let before = log_events(daemon, "stats").len();
+        let before = daemon.log_events("stats").len();
         daemon.signal(Signal::USR1);
         wait_until("a stats line after SIGUSR1", START_TIMEOUT, || {
-            log_events(daemon, "stats").len() > before
+            daemon.log_events("stats").len() > before
         });
-        let last = log_events(daemon, "stats").pop().unwrap_or_default();
+        let last = daemon.log_events("stats").pop().unwrap_or_default();
         if cond(&last) {
             return;
         }
@@ -320,7 +311,7 @@ fn inherited_listener_serves_and_its_file_stays() {
     let mut stream = daemon.connect();
     ping(&mut stream);
     submit_echo(&mut stream, &json!({"inherited": true}));
-    let inherited = log_events(&daemon, "listener_inherited");
+    let inherited = daemon.log_events("listener_inherited");
     assert_eq!(inherited.len(), 1, "{}", daemon.stderr());
     assert_eq!(inherited[0]["fd"], json!(3));
     assert_eq!(inherited[0]["address"], json!(path.to_str().unwrap()));
@@ -356,10 +347,10 @@ fn inherited_http_listener_serves_live() {
     );
     notify.wait_for("READY=1");
     assert_eq!(daemon.http_addr(), http_addr);
-    assert_eq!(log_events(&daemon, "http_inherited").len(), 1);
-    let response = http_get(http_addr, "/live");
+    assert_eq!(daemon.log_events("http_inherited").len(), 1);
+    let response = http_client::get(http_addr, "/live", None, IO_TIMEOUT);
     assert!(
-        response.starts_with("HTTP/1.1 200"),
+        response.as_ref().is_ok_and(|r| r.status == 200),
         "GET /live on the inherited listener: {response:?}"
     );
     ping(&mut daemon.connect());
@@ -367,22 +358,6 @@ fn inherited_http_listener_serves_live() {
     let status = daemon.wait_exit(START_TIMEOUT);
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
     std::net::TcpStream::connect(http_addr).expect("the test's TCP listener still listens");
-}
-
-/// One HTTP/1.1 GET with `Connection: close`; the whole response as text.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 /// LISTEN_PID of another process: the descriptors are not ours, so they are left alone (and
@@ -396,9 +371,9 @@ fn listen_pid_of_another_process_is_ignored() {
         Daemon::spawn_activated(&own, &[listener.as_fd()], &[("LISTEN_PID", "1")], &[]);
     daemon.wait_ready();
     ping(&mut daemon.connect());
-    let ignored = log_events(&daemon, "listen_fds_ignored");
+    let ignored = daemon.log_events("listen_fds_ignored");
     assert_eq!(ignored.len(), 1, "{}", daemon.stderr());
-    assert!(log_events(&daemon, "listener_inherited").is_empty());
+    assert!(daemon.log_events("listener_inherited").is_empty());
     daemon.terminate();
     daemon.expect_clean_exit();
 }
@@ -653,8 +628,8 @@ fn restart_on_an_inherited_listener_drops_no_client() {
         .iter()
         .filter(|c| c.started > stopped_accepting && c.started < new_spawned)
         .count();
-    let new_opened = log_events(&new, "connection_opened").len();
-    let old_opened = log_events(&old, "connection_opened").len();
+    let new_opened = new.log_events("connection_opened").len();
+    let old_opened = old.log_events("connection_opened").len();
     eprintln!(
         "{} clients, {gap} in the gap; connections opened: old {old_opened}, new {new_opened}",
         clients.len()

@@ -65,10 +65,12 @@
 
 mod admission;
 mod health;
+mod histogram;
 mod invariants;
 mod shutdown;
 
 pub use health::{assess, Health, HealthInputs, HealthReason, HealthStatus, LinkHealth};
+pub use histogram::{DurationHistogram, REQUEST_DURATION_BOUNDS};
 pub use shutdown::{Shutdown, FLUSH_GRACE};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -183,7 +185,8 @@ pub struct GatewayStats {
     pub connections_closed_read_timeout: u64,
     /// Task requests by IPC type: submit, query, cancel.
     pub task_requests: [u64; 3],
-    pub local_requests: u64,
+    /// Requests answered locally, by kind: [`LOCAL_REQUEST_KINDS`].
+    pub local_requests: [u64; 3],
     /// Replies by outcome: index is the error code, 0 for RESPONSE_OK.
     pub responses: BTreeMap<u16, u64>,
     pub backpressure_rejections: u64,
@@ -191,9 +194,16 @@ pub struct GatewayStats {
     /// Upstream replies for requests that had already left (late, duplicate or unknown).
     pub dropped_replies: u64,
     pub breaker_transitions: BTreeMap<&'static str, u64>,
+    /// Task requests answered (the Router's reply, a timeout, a refusal): from when the frame
+    /// was decoded to when the reply was queued for the client.
+    pub request_duration: DurationHistogram,
     /// Changes of health status, by the status changed to ([`HealthStatus::name`]).
     pub health_changes: BTreeMap<&'static str, u64>,
 }
+
+/// What `GatewayStats::local_requests` counts, by index: PING, CAPABILITIES, and any type
+/// answered with error 2.
+pub const LOCAL_REQUEST_KINDS: [&str; 3] = ["ping", "capabilities", "unsupported"];
 
 /// Per-connection bookkeeping around the connection state machine.
 #[derive(Debug)]
@@ -545,11 +555,17 @@ impl<U: Upstream> Gateway<U> {
 
     fn handle_frame(&mut self, id: ConnId, frame: Frame, now: Instant) {
         let Some(task) = TaskKind::from_frame_kind(frame.kind) else {
-            self.stats.local_requests += 1;
             let reply = match frame.kind {
-                kind::PING => ReplyFrame::new(kind::PONG, Bytes::new()),
-                kind::CAPABILITIES => ReplyFrame::new(kind::RESPONSE_OK, self.capabilities.clone()),
+                kind::PING => {
+                    self.stats.local_requests[0] += 1;
+                    ReplyFrame::new(kind::PONG, Bytes::new())
+                }
+                kind::CAPABILITIES => {
+                    self.stats.local_requests[1] += 1;
+                    ReplyFrame::new(kind::RESPONSE_OK, self.capabilities.clone())
+                }
                 other => {
+                    self.stats.local_requests[2] += 1;
                     let message = format!("Unsupported message type 0x{other:02X}");
                     self.count_response(ErrorCode::UnsupportedType.code());
                     return self
@@ -575,6 +591,9 @@ impl<U: Upstream> Gateway<U> {
                 if let Some(client) = self.clients.get_mut(&id) {
                     client.served += 1;
                 }
+                // Refused at once, so decoded and answered at the same instant: still a
+                // request answered, or the histogram's count would not match the requests.
+                self.stats.request_duration.observe(Duration::ZERO);
                 return self.answer_local(id, error_frame(code, &message, None));
             }
         };
@@ -666,6 +685,7 @@ impl<U: Upstream> Gateway<U> {
             "request {id:?} had no open slot on {:?}",
             entry.conn
         );
+        self.stats.request_duration.observe(now - entry.started);
         client.conn.update_read_timer(now);
         debug!(
             event = "response_sent",

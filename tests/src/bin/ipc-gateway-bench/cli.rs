@@ -1,6 +1,7 @@
 //! The command line: every option of both modes (the NATS ones are in `nats::NatsArgs`), their
 //! parsers, and the usage errors that clap cannot see.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -111,6 +112,24 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Stub)]
     pub(crate) mode: Mode,
 
+    /// Scrape the daemon's GET /metrics this many times a second during each gateway run (0:
+    /// never), on a fresh connection each time, and report the scrapes. Needs --gateway-bin
+    /// (the bench then starts the daemon with HTTP on a free loopback port) or --http-addr.
+    #[arg(long, value_name = "N", default_value_t = 0.0, value_parser = parse_rate)]
+    pub(crate) scrape_rate: f64,
+
+    /// Where the daemon at --socket serves HTTP (its CGW_HTTP_ADDR), for scraping.
+    #[arg(long, value_name = "ADDR", conflicts_with = "gateway_bin")]
+    pub(crate) http_addr: Option<SocketAddr>,
+
+    /// What scraping costs: K rounds of two gateway runs each, one without scraping and one
+    /// scraping at --scrape-rate (10 a second if unset), the order alternating by round so
+    /// that drift over the run weighs on both alike. Prints every run, each round's ratio
+    /// (scraped / not scraped requests/s) and the overall one. No echo runs.
+    #[arg(long, value_name = "K", conflicts_with = "echo_only",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) scrape_rounds: Option<u32>,
+
     #[command(flatten)]
     pub(crate) nats: nats::NatsArgs,
 }
@@ -137,6 +156,14 @@ fn parse_payload_size(text: &str) -> Result<usize, String> {
         return Err(format!("{size} bytes is too large: at most {most}"));
     }
     Ok(size)
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
+    if !(0.0..=1000.0).contains(&rate) {
+        return Err(format!("{text} is not between 0 and 1000 scrapes a second"));
+    }
+    Ok(rate)
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

@@ -140,6 +140,15 @@ fn settings(args: &Args) -> Result<Settings> {
             ));
         }
     }
+    for (set, flag) in [
+        (args.scrape_rate > 0.0, "--scrape-rate"),
+        (args.scrape_rounds.is_some(), "--scrape-rounds"),
+        (args.http_addr.is_some(), "--http-addr"),
+    ] {
+        if set {
+            usage_error(&format!("{flag} applies to stub mode only"));
+        }
+    }
     let n = &args.nats;
     let gateway_bin = if n.direct_only {
         None
