@@ -745,13 +745,26 @@ pub fn tls_cluster_with(
     auth: &Auth,
     extra: &str,
 ) -> NatsCluster {
-    let configs: Vec<String> = (0..n)
+    let pairs = (0..n)
         .map(|i| {
             let name = format!("node{i}.nats.test");
-            let pair = pki.issue_server(
+            pki.issue_server(
                 &format!("node{i}"),
                 &[SERVER_NAMES[0], SERVER_NAMES[1], &name],
-            );
+            )
+        })
+        .collect();
+    tls_cluster_of(dir, pairs, auth, extra)
+}
+
+/// A TLS cluster whose node `i` presents `pairs[i]` (e.g. one node with a certificate for
+/// another name, to see a failing-over client refuse it).
+pub fn tls_cluster_of(dir: &Path, pairs: Vec<PemPair>, auth: &Auth, extra: &str) -> NatsCluster {
+    let n = pairs.len();
+    let configs: Vec<String> = pairs
+        .into_iter()
+        .enumerate()
+        .map(|(i, pair)| {
             let mut conf = ServerConf::tls(pair, None).with_auth(auth.clone());
             conf.extra = extra.to_owned();
             conf.write(dir, &format!("node{i}.conf"))

@@ -36,8 +36,8 @@ use ipc_gateway_tests::nats_load::{
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
 use ipc_gateway_tests::secure_nats::{
-    creds_text, foreign_user, metric, squash, tls_cluster, tls_first_pair, write, write_secret,
-    Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
+    creds_text, foreign_user, metric, squash, tls_cluster, tls_cluster_of, tls_first_pair, write,
+    write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
 };
 use rustix::process::Signal;
 use serde_json::{json, Value};
@@ -413,6 +413,11 @@ fn user_and_password_serve_and_stay_secret() {
     wait_until("an audit record nats_authenticated", WAIT, || {
         !audit_records(&gw, "nats_authenticated").is_empty()
     });
+    let record = audit_records(&gw, "nats_authenticated").remove(0);
+    assert!(
+        record.to_string().contains(&s.port().to_string()),
+        "nats_authenticated does not name the server: {record}"
+    );
     assert_no_secrets(&gw, &[password]);
 }
 
@@ -622,6 +627,62 @@ fn tls_cluster_keeps_serving_when_the_node_in_use_dies() {
     check_outcomes_and_deadlines(
         &records,
         Duration::from_millis(TIMEOUT_MS.parse().unwrap()) + Duration::from_secs(1),
+    );
+}
+
+/// Certificate names are checked on failover too, for servers learned from INFO: in a TLS
+/// cluster whose node 1 presents a certificate for another name, the gateway (configured with
+/// node 0) loses node 0 while node 2 is frozen, so it must try node 1: refused as a TLS
+/// failure naming node 1, never connected there; once node 2 thaws, it serves through it.
+#[test]
+fn tls_cluster_failover_refuses_a_learned_node_with_a_wrong_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let pairs = vec![
+        pki.issue_server("node0", &["127.0.0.1", "localhost", "node0.nats.test"]),
+        pki.wrong_name_server.clone(),
+        pki.issue_server("node2", &["127.0.0.1", "localhost", "node2.nats.test"]),
+    ];
+    let mut cluster = tls_cluster_of(dir.path(), pairs, &Auth::None, "");
+    let double = RouterDouble::start_secured(&cluster.url(2), &ClientCreds::default().ca(&pki.ca));
+    let gw = gateway(
+        dir.path(),
+        &cluster.node(0).tls_url(),
+        &[("CGW_IPC_NATS_TLS_CA", path_str(&pki.ca))],
+    );
+    gw.wait_connected(1);
+    gw.serve_one(&double);
+    let wrong = format!("127.0.0.1:{}", cluster.node(1).port());
+    // Frozen, node 2 still accepts TCP connections (the kernel's backlog) but answers
+    // nothing: the gateway's attempts there time out, so it cannot avoid node 1.
+    cluster.node(2).signal(Signal::STOP).unwrap();
+    cluster.kill(0);
+    wait_until("node 1 refused for its certificate's name", WAIT, || {
+        gw.daemon.stderr().lines().any(|l| {
+            l.contains(&wrong)
+                && !l.contains(r#""event":"nats_connecting""#)
+                && squash(l).contains("notvalidforname")
+        })
+    });
+    assert!(gw.counter(TLS) >= 1.0, "the refusal is not counted");
+    cluster.node(2).signal(Signal::CONT).unwrap();
+    gw.wait_connected(2);
+    gw.serve_one(&double);
+    let connected_to_wrong = gw
+        .daemon
+        .log_events("nats_connected")
+        .into_iter()
+        .filter(|e| e.to_string().contains(&wrong))
+        .count();
+    assert_eq!(
+        connected_to_wrong, 0,
+        "the gateway connected to the node with the wrong name"
+    );
+    let last = gw.daemon.log_events("nats_connected").pop().unwrap();
+    assert!(
+        last.to_string()
+            .contains(&format!("127.0.0.1:{}", cluster.node(2).port())),
+        "after the failover the gateway should be on node 2: {last}"
     );
 }
 
