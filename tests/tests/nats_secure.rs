@@ -162,10 +162,9 @@ impl Gateway {
                 if let Err(e) = router_double_success()(&sent, &body) {
                     panic!("{e}: {body}");
                 }
-                assert!(
-                    double.request_count() >= 1,
-                    "served, but not by this double"
-                );
+                // The double prints its request line around the time it replies, so the
+                // client can be faster: wait for the line rather than expect it.
+                double.wait_requests(1, WAIT);
                 return;
             }
             if let Err(e) = check_error(&frame, 8) {
