@@ -1007,6 +1007,9 @@ fn bad_files_and_seeds_exit_2_naming_variable_and_file() {
     let garbage_creds = write_secret(dir.path(), "garbage.creds", "not a creds file\n");
     let missing_s = path_str(&missing).to_owned();
     let garbage_s = path_str(&garbage).to_owned();
+    let unreadable = dir.path().join("a-directory");
+    std::fs::create_dir(&unreadable).unwrap();
+    let dir_s = path_str(&unreadable).to_owned();
     let ca = path_str(&pki.ca).to_owned();
     let cert = path_str(&pki.client.cert).to_owned();
     let key = path_str(&pki.client.key).to_owned();
@@ -1086,6 +1089,23 @@ fn bad_files_and_seeds_exit_2_naming_variable_and_file() {
             ],
             "CGW_IPC_NATS_PASSWORD_FILE",
             Some(&missing_s),
+        ),
+        // Unreadable: tests may run as root, who reads any file, so a directory stands in.
+        (
+            vec![("CGW_IPC_NATS_TLS_CA", &dir_s)],
+            "CGW_IPC_NATS_TLS_CA",
+            Some(&dir_s),
+        ),
+        (
+            vec![("CGW_IPC_NATS_CREDS", &dir_s)],
+            "CGW_IPC_NATS_CREDS",
+            Some(&dir_s),
+        ),
+        // A certificate without its key.
+        (
+            vec![("CGW_IPC_NATS_TLS_CERT", &cert)],
+            "CGW_IPC_NATS_TLS_KEY",
+            None,
         ),
         (
             vec![("CGW_IPC_NATS_TOKEN_FILE", &missing_s)],
