@@ -371,7 +371,7 @@ fn tls_with_a_custom_ca_serves_requests() {
 }
 
 /// Mutual TLS (`verify: true`): with `CGW_IPC_NATS_TLS_CERT` + `_KEY` the gateway is let in
-/// and serves.
+/// and serves; no line of the private key shows anywhere.
 #[test]
 fn mutual_tls_with_a_client_certificate_serves_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -395,6 +395,9 @@ fn mutual_tls_with_a_client_certificate_serves_requests() {
     );
     gw.wait_connected(1);
     gw.serve_one(&double);
+    let key = std::fs::read_to_string(&pki.client.key).unwrap();
+    let key_lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert_no_secrets(&gw, &key_lines);
 }
 
 /// User and password from `CGW_IPC_NATS_USER` + `CGW_IPC_NATS_PASSWORD`, over TLS: served,
