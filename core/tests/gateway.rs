@@ -1286,3 +1286,62 @@ fn readiness_follows_the_link_and_the_drain() {
     h.gw.handle_shutdown(ms(300));
     assert_eq!(h.gw.readiness(), Err("draining"));
 }
+
+/// gateway.md section 9: a refused credential turns health UNHEALTHY with the server's words
+/// at the input that brought them, long before the grace period; the next link that comes up
+/// makes it HEALTHY again. Also before any link was ever up (a wrong password at start).
+#[test]
+fn a_refused_credential_is_unhealthy_at_once_until_a_link_comes_up() {
+    let (mut gw, link) = nats_gateway();
+    let shown = |gw: &Gateway<NatsSession>| {
+        let h = gw.health();
+        (
+            h.status.name(),
+            h.reason.map(|r| r.to_string()).unwrap_or_default(),
+        )
+    };
+    assert_eq!(shown(&gw).0, "HEALTHY");
+    gw.handle_upstream(
+        NatsInput::Received(link, b"-ERR 'User Authentication Expired'\r\n"),
+        ms(10),
+    );
+    assert_eq!(
+        shown(&gw),
+        (
+            "UNHEALTHY",
+            "nats auth failed: User Authentication Expired".to_owned()
+        )
+    );
+    assert_eq!(gw.upstream().stats().auth_failures, 1);
+    let connect = |all: Vec<Action<SessionAction>>| {
+        all.into_iter().find_map(|a| match a {
+            Action::Upstream(SessionAction::Connect { link, .. }) => Some(link),
+            _ => None,
+        })
+    };
+    // A link that was up reconnects at once (the first attempt after a loss is immediate);
+    // refused again, the next attempt waits for the backoff: never a loop.
+    let link = connect(actions(&mut gw)).expect("the first reconnect is immediate");
+    gw.handle_upstream(NatsInput::Connected(link), ms(11));
+    gw.handle_upstream(
+        NatsInput::Received(link, b"INFO {}\r\n-ERR 'Authorization Violation'\r\n"),
+        ms(12),
+    );
+    assert_eq!(
+        shown(&gw),
+        (
+            "UNHEALTHY",
+            "nats auth failed: Authorization Violation".to_owned()
+        )
+    );
+    // The turn's handle_timeout (a held flush is due at once) starts no attempt either.
+    gw.handle_timeout(ms(12));
+    assert_eq!(connect(actions(&mut gw)), None, "no immediate second retry");
+    let retry = gw.poll_timeout().unwrap();
+    assert!(retry >= ms(12 + 50), "{retry:?}");
+    gw.handle_timeout(retry);
+    let link = connect(actions(&mut gw)).expect("a new Connect after the backoff");
+    gw.handle_upstream(NatsInput::Connected(link), retry);
+    gw.handle_upstream(NatsInput::Received(link, b"INFO {}\r\nPONG\r\n"), retry);
+    assert_eq!(shown(&gw), ("HEALTHY", String::new()));
+}

@@ -870,6 +870,7 @@ fn arb_info() -> impl Strategy<Value = ServerInfo> {
                 ldm,
                 auth_required,
                 tls_required,
+                tls_available: false,
                 nonce,
                 client_id,
             },

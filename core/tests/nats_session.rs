@@ -116,6 +116,9 @@ struct Shell {
     disconnects: usize,
     /// `Transmit` actions seen.
     transmits: usize,
+    /// `StartTls` actions: the server name, and how many bytes were on the wire before it
+    /// (what went in plaintext).
+    tls: Vec<(String, usize)>,
     events: Vec<UpstreamEvent>,
 }
 
@@ -129,6 +132,7 @@ impl Shell {
             connects: Vec::new(),
             disconnects: 0,
             transmits: 0,
+            tls: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -154,6 +158,10 @@ impl Shell {
                 }
                 SessionAction::Disconnect { .. } => self.disconnects += 1,
                 SessionAction::Transmit { .. } => self.transmits += 1,
+                SessionAction::StartTls { link, server_name } => {
+                    assert_eq!(link, self.link, "StartTls names the current link");
+                    self.tls.push((server_name, self.wire.len()));
+                }
             }
         }
         while let Some(e) = self.s.poll_event() {
@@ -1626,4 +1634,281 @@ fn transmit_is_announced_when_output_becomes_pending() {
     sh.settle();
     assert_eq!(sh.transmits, before + 1);
     assert!(sh.s.has_output());
+}
+
+// ----- securing the link (gateway.md section 9) ---------------------------------------------
+
+/// Plain `nats://` to a server that does not ask for TLS: no StartTls, ever.
+#[test]
+fn no_tls_unless_asked() {
+    let sh = connected(config("nats://h:1"), &info(json!({"tls_available": true})));
+    assert!(sh.tls.is_empty(), "{:?}", sh.tls);
+}
+
+/// INFO `tls_required`: StartTls right after INFO, before CONNECT (nothing written in
+/// plaintext), checking the URL's host.
+#[test]
+fn tls_required_upgrades_after_info_before_connect() {
+    let mut sh = Shell::new(config("nats://nats.example:4222"));
+    sh.at(ms(0));
+    sh.connected();
+    assert!(sh.tls.is_empty(), "not before INFO without tls_first");
+    sh.server(&info(json!({"tls_required": true})));
+    assert_eq!(sh.tls, vec![("nats.example".to_owned(), 0)]);
+    assert!(matches!(sh.ops()[0], ClientOp::Connect(_)));
+    sh.server(b"PONG\r\n");
+    assert_eq!(sh.s.state(), SessionState::Connected);
+    // A later INFO (cluster change) does not upgrade again.
+    sh.server(&info(json!({"tls_required": true})));
+    assert_eq!(sh.tls.len(), 1);
+}
+
+/// A `tls://` URL or a configured CA/client certificate (`NatsConfig::tls`) upgrades even if
+/// the server only offers TLS; `tls_first` upgrades on TCP connect, before INFO.
+#[test]
+fn tls_wanted_tls_url_and_tls_first() {
+    let mut sh = Shell::new(config("tls://a.example:1"));
+    sh.at(ms(0));
+    sh.connected();
+    sh.server(&info(json!({"tls_available": true})));
+    assert_eq!(sh.tls, vec![("a.example".to_owned(), 0)]);
+
+    let mut c = config("10.1.2.3:1");
+    c.tls = true;
+    let mut sh = Shell::new(c);
+    sh.at(ms(0));
+    sh.connected();
+    sh.server(&info(json!({"tls_required": true})));
+    assert_eq!(sh.tls, vec![("10.1.2.3".to_owned(), 0)]);
+
+    let mut c = config("nats://b.example:1");
+    c.tls_first = true;
+    let mut sh = Shell::new(c);
+    sh.at(ms(0));
+    sh.connected();
+    assert_eq!(sh.tls, vec![("b.example".to_owned(), 0)], "before INFO");
+    sh.server(&info(json!({"tls_required": true})));
+    assert_eq!(sh.tls.len(), 1, "not twice");
+    assert!(matches!(sh.ops()[0], ClientOp::Connect(_)));
+}
+
+/// TLS wanted and a server without it: refused (never plaintext), counted as a TLS failure,
+/// health's reason set, and the retry waits for the backoff.
+#[test]
+fn tls_wanted_but_not_offered_is_a_tls_failure() {
+    let mut sh = Shell::new(config("tls://h:1"));
+    sh.at(ms(0));
+    sh.connected();
+    sh.server(&info(json!({})));
+    assert!(sh.tls.is_empty());
+    assert!(
+        sh.ops().is_empty(),
+        "no CONNECT in plaintext: {:?}",
+        sh.ops()
+    );
+    assert_eq!(sh.disconnects, 1);
+    assert_eq!(sh.s.stats().tls_failures, 1);
+    assert_eq!(
+        sh.s.link_failure(),
+        Some("nats tls failed: TLS is configured but the server does not offer it")
+    );
+    assert_eq!(sh.connects.len(), 1, "no immediate retry");
+}
+
+/// The shell's TLS failure: counted, logged once with server and reason, health reason set,
+/// reconnect under the backoff (a server that keeps failing is tried once per delay, with
+/// the delay growing to its cap); a link that comes up clears it.
+#[test]
+fn tls_failures_back_off_and_clear_when_a_link_comes_up() {
+    let scenario = || {
+        let mut sh = Shell::new(config("nats://h.example:1"));
+        sh.at(ms(0));
+        let mut retries = Vec::new();
+        for _ in 0..8 {
+            sh.connected();
+            sh.server(&info(json!({"tls_required": true})));
+            let link = sh.link;
+            sh.report(NatsInput::TlsFailed(
+                link,
+                "invalid peer certificate: UnknownIssuer",
+            ));
+            sh.pump();
+            assert_eq!(
+                sh.s.link_failure(),
+                Some("nats tls failed: invalid peer certificate: UnknownIssuer")
+            );
+            let next = sh.s.poll_timeout().unwrap();
+            assert!(next > sh.now, "a failure is never retried at once");
+            retries.push(next - sh.now);
+            sh.at(next);
+        }
+        assert_eq!(sh.s.stats().tls_failures, 8);
+        assert!(
+            retries.iter().all(|d| *d >= Duration::from_millis(50)),
+            "{retries:?}"
+        );
+        assert!(
+            retries[7] >= Duration::from_secs(1),
+            "backs off to the cap: {retries:?}"
+        );
+        assert_eq!(sh.disconnects, 0, "the shell closed the socket itself");
+        assert!(sh.s.last_error().unwrap().contains("UnknownIssuer"));
+        sh.handshake(&info(json!({"tls_required": true})));
+        assert_eq!(sh.s.link_failure(), None);
+    };
+    scenario();
+    let logs = capture_logs(scenario);
+    let events = logs.0.lock().unwrap();
+    let tls_lines: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e.iter()
+                .any(|(k, v)| k == "event" && v == "nats_tls_failed")
+        })
+        .collect();
+    assert_eq!(tls_lines.len(), 8, "one line per attempt");
+    let line = tls_lines[0];
+    assert!(line
+        .iter()
+        .any(|(k, v)| k == "server" && v == "nats://h.example:1"));
+    assert!(line
+        .iter()
+        .any(|(k, v)| k == "error" && v.contains("UnknownIssuer")));
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.iter().any(|(_, v)| v == "nats_handshake_failed")),
+        "the failure is not logged twice"
+    );
+}
+
+/// Every authentication error nats-server sends counts as an auth failure with the server's
+/// words as health's reason, and reconnects under the backoff; a permissions error does not.
+#[test]
+fn auth_errors_are_counted_and_back_off() {
+    for text in [
+        "Authorization Violation",
+        "Authentication Timeout",
+        "User Authentication Expired",
+        "User Authentication Revoked",
+        "Account Authentication Expired",
+    ] {
+        let mut sh = Shell::new(config("nats://u:wrong@h:1"));
+        sh.at(ms(0));
+        sh.connected();
+        sh.server(&info(json!({"auth_required": true})));
+        sh.server(format!("-ERR '{text}'\r\n").as_bytes());
+        assert_eq!(sh.s.stats().auth_failures, 1, "{text}");
+        assert_eq!(
+            sh.s.link_failure(),
+            Some(format!("nats auth failed: {text}").as_str())
+        );
+        assert_eq!(sh.disconnects, 1);
+        assert!(
+            sh.s.poll_timeout().unwrap() > sh.now,
+            "{text}: no immediate retry"
+        );
+        assert_eq!(sh.connects.len(), 1);
+        let last = sh.s.last_error().unwrap();
+        assert!(last.contains(text) && !last.contains("wrong"), "{last}");
+    }
+    let mut sh = connected(config("h:1"), &info(json!({})));
+    sh.server(b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n");
+    assert_eq!(sh.s.stats().auth_failures, 0);
+    assert_eq!(sh.s.link_failure(), None);
+}
+
+fn connect_fields(c: NatsConfig, info_extra: Value) -> Value {
+    let mut sh = Shell::new(c);
+    sh.at(ms(0));
+    sh.connected();
+    sh.server(&info(info_extra));
+    match &sh.ops()[0] {
+        ClientOp::Connect(c) => c.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// CONNECT carries each method's fields, and only those: user + password and token from the
+/// configuration; the nkey's public key and the nonce signed with its seed; the JWT and the
+/// signature. URL userinfo wins over the configured credentials.
+#[test]
+fn connect_fields_for_each_method() {
+    use ipc_gateway_core::nats::auth::{NatsAuth, Secret};
+    let with = |auth: NatsAuth| {
+        let mut c = config("h:1");
+        c.auth = auth;
+        c
+    };
+    let c = connect_fields(
+        with(NatsAuth::UserPassword {
+            user: "alice".into(),
+            password: Secret::new("pw"),
+        }),
+        json!({}),
+    );
+    assert_eq!(
+        (c["user"].as_str(), c["pass"].as_str()),
+        (Some("alice"), Some("pw"))
+    );
+    assert!(c.get("auth_token").is_none() && c.get("sig").is_none());
+
+    let c = connect_fields(with(NatsAuth::Token(Secret::new("t0k"))), json!({}));
+    assert_eq!(c["auth_token"], "t0k");
+    assert!(c.get("user").is_none());
+
+    let kp = nkeys::KeyPair::new_user();
+    let seed = Secret::new(kp.seed().unwrap());
+    let c = connect_fields(
+        with(NatsAuth::Nkey { seed: seed.clone() }),
+        json!({"nonce": "abcDEF123"}),
+    );
+    assert_eq!(c["nkey"], kp.public_key());
+    let sig = data_encoding::BASE64URL_NOPAD
+        .decode(c["sig"].as_str().unwrap().as_bytes())
+        .unwrap();
+    nkeys::KeyPair::from_public_key(&kp.public_key())
+        .unwrap()
+        .verify(b"abcDEF123", &sig)
+        .unwrap();
+    assert!(c.get("jwt").is_none());
+
+    let c = connect_fields(
+        with(NatsAuth::Jwt {
+            jwt: Secret::new("eyJ.x.y"),
+            seed,
+        }),
+        json!({"nonce": "n0"}),
+    );
+    assert_eq!(c["jwt"], "eyJ.x.y");
+    assert!(c.get("nkey").is_none());
+    let sig = data_encoding::BASE64URL_NOPAD
+        .decode(c["sig"].as_str().unwrap().as_bytes())
+        .unwrap();
+    kp.verify(b"n0", &sig).unwrap();
+
+    let mut url_wins = config("nats://bob:b0b@h:1");
+    url_wins.auth = NatsAuth::Token(Secret::new("t0k"));
+    let c = connect_fields(url_wins, json!({}));
+    assert_eq!(
+        (c["user"].as_str(), c.get("auth_token")),
+        (Some("bob"), None)
+    );
+}
+
+/// `set_auth` (SIGHUP's rotation): the next CONNECT carries the new credentials.
+#[test]
+fn rotated_credentials_are_used_on_the_next_connect() {
+    use ipc_gateway_core::nats::auth::{NatsAuth, Secret};
+    let mut c = config("h:1");
+    c.auth = NatsAuth::Token(Secret::new("old"));
+    let mut sh = connected(c, &info(json!({})));
+    sh.s.set_auth(NatsAuth::Token(Secret::new("new")));
+    sh.closed();
+    sh.connected();
+    sh.server(&info(json!({})));
+    let ClientOp::Connect(c) = &sh.ops()[0] else {
+        panic!()
+    };
+    assert_eq!(c["auth_token"], "new");
 }

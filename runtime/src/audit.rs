@@ -18,9 +18,9 @@
 //! | `shutdown_forced`      | `shutdown_forced`     |
 //! | `nats_authenticated`   | `nats_authenticated`  |
 //!
-//! `nats_authenticated` is not emitted yet: NATS authentication is a later issue. Its hook is
-//! this table: the session logs `event = "nats_authenticated"` with `server` and
-//! `auth_method` (never the secret) and the record appears here with no change to this file.
+//! `nats_authenticated` is the session's line when a NATS link comes up: `server`,
+//! `auth_method` (`none`, `user_password`, `token`, `nkey`, `creds`; never the secret) and
+//! `tls`.
 //!
 //! Writing: every record is one `write` of the whole line on an unbuffered `O_APPEND`
 //! descriptor, so nothing waits in a buffer when SIGHUP reopens the file or the process

@@ -15,9 +15,12 @@ use ipc_gateway_core::breaker::BreakerConfig;
 use ipc_gateway_core::connection::ConnectionLimits;
 use ipc_gateway_core::frame::{HEADER_LEN, MAX_FRAME_BYTES};
 use ipc_gateway_core::gateway::{AllowedUids, GatewayConfig};
+use ipc_gateway_core::nats::auth::{NatsAuth, Secret};
 use ipc_gateway_core::nats_config::NatsConfig;
 use ipc_gateway_core::nats_pool::ServerUrl;
 use ipc_gateway_core::router_envelope::{EnvelopeDefaults, EnvelopeMode};
+
+use crate::nats_security::{SecretSetting, SecretSource, Sources};
 
 /// The kernel's limit on a Unix socket path (`sun_path` is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -94,10 +97,62 @@ pub struct Cli {
           value_parser = flag("CGW_IPC_NATS_ENABLE"), action = clap::ArgAction::Set)]
     pub nats_enable: bool,
 
-    /// NATS servers, comma-separated: nats://host:port, nats://user:pass@host:port, nats://token@host:port
+    /// NATS servers, comma-separated: nats://host:port, nats://user:pass@host:port, nats://token@host:port; tls://host:port requires TLS
     #[arg(long, env = "CGW_IPC_NATS_URL", default_value = "nats://localhost:4222",
           value_parser = nats_urls("CGW_IPC_NATS_URL"))]
     pub nats_url: NatsServers,
+
+    /// NATS TLS: PEM file of the CA certificates that verify the servers [default: the system's store]. Setting it turns TLS on
+    #[arg(long, env = "CGW_IPC_NATS_TLS_CA", value_parser = file_path("CGW_IPC_NATS_TLS_CA"))]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// NATS mutual TLS: PEM file of the client certificate (chain), with --nats-tls-key. Setting it turns TLS on
+    #[arg(long, env = "CGW_IPC_NATS_TLS_CERT", value_parser = file_path("CGW_IPC_NATS_TLS_CERT"))]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// NATS mutual TLS: PEM file of the client certificate's private key
+    #[arg(long, env = "CGW_IPC_NATS_TLS_KEY", value_parser = file_path("CGW_IPC_NATS_TLS_KEY"))]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// NATS: start TLS before the server's INFO (servers with handshake_first, nats-server 2.10 and later)
+    #[arg(long, env = "CGW_IPC_NATS_TLS_FIRST", default_value = "0",
+          value_parser = flag("CGW_IPC_NATS_TLS_FIRST"), action = clap::ArgAction::Set)]
+    pub nats_tls_first: bool,
+
+    /// NATS credentials file (JWT and nkey seed, as nsc writes it); re-read on SIGHUP
+    #[arg(long, env = "CGW_IPC_NATS_CREDS", value_parser = file_path("CGW_IPC_NATS_CREDS"))]
+    pub nats_creds: Option<PathBuf>,
+
+    /// NATS nkey seed (SU...) that signs the server's nonce; prefer --nats-nkey-seed-file
+    #[arg(long, env = "CGW_IPC_NATS_NKEY_SEED", hide_env_values = true,
+          value_parser = secret("CGW_IPC_NATS_NKEY_SEED"))]
+    pub nats_nkey_seed: Option<Secret>,
+
+    /// NATS: file holding the nkey seed; re-read on SIGHUP
+    #[arg(long, env = "CGW_IPC_NATS_NKEY_SEED_FILE", value_parser = file_path("CGW_IPC_NATS_NKEY_SEED_FILE"))]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+
+    /// NATS authentication token; prefer --nats-token-file
+    #[arg(long, env = "CGW_IPC_NATS_TOKEN", hide_env_values = true,
+          value_parser = secret("CGW_IPC_NATS_TOKEN"))]
+    pub nats_token: Option<Secret>,
+
+    /// NATS: file holding the token; re-read on SIGHUP
+    #[arg(long, env = "CGW_IPC_NATS_TOKEN_FILE", value_parser = file_path("CGW_IPC_NATS_TOKEN_FILE"))]
+    pub nats_token_file: Option<PathBuf>,
+
+    /// NATS user name, with --nats-password or --nats-password-file
+    #[arg(long, env = "CGW_IPC_NATS_USER", value_parser = identifier("CGW_IPC_NATS_USER"))]
+    pub nats_user: Option<String>,
+
+    /// NATS password; prefer --nats-password-file
+    #[arg(long, env = "CGW_IPC_NATS_PASSWORD", hide_env_values = true,
+          value_parser = secret("CGW_IPC_NATS_PASSWORD"))]
+    pub nats_password: Option<Secret>,
+
+    /// NATS: file holding the password; re-read on SIGHUP
+    #[arg(long, env = "CGW_IPC_NATS_PASSWORD_FILE", value_parser = file_path("CGW_IPC_NATS_PASSWORD_FILE"))]
+    pub nats_password_file: Option<PathBuf>,
 
     /// NATS subject of the Router's decide requests
     #[arg(long, env = "CGW_IPC_ROUTER_SUBJECT", default_value = "beamline.router.v1.decide",
@@ -296,6 +351,8 @@ pub struct NatsSettings {
     pub envelope: EnvelopeMode,
     pub tenant_id: String,
     pub policy_id: String,
+    /// Certificates and credentials (section 9): where they come from; read by `load`.
+    pub security: Sources,
 }
 
 /// Why the configuration was refused, naming the variables involved.
@@ -338,6 +395,7 @@ impl Cli {
                 envelope: self.envelope,
                 tenant_id: self.tenant_id.clone(),
                 policy_id: self.policy_id.clone(),
+                security: self.security_sources()?,
             },
             gateway: GatewayConfig {
                 max_connections: clamp(self.max_connections),
@@ -366,10 +424,65 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// Where the link's secrets come from; the combinations are checked here, the files when
+    /// they are read ([`Sources::load`]).
+    fn security_sources(&self) -> Result<Sources, ConfigError> {
+        let either = |value: &Option<Secret>,
+                      var: &'static str,
+                      file: &Option<PathBuf>,
+                      file_var: &'static str| {
+            match (value, file) {
+                (Some(_), Some(_)) => Err(ConfigError(format!(
+                    "{var} and {file_var} are both set: give the secret or the file holding it"
+                ))),
+                (Some(v), None) => Ok(Some(SecretSetting {
+                    var,
+                    source: SecretSource::Value(v.clone()),
+                })),
+                (None, Some(p)) => Ok(Some(SecretSetting {
+                    var: file_var,
+                    source: SecretSource::File(p.clone()),
+                })),
+                (None, None) => Ok(None),
+            }
+        };
+        let sources = Sources {
+            ca: self.nats_tls_ca.clone(),
+            cert: self.nats_tls_cert.clone(),
+            key: self.nats_tls_key.clone(),
+            tls_first: self.nats_tls_first,
+            creds: self.nats_creds.clone(),
+            nkey_seed: either(
+                &self.nats_nkey_seed,
+                "CGW_IPC_NATS_NKEY_SEED",
+                &self.nats_nkey_seed_file,
+                "CGW_IPC_NATS_NKEY_SEED_FILE",
+            )?,
+            token: either(
+                &self.nats_token,
+                "CGW_IPC_NATS_TOKEN",
+                &self.nats_token_file,
+                "CGW_IPC_NATS_TOKEN_FILE",
+            )?,
+            user: self.nats_user.clone(),
+            password: either(
+                &self.nats_password,
+                "CGW_IPC_NATS_PASSWORD",
+                &self.nats_password_file,
+                "CGW_IPC_NATS_PASSWORD_FILE",
+            )?,
+        };
+        sources.check()?;
+        Ok(sources)
+    }
+}
+
 impl Settings {
     /// The NATS session's configuration. Its seed and request id prefix are not here: the
     /// gateway derives both from its own seed (`Identity::derive` in the core).
-    pub fn nats_config(&self, hostname: &str) -> NatsConfig {
+    /// `auth` is what [`Sources::load`] read from `self.nats.security`.
+    pub fn nats_config(&self, hostname: &str, auth: &NatsAuth) -> NatsConfig {
         let n = &self.nats;
         NatsConfig {
             servers: n.servers.clone(),
@@ -387,6 +500,9 @@ impl Settings {
             // The gateway has answered every request when it hands over; what remains is
             // output to flush.
             drain_timeout: Duration::from_secs(2),
+            auth: auth.clone(),
+            tls: n.security.tls_configured(),
+            tls_first: n.security.tls_first,
             ..NatsConfig::default()
         }
     }
@@ -424,6 +540,8 @@ impl Settings {
                 "ping_interval_ms": self.nats.ping_interval.as_millis() as u64,
                 "max_pings_out": self.nats.max_pings_outstanding,
                 "reconnect_buffer_bytes": self.nats.reconnect_buffer_bytes,
+                // Which certificates and credentials, never a secret's value.
+                "security": self.nats.security.to_json(),
             },
             "timeout_ms": g.request_timeout.as_millis() as u64,
             "stub_delay_ms": self.stub_delay.as_millis() as u64,
@@ -578,6 +696,36 @@ fn socket_path(
             Err(format!("{var} must not contain a NUL byte"))
         } else {
             Ok(PathBuf::from(s))
+        }
+    }
+}
+
+/// A file the gateway reads (certificates, credentials); whether it can be read is checked
+/// when it is read, with the same message at start and in `--check-config`.
+fn file_path(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<PathBuf, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        if s.trim().is_empty() {
+            Err(format!("{var} must be a file path, not empty"))
+        } else if s.contains('\0') {
+            Err(format!("{var} must not contain a NUL byte"))
+        } else {
+            Ok(PathBuf::from(s))
+        }
+    }
+}
+
+/// A secret given in the environment; its value is never echoed, not even when refused.
+fn secret(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<Secret, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let t = s.trim();
+        if t.is_empty() {
+            Err(format!("{var} must not be empty"))
+        } else {
+            Ok(Secret::new(t))
         }
     }
 }
@@ -747,7 +895,7 @@ mod tests {
         .settings(0, 42)
         .unwrap();
         assert_eq!(s.to_json()["upstream"], "nats");
-        let c = s.nats_config("box");
+        let c = s.nats_config("box", &NatsAuth::None);
         assert_eq!(c.servers[0].host, "10.0.0.1");
         assert_eq!(c.servers[0].port, 4333);
         assert_eq!(c.ping_interval, Duration::from_millis(250));
@@ -809,6 +957,50 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A secret and its file, or two credential methods, are refused naming the variables;
+    /// the value of a secret never appears in `--help` (clap would show the environment's).
+    #[test]
+    fn nats_secrets_conflicts_name_the_variables() {
+        let e = parse(&["--nats-token", "t", "--nats-token-file", "/f"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(
+            e.0.contains("CGW_IPC_NATS_TOKEN and CGW_IPC_NATS_TOKEN_FILE"),
+            "{}",
+            e.0
+        );
+        let e = parse(&["--nats-token", "t", "--nats-nkey-seed-file", "/f"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap_err();
+        assert!(
+            e.0.contains("CGW_IPC_NATS_NKEY_SEED_FILE and CGW_IPC_NATS_TOKEN"),
+            "{}",
+            e.0
+        );
+        use clap::CommandFactory;
+        for secret in [
+            "CGW_IPC_NATS_TOKEN",
+            "CGW_IPC_NATS_PASSWORD",
+            "CGW_IPC_NATS_NKEY_SEED",
+        ] {
+            let arg = Cli::command()
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == secret))
+                .cloned()
+                .unwrap();
+            assert!(arg.is_hide_env_values_set(), "{secret}");
+        }
+        let s = parse(&["--nats-tls-first", "1", "--nats-tls-ca", "/ca.pem"])
+            .unwrap()
+            .settings(0, 0)
+            .unwrap();
+        let c = s.nats_config("h", &NatsAuth::None);
+        assert!(c.tls && c.tls_first);
+        assert_eq!(s.to_json()["nats"]["security"]["tls"]["ca"], "/ca.pem");
     }
 
     /// A breaker max open time below the base open time is refused, naming both variables.

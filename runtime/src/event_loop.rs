@@ -195,6 +195,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         http_listener: Option<std::net::TcpListener>,
         audit: Option<AuditLog>,
         notifier: Notifier,
+        link_config: U::LinkConfig,
     ) -> io::Result<EventLoop<U>> {
         let poll = Poll::new()?;
         poll.registry()
@@ -202,7 +203,7 @@ impl<U: UpstreamIo> EventLoop<U> {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let link = U::open_link(poll.registry(), UPSTREAM, UPSTREAM_WAKER)?;
+        let link = U::open_link(poll.registry(), UPSTREAM, UPSTREAM_WAKER, link_config)?;
         let http = HttpServer::new(http_listener, poll.registry())?;
         Ok(EventLoop {
             poll,
@@ -390,6 +391,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             }
             if signal == SIGHUP {
                 self.reopen_audit();
+                // Rotated NATS credentials and certificates: the next (re)connect uses them.
+                self.link.reload(&mut self.gateway);
                 continue;
             }
             info!(event = "signal_received", component = "ipc_bridge", signal);
@@ -588,6 +591,8 @@ impl<U: UpstreamIo> EventLoop<U> {
             failed_on_disconnect = ns.failed_on_disconnect,
             connect_attempts = ns.connect_attempts,
             reconnects = ns.reconnects,
+            auth_failures = ns.auth_failures,
+            tls_failures = ns.tls_failures,
             audit_write_errors = self.audit.as_ref().map_or(0, AuditLog::write_errors),
             "stats"
         );

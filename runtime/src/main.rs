@@ -13,6 +13,7 @@ mod listener;
 mod logging;
 mod metrics;
 mod nats_link;
+mod nats_security;
 mod sync;
 mod systemd;
 mod vectored;
@@ -60,6 +61,21 @@ fn main() -> ExitCode {
     let own_uid = rustix::process::getuid().as_raw();
     let settings = match cli.settings(own_uid, random_seed()) {
         Ok(s) => s,
+        Err(e) => {
+            eprintln!("ipc-gateway: invalid configuration: {}", e.0);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Certificates and credentials are read now, so a missing file or a malformed seed stops
+    // the start (exit 2) naming the variable and the file; --check-config reads them too. The
+    // system's trust store only when a link may need it.
+    let roots = if settings.nats.enabled && !cli.check_config {
+        nats_security::Roots::System
+    } else {
+        nats_security::Roots::Skip
+    };
+    let security = match settings.nats.security.load(roots) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("ipc-gateway: invalid configuration: {}", e.0);
             return ExitCode::from(EXIT_CONFIG);
@@ -164,13 +180,18 @@ fn main() -> ExitCode {
     let notifier = systemd::Notifier::new(&notify_env, std::process::id());
 
     let result = if settings.nats.enabled {
-        let nats = settings.nats_config(&hostname());
+        let nats = settings.nats_config(&hostname(), &security.auth);
+        let link = nats_link::NatsLinkConfig {
+            sources: settings.nats.security.clone(),
+            loaded: security,
+        };
         run(
             Gateway::<NatsSession>::new(settings.gateway.clone(), nats),
             socket,
             http_listener,
             audit,
             notifier,
+            link,
         )
     } else {
         let stub = StubConfig {
@@ -182,6 +203,7 @@ fn main() -> ExitCode {
             http_listener,
             audit,
             notifier,
+            (),
         )
     };
     match result {
@@ -201,8 +223,9 @@ fn run<U: UpstreamIo>(
     http_listener: Option<std::net::TcpListener>,
     audit: Option<audit::AuditLog>,
     notifier: systemd::Notifier,
+    link_config: U::LinkConfig,
 ) -> std::io::Result<Exit> {
-    EventLoop::new(gateway, socket, http_listener, audit, notifier)
+    EventLoop::new(gateway, socket, http_listener, audit, notifier, link_config)
         .and_then(|mut event_loop| event_loop.run())
 }
 

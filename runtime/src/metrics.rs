@@ -443,6 +443,18 @@ impl Collector for Snapshot {
             "NATS connections established after an earlier one was lost.",
             self.nats.reconnects,
         )?;
+        counter(
+            e,
+            "nats_auth_failures",
+            "NATS connections refused for their credentials.",
+            self.nats.auth_failures,
+        )?;
+        counter(
+            e,
+            "nats_tls_failures",
+            "NATS connections whose TLS handshake or certificate check failed.",
+            self.nats.tls_failures,
+        )?;
         single(
             e,
             "nats_reconnect_buffer",
@@ -550,7 +562,7 @@ mod tests {
     use super::*;
 
     /// Every family of gateway.md section 5, by the name its samples carry.
-    const FAMILIES: [&str; 28] = [
+    const FAMILIES: [&str; 30] = [
         "ipc_requests_total",
         "ipc_responses_total",
         "ipc_request_duration_seconds",
@@ -567,6 +579,8 @@ mod tests {
         "ipc_circuit_breaker_transitions_total",
         "nats_connection_state",
         "nats_reconnects_total",
+        "nats_auth_failures_total",
+        "nats_tls_failures_total",
         "nats_reconnect_buffer_bytes",
         "ipc_health_status",
         "http_requests_total",

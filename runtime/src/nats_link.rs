@@ -16,14 +16,23 @@
 //! If a lookup hangs, the session's connect timeout fires as for a hanging TCP connect; the
 //! late answer names a link that is no longer being resolved and is ignored.
 //!
+//! **TLS** (gateway.md section 9) wraps the same stream when the session says `StartTls`
+//! (after the plaintext INFO, or at once with `tls_first`): from then on the session's output
+//! goes into a rustls [`ClientConnection`], which holds it until the handshake is done and
+//! encrypts it, and what the socket gives is decrypted before the session sees it. The
+//! handshake advances on the loop's readiness events like any read or write, so it never
+//! stalls IPC. A TLS error closes the socket and is reported as `TlsFailed` with rustls'
+//! reason and the name checked; the session decides what next.
+//!
 //! Every report goes through [`Gateway::handle_upstream`] as a [`NatsInput`] naming the
 //! session's link, so a reply or a failure it produces reaches its client in the same turn,
 //! and a report about a link the session has given up is dropped by the session itself.
 //! Writes happen on `Transmit`, which the gateway holds until the turn's `handle_timeout`:
 //! the requests of every client served in one loop turn leave in one syscall.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use ipc_gateway_core::nats_session::{LinkId, NatsInput, NatsSession, NatsStats, SessionAction};
 use ipc_gateway_core::stub::StubUpstream;
@@ -32,9 +41,12 @@ use ipc_gateway_core::{Gateway, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token, Waker};
-use tracing::{debug, warn};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
+use tracing::{debug, error, info, warn};
 
 use crate::handoff;
+use crate::nats_security::{Loaded, Roots, Sources};
 use crate::vectored::{write_once, WriteStep};
 
 /// Reads of the NATS socket per turn before clients get theirs.
@@ -57,8 +69,15 @@ pub struct UpstreamReport {
 pub trait UpstreamIo: Upstream {
     /// The shell's side of the upstream's I/O.
     type Link: UpstreamLink<Self>;
+    /// What the link needs besides the registry (the NATS link's certificates and secrets).
+    type LinkConfig;
     /// `token` is for a socket, `waker_token` for a helper thread's answers.
-    fn open_link(registry: &Registry, token: Token, waker_token: Token) -> io::Result<Self::Link>;
+    fn open_link(
+        registry: &Registry,
+        token: Token,
+        waker_token: Token,
+        config: Self::LinkConfig,
+    ) -> io::Result<Self::Link>;
     /// For the `stats` line.
     fn report(&self) -> UpstreamReport;
 }
@@ -87,6 +106,9 @@ pub trait UpstreamLink<U: Upstream> {
     fn wants_read_again(&self) -> bool;
     /// The reads the per-turn budget postponed.
     fn read_postponed(&mut self, gateway: &mut Gateway<U>, registry: &Registry, now: Instant);
+    /// SIGHUP: re-read the files the link's credentials and certificates come from; the next
+    /// connection uses them.
+    fn reload(&mut self, _gateway: &mut Gateway<U>) {}
 }
 
 /// The stub has no I/O.
@@ -94,7 +116,8 @@ pub struct NoLink;
 
 impl UpstreamIo for StubUpstream {
     type Link = NoLink;
-    fn open_link(_: &Registry, _: Token, _: Token) -> io::Result<NoLink> {
+    type LinkConfig = ();
+    fn open_link(_: &Registry, _: Token, _: Token, _: ()) -> io::Result<NoLink> {
         Ok(NoLink)
     }
     fn report(&self) -> UpstreamReport {
@@ -124,10 +147,23 @@ impl UpstreamLink<StubUpstream> for NoLink {
     fn read_postponed(&mut self, _: &mut Gateway<StubUpstream>, _: &Registry, _: Instant) {}
 }
 
+/// The NATS link's certificates and secrets: where they come from (for SIGHUP), and what
+/// was read at start.
+pub struct NatsLinkConfig {
+    pub sources: Sources,
+    pub loaded: Loaded,
+}
+
 impl UpstreamIo for NatsSession {
     type Link = NatsLink;
-    fn open_link(registry: &Registry, token: Token, waker_token: Token) -> io::Result<NatsLink> {
-        NatsLink::new(registry, token, waker_token)
+    type LinkConfig = NatsLinkConfig;
+    fn open_link(
+        registry: &Registry,
+        token: Token,
+        waker_token: Token,
+        config: NatsLinkConfig,
+    ) -> io::Result<NatsLink> {
+        NatsLink::new(registry, token, waker_token, config)
     }
     fn report(&self) -> UpstreamReport {
         UpstreamReport {
@@ -164,6 +200,14 @@ pub struct NatsLink {
     write_blocked: bool,
     /// Reads were cut short by the per-turn budget.
     read_again: bool,
+    /// Where the certificates and credentials come from, for SIGHUP.
+    sources: Sources,
+    /// The TLS settings for the next `StartTls` (replaced on SIGHUP).
+    tls_config: Arc<ClientConfig>,
+    /// The TLS session over `stream`, from `StartTls` on; `None` in plaintext.
+    tls: Option<ClientConnection>,
+    /// The name the server's certificate is checked against, for error messages.
+    tls_name: String,
 }
 
 impl UpstreamLink<NatsSession> for NatsLink {
@@ -193,6 +237,48 @@ impl UpstreamLink<NatsSession> for NatsLink {
             }
             SessionAction::Disconnect { .. } => self.close(registry),
             SessionAction::Transmit { .. } => self.flush(gateway, registry, now),
+            SessionAction::StartTls { link, server_name } => {
+                self.start_tls(link, server_name, gateway, registry, now)
+            }
+        }
+    }
+
+    /// The certificates and the credentials are re-read apart: a file that fails keeps what
+    /// was loaded before for its part (logged, naming the variable and the file), the other
+    /// part still rotates.
+    fn reload(&mut self, gateway: &mut Gateway<NatsSession>) {
+        match self.sources.tls_config(Roots::System) {
+            Ok(tls) => {
+                self.tls_config = Arc::new(tls);
+                info!(
+                    event = "nats_credentials_reloaded",
+                    component = "nats_resilience",
+                    part = "tls",
+                    "TLS certificates re-read; the next connection uses them"
+                );
+            }
+            Err(e) => {
+                error!(event = "nats_credentials_reload_failed", component = "nats_resilience",
+                             part = "tls", error = %e.0,
+                             "cannot re-read the NATS TLS files; keeping the ones loaded before")
+            }
+        }
+        match self.sources.auth() {
+            Ok(auth) => {
+                info!(
+                    event = "nats_credentials_reloaded",
+                    component = "nats_resilience",
+                    part = "auth",
+                    auth_method = auth.method(),
+                    "NATS credentials re-read; the next connection uses them"
+                );
+                gateway.upstream_mut().set_auth(auth);
+            }
+            Err(e) => {
+                error!(event = "nats_credentials_reload_failed", component = "nats_resilience",
+                             part = "auth", error = %e.0,
+                             "cannot re-read the NATS credentials; keeping the ones loaded before")
+            }
         }
     }
 
@@ -260,8 +346,17 @@ impl UpstreamLink<NatsSession> for NatsLink {
 }
 
 impl NatsLink {
-    fn new(registry: &Registry, token: Token, waker_token: Token) -> io::Result<NatsLink> {
+    fn new(
+        registry: &Registry,
+        token: Token,
+        waker_token: Token,
+        config: NatsLinkConfig,
+    ) -> io::Result<NatsLink> {
         Ok(NatsLink {
+            sources: config.sources,
+            tls_config: config.loaded.tls,
+            tls: None,
+            tls_name: String::new(),
             token,
             stream: None,
             phase: Phase::Idle,
@@ -273,8 +368,52 @@ impl NatsLink {
         })
     }
 
+    /// `StartTls`: wraps the open stream; the ClientHello goes at once.
+    fn start_tls(
+        &mut self,
+        link: LinkId,
+        server_name: String,
+        gateway: &mut Gateway<NatsSession>,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        if link != self.link || !matches!(self.phase, Phase::Open) || self.tls.is_some() {
+            return;
+        }
+        self.tls_name.clone_from(&server_name);
+        let bare = server_name.trim_start_matches('[').trim_end_matches(']');
+        let started = ServerName::try_from(bare.to_owned())
+            .map_err(|e| format!("{e}"))
+            .and_then(|name| {
+                ClientConnection::new(self.tls_config.clone(), name).map_err(|e| e.to_string())
+            });
+        match started {
+            Ok(conn) => {
+                self.tls = Some(conn);
+                self.flush(gateway, registry, now);
+            }
+            Err(why) => self.tls_failed(&why, gateway, registry, now),
+        }
+    }
+
+    /// The TLS session failed: close, and tell the session why and for which name.
+    fn tls_failed(
+        &mut self,
+        why: &dyn std::fmt::Display,
+        gateway: &mut Gateway<NatsSession>,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        let reason = format!("{why} (server name {})", self.tls_name);
+        self.close(registry);
+        gateway.handle_upstream(NatsInput::TlsFailed(self.link, &reason), now);
+    }
+
     /// Writes what the session queued, as far as the socket takes it.
     fn flush(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
+        if self.tls.is_some() {
+            return self.flush_tls(gateway, registry, now);
+        }
         loop {
             let (Phase::Open, Some(stream), false) =
                 (&self.phase, self.stream.as_mut(), self.write_blocked)
@@ -298,7 +437,99 @@ impl NatsLink {
         }
     }
 
+    /// `flush` over TLS: the session's bytes go into rustls (which holds them until the
+    /// handshake is done), and rustls' records (handshake messages too) onto the socket.
+    /// `Written` counts what rustls took: from then on the bytes are the link's to deliver.
+    fn flush_tls(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
+        loop {
+            let (Phase::Open, Some(stream), Some(tls), false) = (
+                &self.phase,
+                self.stream.as_mut(),
+                self.tls.as_mut(),
+                self.write_blocked,
+            ) else {
+                return;
+            };
+            let mut taken = 0;
+            for slice in gateway.upstream().output() {
+                // rustls' writer takes what fits under its buffer limit and fails only once
+                // the connection is closed for writing, which the read side reports.
+                let n = tls.writer().write(slice).unwrap_or(0);
+                taken += n;
+                if n < slice.len() {
+                    break;
+                }
+            }
+            let sent = send_tls(tls, stream);
+            if taken > 0 {
+                gateway.handle_upstream(NatsInput::Written(self.link, taken), now);
+            }
+            match sent {
+                Ok(true) if taken > 0 => {}
+                Ok(true) => return,
+                Ok(false) => {
+                    self.write_blocked = true;
+                    return;
+                }
+                Err(e) => {
+                    debug!(event = "nats_write_failed", component = "nats_resilience", error = %e);
+                    return self.lost(gateway, registry, now);
+                }
+            }
+        }
+    }
+
+    /// `read` over TLS: records in, plaintext to the session, and whatever the handshake
+    /// must answer (and the plaintext it held) out.
+    fn read_tls(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
+        for _ in 0..READS_PER_TURN {
+            let (Some(stream), Some(tls)) = (self.stream.as_mut(), self.tls.as_mut()) else {
+                return;
+            };
+            match tls.read_tls(stream) {
+                Ok(0) if tls.is_handshaking() => {
+                    let why = "the server closed the connection during the TLS handshake";
+                    return self.tls_failed(&why, gateway, registry, now);
+                }
+                Ok(0) => return self.lost(gateway, registry, now),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(event = "nats_read_failed", component = "nats_resilience", error = %e);
+                    return self.lost(gateway, registry, now);
+                }
+            }
+            let state = match tls.process_new_packets() {
+                Ok(state) => state,
+                Err(e) => {
+                    // The alert rustls queued tells the server why; best effort.
+                    let _ = send_tls(tls, stream);
+                    return self.tls_failed(&e, gateway, registry, now);
+                }
+            };
+            let peer_closed = state.peer_has_closed();
+            let mut plaintext = state.plaintext_bytes_to_read();
+            while plaintext > 0 {
+                let n = match tls.reader().read(&mut self.read_buf) {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
+                plaintext -= n.min(plaintext);
+                gateway.handle_upstream(NatsInput::Received(self.link, &self.read_buf[..n]), now);
+            }
+            if peer_closed {
+                return self.lost(gateway, registry, now);
+            }
+            self.flush(gateway, registry, now);
+        }
+        self.read_again = true;
+    }
+
     fn read(&mut self, gateway: &mut Gateway<NatsSession>, registry: &Registry, now: Instant) {
+        if self.tls.is_some() {
+            return self.read_tls(gateway, registry, now);
+        }
         for _ in 0..READS_PER_TURN {
             let Some(stream) = self.stream.as_mut() else {
                 return;
@@ -402,7 +633,22 @@ impl NatsLink {
         self.phase = Phase::Idle;
         self.write_blocked = false;
         self.read_again = false;
+        self.tls = None;
     }
+}
+
+/// Writes rustls' pending records: `Ok(true)` when all went, `Ok(false)` when the socket is
+/// full (wait for writability).
+fn send_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> io::Result<bool> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// `127.0.0.1`, `::1` or `[::1]`.

@@ -86,7 +86,11 @@ impl HealthWatch {
             self.log.push(Change {
                 at: now,
                 status: health.status,
-                reason: health.reason.map(|r| r.to_string()).unwrap_or_default(),
+                reason: health
+                    .reason
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
             });
         }
         let down_for = self.down_since.map(|since| now - since);

@@ -609,6 +609,8 @@ fn stub_workload_reads_exactly_what_happened() {
     assert_eq!(e.value("ipc_circuit_breaker_state", &[]), 0.0);
     assert_eq!(e.value("ipc_router_timeouts_total", &[]), 0.0);
     assert_eq!(e.value("nats_reconnects_total", &[]), 0.0);
+    assert_eq!(e.value("nats_auth_failures_total", &[]), 0.0);
+    assert_eq!(e.value("nats_tls_failures_total", &[]), 0.0);
     assert_eq!(e.value("nats_reconnect_buffer_bytes", &[]), 0.0);
     assert_eq!(e.value("audit_write_errors_total", &[]), 0.0);
     // This scrape is counted once answered: it reads the ones before it.

@@ -63,6 +63,12 @@ impl Driver {
                     self.transmit = false;
                 }
                 SessionAction::Transmit { .. } => self.transmit = true,
+                // An INFO with `tls_required` asks for it. This shell pretends the upgrade
+                // happened: the bytes it feeds stay the plaintext a TLS shell would decrypt.
+                SessionAction::StartTls { link, .. } => {
+                    assert_eq!(link, self.link, "StartTls on a link not current");
+                    assert_ne!(self.socket, Socket::None, "StartTls without a socket");
+                }
             }
         }
         while let Some(event) = self.s.poll_event() {

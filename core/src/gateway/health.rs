@@ -5,6 +5,8 @@
 //!   condition, in the order the reason is picked             status      reason
 //!   a shutdown has begun (any state but Running)             UNHEALTHY   "draining"
 //!   breaker Open                                             UNHEALTHY   "breaker open"
+//!   no link, and the last attempt's credentials or TLS       UNHEALTHY   "nats auth failed:
+//!     were refused (Upstream::link_failure), at once                      Authorization Violation"
 //!   no link for the grace period or longer                   UNHEALTHY   "nats down for 7.2 s"
 //!   no link for less than the grace period, one was up       DEGRADED    "nats reconnecting"
 //!   no link for less than the grace period, none ever up     DEGRADED    "nats connecting"
@@ -19,6 +21,7 @@
 //!        ▲  │        all clear                     link back, breaker half-opens  ▲  │
 //!        │  └───────── breaker opens, shutdown, grace over (straight) ──────────┘  │
 //!        └───────────────────────────── all clear ─────────────────────────────────┘
+//!                      (also straight: credentials or TLS refused)
 //! ```
 //!
 //! The worst applicable status wins, and the reason is the first row of that status that
@@ -30,6 +33,11 @@
 //! ([`super::GatewayStats::health_changes`]); a new reason under the same status is not a
 //! change (the reason of an outage grows with it).
 //!
+//! A refused credential or a failed TLS handshake ([`Upstream::link_failure`]) is UNHEALTHY
+//! at once, not after the grace period: reconnecting cannot fix it, an operator must, and a
+//! DEGRADED "reconnecting" would hide the reason for five seconds. It clears when a link
+//! comes up (someone fixed the server or the files and the next attempt succeeded).
+//!
 //! "No link" is the upstream's [`Upstream::link`] being `None` (the stub always has one). The
 //! outage is timed from the first input that finds no link. Before the first link was ever
 //! up (the NATS session still connecting at start), the gateway counts as reconnecting, with
@@ -38,6 +46,7 @@
 //! input, a gateway without a link is DEGRADED ("nats connecting") with no deadline.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -77,11 +86,14 @@ impl HealthStatus {
 }
 
 /// What made the gateway less than healthy (the rows of the module doc's table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthReason {
     /// A shutdown has begun (draining, flushing, closing the upstream, done).
     Draining,
     BreakerOpen,
+    /// No link, and the server refused the credentials or TLS failed: the upstream's words,
+    /// e.g. `nats auth failed: Authorization Violation` (shared: health is read every turn).
+    NatsLinkFailed(Arc<str>),
     /// No link for the grace period or longer; `down_for` as of the last input.
     NatsDown {
         down_for: Duration,
@@ -103,6 +115,7 @@ impl fmt::Display for HealthReason {
         match *self {
             HealthReason::Draining => f.write_str("draining"),
             HealthReason::BreakerOpen => f.write_str("breaker open"),
+            HealthReason::NatsLinkFailed(ref why) => f.write_str(why),
             HealthReason::NatsDown { down_for } => {
                 write!(f, "nats down for {:.1} s", down_for.as_secs_f64())
             }
@@ -117,7 +130,7 @@ impl fmt::Display for HealthReason {
 }
 
 /// The gateway's health: a status and, unless healthy, what made it so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     pub status: HealthStatus,
     pub reason: Option<HealthReason>,
@@ -132,7 +145,7 @@ impl Health {
 
 impl fmt::Display for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.reason {
+        match &self.reason {
             None => f.write_str(self.status.name()),
             Some(reason) => write!(f, "{} ({reason})", self.status.name()),
         }
@@ -149,11 +162,13 @@ pub enum LinkHealth {
 }
 
 /// Everything health depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthInputs {
     pub shutdown: Shutdown,
     pub breaker: BreakerState,
     pub link: LinkHealth,
+    /// [`Upstream::link_failure`]: counts only while there is no link.
+    pub link_failure: Option<Arc<str>>,
     pub grace: Duration,
     pub inflight: usize,
     pub max_inflight: usize,
@@ -165,6 +180,8 @@ pub fn assess(i: &HealthInputs) -> Health {
         Some(HealthReason::Draining)
     } else if i.breaker == BreakerState::Open {
         Some(HealthReason::BreakerOpen)
+    } else if let (LinkHealth::Down { .. }, Some(why)) = (i.link, &i.link_failure) {
+        Some(HealthReason::NatsLinkFailed(why.clone()))
     } else {
         match i.link {
             LinkHealth::Down { down_for, .. } if down_for >= i.grace => {
@@ -214,7 +231,7 @@ impl<U: Upstream> Gateway<U> {
     /// every instant a shell may look, since the grace period's end is a deadline; the
     /// duration in a "nats down" reason is as of the last input.
     pub fn health(&self) -> Health {
-        self.health
+        self.health.clone()
     }
 
     /// The health of a gateway that has had no input yet (module doc).
@@ -230,6 +247,7 @@ impl<U: Upstream> Gateway<U> {
             shutdown: Shutdown::Running,
             breaker: BreakerState::Closed,
             link,
+            link_failure: None,
             grace: config.health_grace,
             inflight: 0,
             max_inflight: config.max_inflight,
@@ -247,10 +265,19 @@ impl<U: Upstream> Gateway<U> {
                 ever_up: self.ever_linked,
             },
         };
+        // Compared before it is shared, so an unchanged failure costs no allocation per input.
+        let link_failure = match (self.upstream.link_failure(), &self.health.reason) {
+            (None, _) => None,
+            (Some(now), Some(HealthReason::NatsLinkFailed(was))) if **was == *now => {
+                Some(was.clone())
+            }
+            (Some(now), _) => Some(Arc::from(now)),
+        };
         let next = assess(&HealthInputs {
             shutdown: self.shutdown,
             breaker: self.breaker.state(),
             link,
+            link_failure,
             grace,
             inflight: self.inflight.len(),
             max_inflight: self.config.max_inflight,
@@ -260,7 +287,7 @@ impl<U: Upstream> Gateway<U> {
             .map(|since| since + grace)
             .filter(|&end| end > now);
         let from = self.health.status;
-        self.health = next;
+        self.health = next.clone();
         if next.status == from {
             return;
         }
@@ -269,7 +296,11 @@ impl<U: Upstream> Gateway<U> {
             .health_changes
             .entry(next.status.name())
             .or_default() += 1;
-        let reason = next.reason.map(|r| r.to_string()).unwrap_or_default();
+        let reason = next
+            .reason
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
         if next.status == HealthStatus::Healthy {
             info!(
                 event = "health_changed",
@@ -299,6 +330,7 @@ mod tests {
             shutdown: Shutdown::Running,
             breaker: BreakerState::Closed,
             link: LinkHealth::Up,
+            link_failure: None,
             grace: Duration::from_secs(5),
             inflight: 0,
             max_inflight: 1000,
@@ -319,6 +351,10 @@ mod tests {
         )
     }
 
+    fn refused(why: &str) -> Option<Arc<str>> {
+        Some(Arc::from(why))
+    }
+
     /// Every row of the module doc's table, alone.
     #[test]
     fn each_row_of_the_table() {
@@ -337,6 +373,14 @@ mod tests {
                     ..inputs()
                 },
                 ("UNHEALTHY", "breaker open"),
+            ),
+            (
+                HealthInputs {
+                    link: down(10, true),
+                    link_failure: refused("nats auth failed: Authorization Violation"),
+                    ..inputs()
+                },
+                ("UNHEALTHY", "nats auth failed: Authorization Violation"),
             ),
             (
                 HealthInputs {
@@ -384,6 +428,47 @@ mod tests {
         for (i, (status, reason)) in rows {
             assert_eq!(shown(assess(&i)), (status, reason.to_string()), "{i:?}");
         }
+    }
+
+    /// A refused credential or TLS failure is UNHEALTHY at once, before the grace period,
+    /// also before any link was ever up; it yields to draining and an open breaker, and
+    /// means nothing while a link is up (the session clears it then anyway).
+    #[test]
+    fn a_refused_link_is_unhealthy_at_once() {
+        let tls = refused("nats tls failed: invalid peer certificate: UnknownIssuer");
+        for ever_up in [false, true] {
+            let i = HealthInputs {
+                link: down(0, ever_up),
+                link_failure: tls.clone(),
+                ..inputs()
+            };
+            assert_eq!(
+                shown(assess(&i)),
+                (
+                    "UNHEALTHY",
+                    "nats tls failed: invalid peer certificate: UnknownIssuer".into()
+                )
+            );
+        }
+        let draining = HealthInputs {
+            shutdown: Shutdown::ClosingUpstream,
+            link: down(0, true),
+            link_failure: tls.clone(),
+            ..inputs()
+        };
+        assert_eq!(shown(assess(&draining)).1, "draining");
+        let open = HealthInputs {
+            breaker: BreakerState::Open,
+            link: down(0, true),
+            link_failure: tls.clone(),
+            ..inputs()
+        };
+        assert_eq!(shown(assess(&open)).1, "breaker open");
+        let up = HealthInputs {
+            link_failure: tls,
+            ..inputs()
+        };
+        assert_eq!(shown(assess(&up)), ("HEALTHY", String::new()));
     }
 
     /// The grace period ends at its exact length: down that long is UNHEALTHY.

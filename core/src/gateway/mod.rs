@@ -523,6 +523,12 @@ impl<U: Upstream> Gateway<U> {
         &self.upstream
     }
 
+    /// For settings that change no state the gateway tracks and produce no action, such as
+    /// the NATS credentials re-read on SIGHUP (used from the next connection on).
+    pub fn upstream_mut(&mut self) -> &mut U {
+        &mut self.upstream
+    }
+
     /// An event of the upstream's own I/O (for NATS, what happened to its socket); the
     /// outcomes it produced reach their clients in the same turn.
     pub fn handle_upstream(&mut self, input: U::Input<'_>, now: Instant) {

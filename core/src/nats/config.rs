@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::nats::auth::NatsAuth;
 use crate::nats_codec::DecoderLimits;
 use crate::nats_pool::{Backoff, ServerUrl, ServerUrlError};
 use crate::router_envelope::EnvelopeDefaults;
@@ -37,6 +38,14 @@ pub struct NatsConfig {
     /// How long `handle_shutdown` waits for answers before closing anyway.
     pub drain_timeout: Duration,
     pub decoder_limits: DecoderLimits,
+    /// Credentials for servers whose URL carries none (gateway.md section 9).
+    pub auth: NatsAuth,
+    /// TLS on every connection even if the server does not require it: a `tls://` URL, a CA
+    /// or a client certificate was configured. Without it, TLS is used only when INFO says
+    /// `tls_required`. See [`NatsConfig::tls_wanted`].
+    pub tls: bool,
+    /// TLS before INFO (`CGW_IPC_NATS_TLS_FIRST`, nats-server ≥ 2.10 `handshake_first`).
+    pub tls_first: bool,
 }
 
 impl Default for NatsConfig {
@@ -56,6 +65,9 @@ impl Default for NatsConfig {
             lame_duck_grace: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
             decoder_limits: DecoderLimits::default(),
+            auth: NatsAuth::None,
+            tls: false,
+            tls_first: false,
         }
     }
 }
@@ -66,6 +78,13 @@ impl NatsConfig {
     pub fn set_servers(&mut self, list: &str) -> Result<(), ServerUrlError> {
         self.servers = ServerUrl::parse_list(list)?;
         Ok(())
+    }
+
+    /// Whether every connection upgrades to TLS whatever the server's INFO says: asked for
+    /// with [`NatsConfig::tls`] or `tls_first`, or by a `tls://` URL (for all servers, as in
+    /// nats.go, since a cluster is secured as a whole).
+    pub fn tls_wanted(&self) -> bool {
+        self.tls || self.tls_first || self.servers.iter().any(|s| s.tls)
     }
 }
 
@@ -121,6 +140,15 @@ pub enum SessionAction {
     },
     /// Close the link's socket; report nothing more about it.
     Disconnect { link: LinkId },
+    /// Wrap the link's socket in TLS from now on, checking the certificate against
+    /// `server_name`: the session reads and writes plaintext NATS bytes as before, the shell
+    /// encrypts them. Output queued after this action (CONNECT) goes through TLS; what the
+    /// shell cannot send before the handshake completes, it buffers. A failed handshake or
+    /// certificate check is reported as [`NatsInput::TlsFailed`]. Emitted after an INFO that
+    /// says `tls_required` (or any INFO when [`NatsConfig::tls_wanted`]), or right after
+    /// `Connected` with `tls_first`. The simulations configure no TLS and their server
+    /// stand-in never requires it, so their shells only record it.
+    StartTls { link: LinkId, server_name: String },
     /// Output is queued for the link: write [`crate::nats_session::NatsSession::output`] and
     /// report [`NatsInput::Written`]. The gateway holds this until the shell's next
     /// `handle_timeout` ([`crate::upstream::Upstream::is_flush`]), so one write carries the
@@ -141,6 +169,10 @@ pub enum NatsInput<'a> {
     Written(LinkId, usize),
     /// The peer closed the socket or it failed.
     Closed(LinkId),
+    /// The TLS handshake or the certificate check failed, or a TLS record could not be read
+    /// (the reason, naming no secret, e.g. `invalid peer certificate: UnknownIssuer`); the
+    /// shell closed the socket.
+    TlsFailed(LinkId, &'a str),
 }
 
 impl NatsInput<'_> {
@@ -151,7 +183,8 @@ impl NatsInput<'_> {
             | NatsInput::ConnectFailed(l)
             | NatsInput::Received(l, _)
             | NatsInput::Written(l, _)
-            | NatsInput::Closed(l) => l,
+            | NatsInput::Closed(l)
+            | NatsInput::TlsFailed(l, _) => l,
         }
     }
 }
@@ -176,11 +209,46 @@ pub struct NatsStats {
     pub buffer_full_rejections: u64,
     pub pings_sent: u64,
     pub lame_duck_switches: u64,
+    /// Connections refused for their credentials (`-ERR 'Authorization Violation'` and the
+    /// other authentication errors); `nats_auth_failures_total`.
+    pub auth_failures: u64,
+    /// Connections whose TLS handshake or certificate check failed; `nats_tls_failures_total`.
+    pub tls_failures: u64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config reaches logs through Debug (`--check-config` shows the runtime's own view):
+    /// every credential in it is masked, in the servers' URLs and in `auth`.
+    #[test]
+    fn debug_masks_credentials() {
+        use crate::nats::auth::Secret;
+        let mut c = NatsConfig::default();
+        c.set_servers("nats://u:url-pa55@h:1,tls://url-t0ken@h2:2")
+            .unwrap();
+        for auth in [
+            NatsAuth::Token(Secret::new("cfg-t0ken")),
+            NatsAuth::Jwt {
+                jwt: Secret::new("eyJ-the-jwt"),
+                seed: Secret::new("SUA-the-seed"),
+            },
+        ] {
+            c.auth = auth;
+            let text = format!("{c:?}");
+            for secret in [
+                "url-pa55",
+                "url-t0ken",
+                "cfg-t0ken",
+                "eyJ-the-jwt",
+                "SUA-the-seed",
+            ] {
+                assert!(!text.contains(secret), "{text}");
+            }
+            assert!(text.contains("tls://***@h2:2"), "{text}");
+        }
+    }
 
     /// These names are what /health and the logs show.
     #[test]

@@ -13,6 +13,7 @@
 //! that comes back is reached within one delay (≤ 2 s) plus the handshake.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::rng::Rng;
@@ -28,11 +29,19 @@ pub struct ServerUrl {
     pub user: Option<String>,
     pub pass: Option<String>,
     pub token: Option<String>,
+    /// The URL said `tls://`: TLS is required (for every server, as nats.go does once any
+    /// configured URL asks for it; [`crate::nats_config::NatsConfig::tls_wanted`]).
+    pub tls: bool,
+    /// The name its TLS certificate is checked against, when not `host`: set for a server
+    /// learned from INFO under an IP address through a server configured by name (see
+    /// [`ServerPool::apply_connect_urls`]).
+    pub tls_name: Option<String>,
 }
 
 impl ServerUrl {
     /// Parses `nats://user:pass@host:port`, `nats://token@host:port`, `nats://host:port`,
-    /// `host:port` or `host` (port 4222). IPv6 hosts are written in brackets.
+    /// `host:port` or `host` (port 4222); `tls://` instead of `nats://` requires TLS. IPv6
+    /// hosts are written in brackets.
     pub fn parse(entry: &str) -> Result<ServerUrl, ServerUrlError> {
         let bad = |reason: &'static str| ServerUrlError {
             entry: mask_entry(entry.trim()),
@@ -42,10 +51,11 @@ impl ServerUrl {
         if entry_trim.is_empty() {
             return Err(bad("empty server entry"));
         }
-        let rest = match entry_trim.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => rest,
-            Some(_) => return Err(bad("the scheme must be nats:// (TLS is not supported)")),
-            None => entry_trim,
+        let (rest, tls) = match entry_trim.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => (rest, false),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tls") => (rest, true),
+            Some(_) => return Err(bad("the scheme must be nats:// or tls://")),
+            None => (entry_trim, false),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['/', '?', '#']) {
@@ -102,7 +112,15 @@ impl ServerUrl {
             user,
             pass,
             token,
+            tls,
+            tls_name: None,
         })
+    }
+
+    /// The name the server's certificate must carry: the URL's host, or for a server learned
+    /// under an IP address, the configured host it was learned through.
+    pub fn server_name(&self) -> &str {
+        self.tls_name.as_deref().unwrap_or(&self.host)
     }
 
     /// Parses a comma-separated list; the error names the first bad entry (credentials
@@ -115,7 +133,8 @@ impl ServerUrl {
         self.port == other.port && self.host.eq_ignore_ascii_case(&other.host)
     }
 
-    fn has_credentials(&self) -> bool {
+    /// Userinfo in the URL: it wins over the configured credentials for this server.
+    pub fn has_credentials(&self) -> bool {
         self.user.is_some() || self.pass.is_some() || self.token.is_some()
     }
 }
@@ -123,7 +142,7 @@ impl ServerUrl {
 /// Credentials are always masked: server URLs end up in logs (gateway.md section 6).
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("nats://")?;
+        f.write_str(if self.tls { "tls://" } else { "nats://" })?;
         if self.has_credentials() {
             f.write_str("***@")?;
         }
@@ -305,7 +324,15 @@ impl ServerPool {
 
     /// Applies an INFO's `connect_urls` (`host:port`, usually without a scheme). New ones are
     /// added with the credentials of `current` (same cluster, same accounts); learned ones the
-    /// list omits are dropped, except `current`. Configured servers are never dropped. An
+    /// list omits are dropped, except `current`.
+    ///
+    /// TLS name: a cluster advertises its members by IP address (nats-server's default
+    /// `connect_urls` are the routes' interface addresses), while its certificates name the
+    /// DNS name clients are given, rarely the addresses. So, as nats.go does (`tlsName` in
+    /// its server pool), a server announced as an IP address through a server configured by
+    /// name is checked against that name; one announced by name is checked against its own
+    /// name. async-nats checks each address's own host, which makes such a cluster's
+    /// learned servers unusable over TLS. Configured servers are never dropped. An
     /// empty list changes nothing: servers with advertising disabled send none, and nats.go
     /// keeps its pool then too.
     pub fn apply_connect_urls(&mut self, urls: &[String], current: &ServerUrl) -> PoolChange {
@@ -321,6 +348,11 @@ impl ServerPool {
                     u.user.clone_from(&current.user);
                     u.pass.clone_from(&current.pass);
                     u.token.clone_from(&current.token);
+                }
+                u.tls |= current.tls;
+                let named = |h: &str| h.trim_matches(['[', ']']).parse::<IpAddr>().is_err();
+                if !named(&u.host) && named(current.server_name()) {
+                    u.tls_name = Some(current.server_name().to_owned());
                 }
                 u
             })
@@ -359,6 +391,37 @@ impl ServerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member announced by IP through a server configured by name is checked against that
+    /// name (nats.go's `tlsName`); one announced by name, or learned through an IP, against
+    /// its own host. TLS carries over from the server it was learned through.
+    #[test]
+    fn learned_servers_keep_the_configured_tls_name() {
+        let mut rng = Rng::new(1);
+        let named = ServerUrl::parse("tls://nats.example:4222").unwrap();
+        let mut pool = ServerPool::new(vec![named], Backoff::default(), &mut rng);
+        let current = pool.take_next().unwrap();
+        let urls = ["10.0.0.2:4222", "[fd00::3]:4222", "n4.example:4222"].map(String::from);
+        pool.apply_connect_urls(&urls, &current);
+        let names: Vec<(String, String, bool)> = pool
+            .servers()
+            .map(|u| (u.host.clone(), u.server_name().to_owned(), u.tls))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("10.0.0.2".into(), "nats.example".into(), true),
+                ("fd00::3".into(), "nats.example".into(), true),
+                ("n4.example".into(), "n4.example".into(), true),
+                ("nats.example".into(), "nats.example".into(), true),
+            ]
+        );
+        // Learned through an IP: nothing better to check than each one's own address.
+        let mut pool = ServerPool::new(vec![url("10.0.0.1:4222")], Backoff::default(), &mut rng);
+        let current = pool.take_next().unwrap();
+        pool.apply_connect_urls(&["10.0.0.2:4222".to_owned()], &current);
+        assert_eq!(pool.servers().next().unwrap().server_name(), "10.0.0.2");
+    }
 
     /// Found by the tier-2 simulation: a learned server was appended behind the server just
     /// taken, so when that one died it was tried again first, costing a connect timeout.
@@ -410,9 +473,13 @@ mod tests {
             "bad NATS server entry \"nats://***@h:99999\": the port must be a number from 1 to 65535"
         );
         assert_eq!(
-            ServerUrl::parse("tls://h:1").unwrap_err().reason,
-            "the scheme must be nats:// (TLS is not supported)"
+            ServerUrl::parse("ws://h:1").unwrap_err().reason,
+            "the scheme must be nats:// or tls://"
         );
+        let t = ServerUrl::parse("TLS://u:p@h:1").unwrap();
+        assert!(t.tls && t.has_credentials());
+        assert_eq!(t.to_string(), "tls://***@h:1");
+        assert!(!ServerUrl::parse("nats://h:1").unwrap().tls);
         assert_eq!(
             ServerUrl::parse("").unwrap_err().reason,
             "empty server entry"

@@ -181,6 +181,13 @@ pub trait Upstream: Sized {
     fn link(&self) -> Option<u64> {
         Some(0)
     }
+    /// Why the link cannot come up by itself: the server refused the credentials or TLS
+    /// failed (e.g. `nats auth failed: Authorization Violation`). Set on such a failure,
+    /// cleared when a link comes up; health is UNHEALTHY with it at once, since waiting out
+    /// the grace period would only hide a mistake that reconnecting cannot fix.
+    fn link_failure(&self) -> Option<&str> {
+        None
+    }
     /// Checks the upstream's own invariants against its own configured bounds; panics with a
     /// description of the first violated one. [`crate::gateway::Gateway::assert_invariants`]
     /// calls it.

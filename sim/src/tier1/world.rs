@@ -856,6 +856,9 @@ impl World {
                     self.nodes[g].write_blocked = false;
                 }
                 Action::Upstream(SessionAction::Transmit { .. }) => self.flush_nats(g),
+                // The simulations configure no TLS and the stand-in's INFO never requires it;
+                // were it asked for, the bytes would stay the plaintext a TLS shell decrypts.
+                Action::Upstream(SessionAction::StartTls { .. }) => {}
                 Action::ShutdownComplete { forced } => {
                     self.nodes[g].shutdown_complete.get_or_insert((now, forced));
                     self.exit(g, forced);

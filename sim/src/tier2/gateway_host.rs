@@ -367,6 +367,11 @@ impl Shell {
                 self.close_nats();
             }
             SessionAction::Transmit { .. } => self.flush_nats(),
+            // The simulations configure no TLS and the stand-in's INFO never requires it;
+            // were it asked for, the bytes would stay the plaintext a TLS shell decrypts.
+            SessionAction::StartTls { .. } => {
+                self.record(format_args!("nats_start_tls"));
+            }
         }
     }
 

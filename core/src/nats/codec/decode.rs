@@ -65,6 +65,9 @@ pub struct ServerInfo {
     pub ldm: bool,
     pub auth_required: bool,
     pub tls_required: bool,
+    /// The server accepts TLS without requiring it (`allow_non_tls`): a client that wants TLS
+    /// may upgrade.
+    pub tls_available: bool,
     pub nonce: Option<String>,
     pub client_id: Option<u64>,
 }
@@ -518,6 +521,7 @@ fn parse_info(json: &[u8]) -> Result<ServerInfo, NatsDecodeError> {
         ldm: field(take("ldm"), "ldm")?.unwrap_or_default(),
         auth_required: field(take("auth_required"), "auth_required")?.unwrap_or_default(),
         tls_required: field(take("tls_required"), "tls_required")?.unwrap_or_default(),
+        tls_available: field(take("tls_available"), "tls_available")?.unwrap_or_default(),
         nonce: field(take("nonce"), "nonce")?,
         client_id: field(take("client_id"), "client_id")?,
     })

@@ -30,6 +30,16 @@ pub struct ConnectOptions {
     pub pass: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_token: Option<String>,
+    /// A user JWT (from a `.creds` file); secret enough to be masked: it is a bearer credential
+    /// together with `sig`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<String>,
+    /// The public nkey (`U...`) whose seed signed the nonce; public, shown in logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey: Option<String>,
+    /// The INFO nonce signed with the nkey seed, base64url without padding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
     pub echo: bool,
 }
 
@@ -49,6 +59,9 @@ impl ConnectOptions {
             user: None,
             pass: None,
             auth_token: None,
+            jwt: None,
+            nkey: None,
+            sig: None,
             echo: true,
         }
     }
@@ -70,6 +83,9 @@ impl fmt::Debug for ConnectOptions {
             .field("user", &self.user)
             .field("pass", &mask(&self.pass))
             .field("auth_token", &mask(&self.auth_token))
+            .field("jwt", &mask(&self.jwt))
+            .field("nkey", &self.nkey)
+            .field("sig", &mask(&self.sig))
             .field("echo", &self.echo)
             .finish()
     }

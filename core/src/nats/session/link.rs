@@ -143,6 +143,8 @@ impl NatsSession {
         info!(event = "nats_connecting", component = "nats_resilience", server = %url,
               attempt = self.stats.connect_attempts);
         self.link_id.0 += 1;
+        self.tls_started = false;
+        self.auth_method = "none";
         self.actions.push_back(SessionAction::Connect {
             link: self.link_id,
             host: url.host.clone(),
@@ -182,6 +184,44 @@ impl NatsSession {
 
     /// An established stream ended (handshake or connected).
     pub(super) fn lose(&mut self, now: Instant, reason: &'static str, closed_by: ClosedBy) {
+        self.lose_logged(now, reason, closed_by, true);
+    }
+
+    /// The server refused the credentials, or TLS failed: the caller has logged it (once,
+    /// with the server's words); health shows `failure` until a link comes up; the next
+    /// attempt comes under the normal backoff like any failed attempt, so a server that keeps
+    /// refusing costs one attempt per backoff delay, never a loop.
+    pub(super) fn link_failed(
+        &mut self,
+        now: Instant,
+        reason: &'static str,
+        failure: String,
+        closed_by: ClosedBy,
+    ) {
+        let server = self.server_text();
+        self.lose_logged(now, reason, closed_by, false);
+        // More useful to an operator than the short reason: what went wrong, and where.
+        self.last_error = Some(format!("{failure} ({server})"));
+        self.link_failure = Some(failure);
+    }
+
+    /// Asks the shell to wrap the link in TLS, checking the certificate against the server's
+    /// name (the URL's host; for a learned server, see `ServerPool::apply_connect_urls`).
+    pub(super) fn start_tls(&mut self) {
+        let server_name = self
+            .current
+            .as_ref()
+            .map_or_else(String::new, |u| u.server_name().to_owned());
+        self.tls_started = true;
+        debug!(event = "nats_tls_start", component = "nats_resilience",
+               server = %self.server_text(), server_name = %server_name);
+        self.actions.push_back(SessionAction::StartTls {
+            link: self.link_id,
+            server_name,
+        });
+    }
+
+    fn lose_logged(&mut self, now: Instant, reason: &'static str, closed_by: ClosedBy, log: bool) {
         self.last_error = Some(format!("{reason} ({})", self.server_text()));
         if closed_by == ClosedBy::Session {
             self.actions
@@ -219,7 +259,7 @@ impl NatsSession {
         if was_up {
             warn!(event = "nats_disconnected", component = "nats_resilience",
                   server = %self.server_text(), reason, failed_requests = failed);
-        } else {
+        } else if log {
             warn!(event = "nats_handshake_failed", component = "nats_resilience",
                   server = %self.server_text(), reason);
         }
@@ -268,6 +308,10 @@ impl NatsSession {
             _ => None,
         };
         self.links_up += 1;
+        self.link_failure = None;
+        // The audit log's record (gateway.md section 6): who we are to the server, never how.
+        info!(event = "nats_authenticated", component = "nats_resilience",
+              server = %self.server_text(), auth_method = self.auth_method, tls = self.tls_started);
         let keepalive = self.fresh_keepalive(now);
         match lame_duck {
             None => self.set_link(Link::Up { keepalive }, "handshake done"),
@@ -365,11 +409,51 @@ impl NatsSession {
             }
         }
         if let Link::AwaitInfo { deadline } = self.link {
+            if !self.tls_started {
+                let wanted = self.config.tls_wanted();
+                if wanted && !info.tls_required && !info.tls_available {
+                    // As nats.go's ErrSecureConnWanted: never fall back to plaintext.
+                    self.stats.tls_failures += 1;
+                    let why = "TLS is configured but the server does not offer it";
+                    warn!(event = "nats_tls_failed", component = "nats_resilience",
+                          server = %self.server_text(), error = why);
+                    return self.link_failed(
+                        now,
+                        "tls failed",
+                        format!("nats tls failed: {why}"),
+                        ClosedBy::Session,
+                    );
+                }
+                if wanted || info.tls_required {
+                    self.start_tls();
+                }
+            }
             let mut options = ConnectOptions::for_server(self.config.client_name.clone(), &info);
-            if let Some(url) = &self.current {
+            let url_auth = self.current.as_ref().filter(|u| u.has_credentials());
+            if let Some(url) = url_auth {
                 options.user.clone_from(&url.user);
                 options.pass.clone_from(&url.pass);
                 options.auth_token.clone_from(&url.token);
+                self.auth_method = if url.token.is_some() {
+                    "token"
+                } else {
+                    "user_password"
+                };
+            } else {
+                if let Err(e) = self.config.auth.apply(&mut options, info.nonce.as_deref()) {
+                    // Checked at start and at every reload, so only a bug gets here; refusing
+                    // to connect is still better than connecting as nobody.
+                    self.stats.auth_failures += 1;
+                    warn!(event = "nats_auth_failed", component = "nats_resilience",
+                          server = %self.server_text(), error = %e);
+                    return self.link_failed(
+                        now,
+                        "auth failed",
+                        format!("nats auth failed: {e}"),
+                        ClosedBy::Session,
+                    );
+                }
+                self.auth_method = self.config.auth.method();
             }
             let mut b = BytesMut::new();
             encode_connect(&options, &mut b);
@@ -451,6 +535,17 @@ impl NatsSession {
     /// without a cap on attempts.
     pub(super) fn handle_err(&mut self, text: &str, now: Instant) {
         let lower = text.to_ascii_lowercase();
+        if is_auth_error(&lower) {
+            self.stats.auth_failures += 1;
+            warn!(event = "nats_auth_failed", component = "nats_resilience",
+                  server = %self.server_text(), error = %text, auth_method = self.auth_method);
+            return self.link_failed(
+                now,
+                "auth failed",
+                format!("nats auth failed: {text}"),
+                ClosedBy::Session,
+            );
+        }
         let benign = [
             "permissions violation",
             "invalid publish subject",
@@ -466,4 +561,19 @@ impl NatsSession {
             self.last_error = Some(format!("server error: {text} ({})", self.server_text()));
         }
     }
+}
+
+/// The `-ERR` texts by which nats-server refuses a client's credentials (nats.go's
+/// `checkAuthError` list, plus the timeout for a CONNECT that never came or came too late):
+/// the server closes the connection after each.
+fn is_auth_error(lower: &str) -> bool {
+    [
+        "authorization violation",
+        "authentication timeout",
+        "user authentication expired",
+        "user authentication revoked",
+        "account authentication expired",
+    ]
+    .iter()
+    .any(|p| lower.starts_with(p))
 }

@@ -20,6 +20,14 @@
 //!  any other state ── handle_shutdown, handle_abort ──▶ Closed
 //! ```
 //!
+//! TLS (gateway.md section 9) is the shell's: the session only says when. In `AwaitInfo`, an
+//! INFO with `tls_required` (or any INFO when the configuration wants TLS) emits
+//! `SessionAction::StartTls` before CONNECT is queued, so no credential leaves in plaintext;
+//! with `tls_first` it is emitted on TCP up, before INFO. The session keeps reading and writing
+//! plaintext. A refused credential (`-ERR 'Authorization Violation'` and its kin) or a failed
+//! TLS handshake (`NatsInput::TlsFailed`) ends the attempt like any handshake failure, under
+//! the same backoff, and sets [`Upstream::link_failure`] until a link comes up.
+//!
 //! The keepalive (a PING every `ping_interval`, any incoming byte answers) runs in `Up`,
 //! `LameDuck` and `Draining`. `SessionState` (health, metrics) is a coarser view: Down and
 //! Opening are Connecting or Reconnecting, AwaitInfo and AwaitPong are Handshaking, Up and
@@ -138,6 +146,13 @@ pub struct NatsSession {
     /// (`/health`'s `nats.last_error`); kept after a reconnect, so an operator sees what the
     /// last outage was.
     last_error: Option<String>,
+    /// The link asked the shell for TLS (`StartTls`); reset with each `Connect`.
+    tls_started: bool,
+    /// The credential method CONNECT carried on this link, for `nats_authenticated`.
+    auth_method: &'static str,
+    /// The server refused the credentials or TLS failed, and no link came up since:
+    /// health is UNHEALTHY with this reason at once ([`Upstream::link_failure`]).
+    link_failure: Option<String>,
 }
 
 impl NatsSession {
@@ -150,6 +165,8 @@ impl NatsSession {
                 user: None,
                 pass: None,
                 token: None,
+                tls: false,
+                tls_name: None,
             }];
         }
         // nuid-like: 22 base-62 characters, as nats.go's inboxes.
@@ -185,6 +202,9 @@ impl NatsSession {
             now: Instant::ZERO,
             stats: NatsStats::default(),
             last_error: None,
+            tls_started: false,
+            auth_method: "none",
+            link_failure: None,
         }
     }
 
@@ -210,7 +230,19 @@ impl NatsSession {
             NatsInput::Received(_, bytes) => self.handle_bytes(bytes, now),
             NatsInput::Written(_, n) => self.handle_written(n),
             NatsInput::Closed(_) => self.handle_closed(now),
+            NatsInput::TlsFailed(_, reason) => self.handle_tls_failed(reason, now),
         }
+    }
+
+    /// New credentials (SIGHUP re-read their files): the next CONNECT carries them; the link
+    /// that is up keeps going (the server checked it at its CONNECT).
+    pub fn set_auth(&mut self, auth: crate::nats::auth::NatsAuth) {
+        self.config.auth = auth;
+    }
+
+    /// Why the last attempt was refused (credentials, TLS), until a link comes up.
+    pub fn link_failure(&self) -> Option<&str> {
+        self.link_failure.as_deref()
     }
 
     /// The TCP connection asked for by the last `Connect` is established.
@@ -221,7 +253,31 @@ impl NatsSession {
             let deadline = now + self.config.handshake_timeout;
             self.set_link(Link::AwaitInfo { deadline }, "tcp connected");
             debug!(event = "nats_tcp_connected", component = "nats_resilience", server = %self.server_text());
+            if self.config.tls_first {
+                // The server (handshake_first) says nothing until the TLS handshake is done.
+                self.start_tls();
+            }
         }
+    }
+
+    /// TLS failed on the current link; the shell closed the socket. Like a refused
+    /// credential: counted, logged once with the server and the reason, health UNHEALTHY
+    /// with it, and the next attempt under the normal backoff (a fixed certificate is picked
+    /// up then).
+    fn handle_tls_failed(&mut self, reason: &str, now: Instant) {
+        self.record_now(now);
+        if !self.link.has_stream() {
+            return;
+        }
+        self.stats.tls_failures += 1;
+        warn!(event = "nats_tls_failed", component = "nats_resilience",
+              server = %self.server_text(), error = %reason);
+        self.link_failed(
+            now,
+            "tls failed",
+            format!("nats tls failed: {reason}"),
+            ClosedBy::Peer,
+        );
     }
 
     /// The TCP connection asked for by the last `Connect` failed.
@@ -439,6 +495,10 @@ impl NatsSession {
 }
 
 impl Upstream for NatsSession {
+    fn link_failure(&self) -> Option<&str> {
+        NatsSession::link_failure(self)
+    }
+
     type Config = NatsConfig;
     type Input<'a> = NatsInput<'a>;
     type Action = SessionAction;
