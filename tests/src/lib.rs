@@ -13,3 +13,4 @@ pub mod launch;
 pub mod nats_load;
 pub mod nats_server;
 pub mod router_double;
+pub mod secure_nats;

@@ -22,7 +22,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,12 +52,19 @@ pub fn free_port() -> u16 {
 
 /// One `nats-server` process (or a stopped one that can be restarted on the same port).
 pub struct NatsServer {
+    /// The binary (see [`binary`]; [`NatsServer::start_binary`] picks another).
+    bin: PathBuf,
+    /// Whether clients must start TLS before INFO (`handshake_first`): then no INFO line
+    /// comes in plaintext and readiness is read from the server's log instead.
+    tls_first: bool,
     port: u16,
     /// The HTTP monitoring port (`-m`), for servers started with monitoring.
     monitor_port: Option<u16>,
     /// Extra arguments (cluster settings), given again on every restart.
     extra: Vec<String>,
     child: Option<Child>,
+    /// How many times the process was spawned.
+    spawns: usize,
     /// The log of every run so far (stderr; nats-server logs there).
     log: Arc<Mutex<Vec<u8>>>,
     pipe_readers: Vec<JoinHandle<()>>,
@@ -72,16 +79,35 @@ impl NatsServer {
     /// Like [`NatsServer::start`], with extra `nats-server` arguments (e.g. `["-c", path]` for
     /// a configuration file; the port and address flags always win over the file).
     pub fn start_with_args(args: &[&str]) -> NatsServer {
-        NatsServer::start_on_free_ports(args, false)
+        NatsServer::start_on_free_ports(binary(), args, false, false)
+    }
+
+    /// Starts a server with the configuration file `config` (see
+    /// `secure_nats::ServerConf`); [`NatsServer::reload`] re-reads it after a test rewrote it.
+    pub fn start_with_config(config: &Path) -> NatsServer {
+        let config = config.to_string_lossy();
+        NatsServer::start_with_args(&["-c", &config])
+    }
+
+    /// Like [`NatsServer::start_with_args`] with the binary `bin` (e.g. a current nats-server
+    /// for `handshake_first`); `tls_first` says that the configuration makes clients start
+    /// TLS before INFO, so readiness cannot be an INFO line.
+    pub fn start_binary(bin: PathBuf, args: &[&str], tls_first: bool) -> NatsServer {
+        NatsServer::start_on_free_ports(bin, args, false, tls_first)
     }
 
     /// Like [`NatsServer::start`], with the HTTP monitoring endpoints (`/connz`, ...) on a
     /// free loopback port of their own; see [`NatsServer::connz`].
     pub fn start_monitored() -> NatsServer {
-        NatsServer::start_on_free_ports(&[], true)
+        NatsServer::start_on_free_ports(binary(), &[], true, false)
     }
 
-    fn start_on_free_ports(args: &[&str], monitored: bool) -> NatsServer {
+    fn start_on_free_ports(
+        bin: PathBuf,
+        args: &[&str],
+        monitored: bool,
+        tls_first: bool,
+    ) -> NatsServer {
         let mut last = String::new();
         // A port may be taken between picking it and the server binding it: try a few.
         for _ in 0..5 {
@@ -91,10 +117,13 @@ impl NatsServer {
                 extra.extend(["-m".to_owned(), m.to_string()]);
             }
             let mut server = NatsServer {
+                bin: bin.clone(),
+                tls_first,
                 port: free_port(),
                 monitor_port,
                 extra,
                 child: None,
+                spawns: 0,
                 log: Arc::new(Mutex::new(Vec::new())),
                 pipe_readers: Vec::new(),
             };
@@ -110,10 +139,13 @@ impl NatsServer {
     /// Port-agnostic constructor for [`NatsCluster`]: not started yet.
     fn unstarted(port: u16, extra: Vec<String>) -> NatsServer {
         NatsServer {
+            bin: binary(),
+            tls_first: false,
             port,
             monitor_port: None,
             extra,
             child: None,
+            spawns: 0,
             log: Arc::new(Mutex::new(Vec::new())),
             pipe_readers: Vec::new(),
         }
@@ -122,6 +154,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `tls://127.0.0.1:PORT` (the same server; the scheme asks the client for TLS).
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
     }
 
     /// The client port (the same across restarts).
@@ -214,7 +251,7 @@ impl NatsServer {
         let pid = self
             .pid()
             .ok_or_else(|| format!("nats-server on port {} is not running", self.port))?;
-        let out = Command::new(binary())
+        let out = Command::new(&self.bin)
             .arg("--signal")
             .arg(format!("ldm={pid}"))
             .output()
@@ -227,6 +264,42 @@ impl NatsServer {
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
+        }
+    }
+
+    /// Makes the running server re-read its configuration file (`nats-server --signal
+    /// reload=PID`, which nats-server 2.9 supports, as SIGHUP), and waits until its log says
+    /// it did (`Reloaded server configuration`); `Err` with the log if the reload failed
+    /// (nats-server then keeps the old configuration and logs why).
+    pub fn reload(&self) -> Result<(), String> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| format!("nats-server on port {} is not running", self.port))?;
+        let before = self.log().matches("Reloaded server configuration").count();
+        let out = Command::new(&self.bin)
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .output()
+            .map_err(|e| format!("running {} --signal reload={pid}: {e}", self.bin.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "nats-server --signal reload={pid}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let deadline = Instant::now() + NATS_START_TIMEOUT;
+        loop {
+            let log = self.log();
+            if log.matches("Reloaded server configuration").count() > before {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server {pid} did not log a reload within {NATS_START_TIMEOUT:?}:\n{log}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -271,6 +344,11 @@ impl NatsServer {
         }
     }
 
+    /// How many times the server has been spawned (each run logs `Server is ready` once).
+    fn runs(&self) -> usize {
+        self.spawns
+    }
+
     /// Everything the server logged so far, over all its runs.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
@@ -278,7 +356,7 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let port = self.port.to_string();
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(&self.bin);
         cmd.args(&self.extra)
             .args(["-a", "127.0.0.1", "-p", &port])
             .stdin(Stdio::null())
@@ -286,7 +364,7 @@ impl NatsServer {
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary().display()));
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", self.bin.display()));
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
         self.pipe_readers
@@ -294,6 +372,7 @@ impl NatsServer {
         self.pipe_readers
             .push(append_to(err, Arc::clone(&self.log)));
         self.child = Some(child);
+        self.spawns += 1;
     }
 
     /// Waits until the server answers a TCP client with its INFO line.
@@ -305,7 +384,17 @@ impl NatsServer {
                     return Err(format!("nats-server exited ({status})"));
                 }
             }
-            if read_info(self.port).is_ok() {
+            if self.tls_first {
+                // No plaintext INFO: the log line that follows the listener's bind, and a TCP
+                // connect to be sure it is this run's listener that answers.
+                let runs = self.log().matches("Server is ready").count();
+                let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+                if runs >= self.runs()
+                    && TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+                {
+                    return Ok(());
+                }
+            } else if read_info(self.port).is_ok() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -388,6 +477,20 @@ impl NatsCluster {
     /// `["-c", path]` for a configuration file such as [`LAME_DUCK_CONFIG`]; the address, port
     /// and cluster flags always win over the file).
     pub fn start_with_args(n: usize, args: &[&str]) -> NatsCluster {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        NatsCluster::start_per_node(binary(), n, |_| args.clone(), |_| false)
+    }
+
+    /// Like [`NatsCluster::start_with_args`] with arguments of each node's own (`args(i)`,
+    /// e.g. a configuration file with node `i`'s certificate), the binary `bin`, and
+    /// `tls_first(i)` true for the nodes whose clients start TLS before INFO (their INFO is
+    /// not read; the other nodes' INFO shows that they joined).
+    pub fn start_per_node(
+        bin: PathBuf,
+        n: usize,
+        args: impl Fn(usize) -> Vec<String>,
+        tls_first: impl Fn(usize) -> bool,
+    ) -> NatsCluster {
         assert!(n >= 1, "a cluster has at least one node");
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -395,8 +498,16 @@ impl NatsCluster {
             std::process::id(),
             CLUSTERS.fetch_add(1, Ordering::Relaxed)
         );
-        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        // Distinct ports: the kernel may hand out a port again once its probe socket is closed.
+        let mut ports: Vec<u16> = Vec::with_capacity(2 * n);
+        while ports.len() < 2 * n {
+            let port = free_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let route_ports = ports.split_off(n);
+        let client_ports = ports;
         let nodes = (0..n)
             .map(|i| {
                 let routes = route_ports
@@ -406,7 +517,7 @@ impl NatsCluster {
                     .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
                     .collect::<Vec<_>>()
                     .join(",");
-                let mut extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+                let mut extra: Vec<String> = args(i);
                 extra.extend([
                     "-n".to_owned(),
                     format!("{name}-node{i}"),
@@ -418,7 +529,10 @@ impl NatsCluster {
                 if !routes.is_empty() {
                     extra.extend(["--routes".to_owned(), routes]);
                 }
-                NatsServer::unstarted(client_ports[i], extra)
+                let mut node = NatsServer::unstarted(client_ports[i], extra);
+                node.bin = bin.clone();
+                node.tls_first = tls_first(i);
+                node
             })
             .collect();
         let mut cluster = NatsCluster { nodes };
@@ -488,7 +602,12 @@ impl NatsCluster {
                 .iter_mut()
                 .filter_map(|n| n.is_running().then_some(n.port))
                 .collect();
-            let meshed = running.iter().all(|&port| {
+            let readable: Vec<u16> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| (n.is_running() && !n.tls_first).then_some(n.port))
+                .collect();
+            let meshed = readable.iter().all(|&port| {
                 let Ok(info) = read_info(port) else {
                     return false;
                 };

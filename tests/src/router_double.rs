@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::secure_nats::ClientCreds;
+
 /// The decide subject (router.md section 1).
 pub const DEFAULT_SUBJECT: &str = "beamline.router.v1.decide";
 /// Longest the double may take to connect and subscribe.
@@ -73,8 +75,26 @@ impl RouterDouble {
     /// where [`RouterDouble::requests`] and [`RouterDouble::replies`] stay empty), and waits
     /// until it has subscribed; `Err` says why it could not.
     pub fn try_start(url: &str, subject: &str, quiet: bool) -> Result<RouterDouble, String> {
+        RouterDouble::try_start_secured(url, subject, quiet, &ClientCreds::default())
+    }
+
+    /// Starts the double on [`DEFAULT_SUBJECT`] of a secured server (TLS, credentials:
+    /// gateway.md section 9) with `creds` and waits until it has subscribed.
+    pub fn start_secured(url: &str, creds: &ClientCreds) -> RouterDouble {
+        RouterDouble::try_start_secured(url, DEFAULT_SUBJECT, false, creds)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RouterDouble::try_start`] with credentials and TLS settings.
+    pub fn try_start_secured(
+        url: &str,
+        subject: &str,
+        quiet: bool,
+        creds: &ClientCreds,
+    ) -> Result<RouterDouble, String> {
         let mut command = Command::new(binary());
         command.args(["--url", url, "--subject", subject, "--exit-on-stdin-eof"]);
+        command.args(creds.to_args());
         if quiet {
             command.arg("--quiet");
         }

@@ -65,6 +65,10 @@ struct Args {
     /// Print no line per request and per reply (only `ready` and connection events).
     #[arg(long)]
     quiet: bool,
+    /// Credentials and TLS for a secured server (gateway.md section 9): the double connects
+    /// to the same servers as the gateway, as a user of its own.
+    #[command(flatten)]
+    creds: ipc_gateway_tests::secure_nats::ClientCreds,
 }
 
 fn main() -> ExitCode {
@@ -93,7 +97,9 @@ fn run(args: Args) -> Result<()> {
             }
         });
     }
-    let conn = nats::Options::new()
+    let conn = args
+        .creds
+        .nats_options()
         .with_name(&args.name)
         .max_reconnects(None)
         // Reconnect quickly and steadily: tests restart servers and wait for the double.

@@ -9,6 +9,7 @@ use ipc_gateway_tests::daemon::Daemon;
 use ipc_gateway_tests::nats_load::try_stats;
 use ipc_gateway_tests::nats_server::NatsCluster;
 use ipc_gateway_tests::router_double::{RouterDouble, DEFAULT_SUBJECT};
+use ipc_gateway_tests::secure_nats::ClientCreds;
 use rustix::process::Signal;
 
 use crate::observer::Observer;
@@ -22,15 +23,22 @@ pub struct Infra {
     pub cluster: NatsCluster,
     /// `None` while crashed.
     pub doubles: Vec<Option<RouterDouble>>,
+    /// What the doubles connect with (a CA and a user of their own with `--tls`).
+    double_creds: ClientCreds,
 }
 
 impl Infra {
     /// Starts `doubles` Router doubles (quiet: a soak would otherwise print kilobytes per
     /// request). Double `i` is given node `i`'s URL first, so that they spread over the nodes.
-    pub fn start_doubles(cluster: NatsCluster, doubles: usize) -> Result<Infra, String> {
+    pub fn start_doubles(
+        cluster: NatsCluster,
+        doubles: usize,
+        double_creds: ClientCreds,
+    ) -> Result<Infra, String> {
         let mut infra = Infra {
             cluster,
             doubles: Vec::new(),
+            double_creds,
         };
         for i in 0..doubles {
             let double = infra.start_double(i)?;
@@ -48,7 +56,12 @@ impl Infra {
     }
 
     fn start_double(&self, i: usize) -> Result<RouterDouble, String> {
-        RouterDouble::try_start(&self.double_urls(i), DEFAULT_SUBJECT, true)
+        RouterDouble::try_start_secured(
+            &self.double_urls(i),
+            DEFAULT_SUBJECT,
+            true,
+            &self.double_creds,
+        )
     }
 
     /// The node the daemon is connected to (from its stats line), if it is connected to one.

@@ -34,6 +34,7 @@ use ipc_gateway_tests::nats_load::{
 };
 use ipc_gateway_tests::nats_server::{self, NatsCluster, LAME_DUCK_CONFIG};
 use ipc_gateway_tests::router_double;
+use ipc_gateway_tests::secure_nats::{tls_cluster_with, Auth, ClientCreds, TestPki};
 use rustix::process::Signal;
 use serde_json::{json, Value};
 
@@ -48,6 +49,10 @@ use crate::schedule::{Kind, Planned, Rng, Shape};
 const LATE_SLACK: Duration = Duration::from_secs(1);
 /// The cluster's size.
 const NODES: usize = 3;
+/// The password users of `--tls`: the daemon's and the doubles'.
+const TLS_GATEWAY_USER: (&str, &str) = ("gateway", "chaos-gateway-pass");
+const TLS_DOUBLE_USER: (&str, &str) = ("router-double", "chaos-double-pass");
+
 /// The daemon's drain timeout (CGW_IPC_DRAIN_MS default), for the wait at shutdown.
 const DRAIN: Duration = Duration::from_secs(30);
 /// Generous bound for setup steps that normally take milliseconds.
@@ -117,6 +122,10 @@ struct Args {
     /// Print the schedule for the seed and exit.
     #[arg(long)]
     schedule_only: bool,
+    /// Secure the NATS link (gateway.md section 9): TLS with a test CA (a certificate per
+    /// node) and password users, the daemon's and the doubles' own.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn main() -> ExitCode {
@@ -201,20 +210,47 @@ fn run(args: &Args) -> Result<bool> {
     let conf = conf_dir.path().join("lame-duck.conf");
     std::fs::write(&conf, LAME_DUCK_CONFIG).context("writing the nats-server config")?;
     let conf_arg = conf.to_string_lossy().into_owned();
-    let cluster = NatsCluster::start_with_args(NODES, &["-c", &conf_arg]);
-    let urls = cluster.urls();
-    let mut infra = Infra::start_doubles(cluster, args.doubles as usize)
+    let timeout = args.timeout_ms.to_string();
+    let mut env: Vec<(String, String)> = vec![
+        ("CGW_IPC_NATS_ENABLE".into(), "1".into()),
+        ("CGW_IPC_TIMEOUT_MS".into(), timeout),
+    ];
+    let (cluster, double_creds) = if args.tls {
+        let pki = TestPki::create(conf_dir.path());
+        let auth = Auth::users(&[TLS_DOUBLE_USER, TLS_GATEWAY_USER]);
+        let cluster = tls_cluster_with(conf_dir.path(), &pki, NODES, &auth, LAME_DUCK_CONFIG);
+        let urls = cluster.urls().replace("nats://", "tls://");
+        env.extend([
+            ("CGW_IPC_NATS_URL".into(), urls),
+            (
+                "CGW_IPC_NATS_TLS_CA".into(),
+                pki.ca.to_string_lossy().into_owned(),
+            ),
+            ("CGW_IPC_NATS_USER".into(), TLS_GATEWAY_USER.0.into()),
+            ("CGW_IPC_NATS_PASSWORD".into(), TLS_GATEWAY_USER.1.into()),
+        ]);
+        let creds = ClientCreds::default()
+            .ca(&pki.ca)
+            .user_pass(TLS_DOUBLE_USER.0, TLS_DOUBLE_USER.1);
+        (cluster, creds)
+    } else {
+        let cluster = NatsCluster::start_with_args(NODES, &["-c", &conf_arg]);
+        env.push(("CGW_IPC_NATS_URL".into(), cluster.urls()));
+        (cluster, ClientCreds::default())
+    };
+    let mut infra = Infra::start_doubles(cluster, args.doubles as usize, double_creds)
         .map_err(anyhow::Error::msg)
         .context("starting the Router doubles")?;
-    let timeout = args.timeout_ms.to_string();
-    let mut daemon = Daemon::start(&[
-        ("CGW_IPC_NATS_ENABLE", "1"),
-        ("CGW_IPC_NATS_URL", &urls),
-        ("CGW_IPC_TIMEOUT_MS", &timeout),
-    ]);
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut daemon = Daemon::start(&env_refs);
     let setup = format!(
-        "{NODES}-node nats-server cluster, {} router doubles, daemon pid {} with \
+        "{NODES}-node nats-server cluster{}, {} router doubles, daemon pid {} with \
          CGW_IPC_TIMEOUT_MS={} and default breaker; {} clients, window {}, {} ms between windows",
+        if args.tls {
+            " (TLS with a test CA, password users)"
+        } else {
+            ""
+        },
         args.doubles,
         daemon.pid(),
         args.timeout_ms,
