@@ -40,8 +40,9 @@ use ipc_gateway_tests::nats_load::{
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
 use ipc_gateway_tests::secure_nats::{
-    creds_text, foreign_user, metric, squash, tls_cluster, tls_cluster_of, tls_first_pair, write,
-    write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
+    foreign_user, metric, squash, start_server, tls_cluster, tls_cluster_of, tls_first_pair, write,
+    write_creds, write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki,
+    User,
 };
 use rustix::process::Signal;
 use serde_json::{json, Value};
@@ -135,7 +136,12 @@ impl Gateway {
     /// `--check-config` with the same settings: it succeeds; its output, parsed.
     fn check_config(&self) -> (Value, String) {
         let check = run(&refs(&self.env), &["--check-config"]);
-        assert_eq!(check.status.code(), Some(0), "--check-config: {}", check.stderr);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "--check-config: {}",
+            check.stderr
+        );
         let parsed = serde_json::from_str(&check.stdout)
             .unwrap_or_else(|e| panic!("--check-config is not JSON ({e}): {}", check.stdout));
         (parsed, check.stdout)
@@ -394,15 +400,28 @@ fn audit_records(gw: &Gateway, event: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Starts a server with `conf` (written to `dir/server.conf`).
-fn server(dir: &Path, conf: &ServerConf) -> NatsServer {
-    NatsServer::start_with_config(&conf.write(dir, "server.conf"))
-}
-
 /// Rewrites `dir/server.conf` with `conf` and reloads `server`.
 fn reconfigure(server: &NatsServer, dir: &Path, conf: &ServerConf) {
     conf.write(dir, "server.conf");
     server.reload().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Starts a server with `conf` in `dir`, the Router double with `double`, and a gateway on
+/// `url(server)` with `env`; returns them (dropped in that order) once the gateway has
+/// connected and served a request.
+fn serving(
+    dir: &Path,
+    conf: &ServerConf,
+    double: &ClientCreds,
+    url: impl FnOnce(&NatsServer) -> String,
+    env: &[(&str, &str)],
+) -> (Gateway, RouterDouble, NatsServer) {
+    let s = start_server(dir, conf);
+    let double = RouterDouble::start_secured(&s.url(), double);
+    let gw = gateway(dir, &url(&s), env);
+    gw.wait_connected(1);
+    gw.serve_one(&double);
+    (gw, double, s)
 }
 
 /// Password users: the gateway's (`gateway_password`) and the double's.
@@ -437,8 +456,8 @@ fn path_str(p: &Path) -> &str {
 fn tls_with_a_custom_ca_serves_requests() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(dir.path(), &ServerConf::tls(pki.server.clone(), None));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().ca(&pki.ca));
+    let s = start_server(dir.path(), &pki.tls_conf());
+    let double = RouterDouble::start_secured(&s.url(), &pki.trusting_client());
     let by_name = format!("nats://localhost:{}", s.port());
     for url in [s.url(), by_name, s.tls_url()] {
         let sub = tempfile::tempdir().unwrap();
@@ -463,14 +482,8 @@ fn tls_with_a_custom_ca_serves_requests() {
 fn mutual_tls_with_a_client_certificate_serves_requests() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let double = RouterDouble::start_secured(
-        &s.url(),
-        &ClientCreds::default().ca(&pki.ca).client_cert(&pki.client),
-    );
+    let s = start_server(dir.path(), &pki.mutual_tls_conf());
+    let double = RouterDouble::start_secured(&s.url(), &pki.mutual_tls_client());
     let gw = gateway(
         dir.path(),
         &s.tls_url(),
@@ -497,10 +510,7 @@ fn user_and_password_serve_and_stay_secret() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let password = "gw-pass-9d41b7";
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), None).with_auth(users(password)),
-    );
+    let s = start_server(dir.path(), &pki.tls_conf().with_auth(users(password)));
     let double = RouterDouble::start_secured(&s.url(), &double_creds().ca(&pki.ca));
     let gw = gateway(
         dir.path(),
@@ -531,15 +541,28 @@ fn user_and_password_serve_and_stay_secret() {
 fn token_serves_and_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let token = "tok-3a7f19c0e2";
-    let s = server(dir.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let gw = gateway(dir.path(), &s.url(), &[("CGW_IPC_NATS_TOKEN", token)]);
-    gw.wait_connected(1);
+    let (gw, _double, _server) = serving(
+        dir.path(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        NatsServer::url,
+        &[("CGW_IPC_NATS_TOKEN", token)],
+    );
     assert_eq!(gw.authenticated()["auth_method"], "token");
-    gw.serve_one(&double);
     let (_, check) = gw.check_config();
-    assert!(check.contains("***"), "the token is not shown masked: {check}");
+    assert!(
+        check.contains("***"),
+        "the token is not shown masked: {check}"
+    );
     assert_no_secrets(&gw, &[token]);
+}
+
+/// The server's nkey users: `nkey` and the double's password user.
+fn nkey_users(nkey: &Nkey) -> ServerConf {
+    ServerConf::plain(Auth::Users(vec![
+        User::Nkey(nkey.public.clone()),
+        double_user(),
+    ]))
 }
 
 /// An nkey user (`CGW_IPC_NATS_NKEY_SEED`: the gateway signs the server's nonce) is
@@ -548,22 +571,14 @@ fn token_serves_and_stays_secret() {
 fn nkey_serves_and_the_seed_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let nkey = Nkey::user();
-    let s = server(
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &ServerConf::plain(Auth::Users(vec![
-            User::Nkey(nkey.public.clone()),
-            double_user(),
-        ])),
-    );
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
-        dir.path(),
-        &s.url(),
+        &nkey_users(&nkey),
+        &double_creds(),
+        NatsServer::url,
         &[("CGW_IPC_NATS_NKEY_SEED", &nkey.seed)],
     );
-    gw.wait_connected(1);
     assert_eq!(gw.authenticated()["auth_method"], "nkey");
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[&nkey.seed]);
 }
 
@@ -573,19 +588,15 @@ fn nkey_serves_and_the_seed_stays_secret() {
 fn creds_in_operator_mode_serve_and_the_seed_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let operator = Operator::new();
-    let s = server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
-    let (jwt, user) = operator.user("router-double");
-    let double_file = write_secret(dir.path(), "double.creds", &creds_text(&jwt, &user.seed));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().creds(&double_file));
-    let (jwt, user) = operator.user("gateway");
-    let creds = write_secret(dir.path(), "gateway.creds", &creds_text(&jwt, &user.seed));
-    let gw = gateway(
+    let (double_file, _) = write_creds(dir.path(), "double.creds", operator.user("router-double"));
+    let (creds, user) = write_creds(dir.path(), "gateway.creds", operator.user("gateway"));
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &s.url(),
+        &ServerConf::plain(Auth::operator(&operator)),
+        &ClientCreds::default().creds(&double_file),
+        NatsServer::url,
         &[("CGW_IPC_NATS_CREDS", path_str(&creds))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[&user.seed]);
 }
 
@@ -595,82 +606,68 @@ fn creds_in_operator_mode_serve_and_the_seed_stays_secret() {
 fn url_userinfo_is_used_and_masked() {
     let dir = tempfile::tempdir().unwrap();
     let password = "url-pass-61c9e4";
-    let s = server(dir.path(), &ServerConf::plain(users(password)));
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let url = format!("nats://gateway:{password}@127.0.0.1:{}", s.port());
-    let gw = gateway(dir.path(), &url, &[]);
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    let (gw, _double, _server) = serving(
+        dir.path(),
+        &ServerConf::plain(users(password)),
+        &double_creds(),
+        |s| format!("nats://gateway:{password}@127.0.0.1:{}", s.port()),
+        &[],
+    );
     assert_no_secrets(&gw, &[password]);
-    drop(gw);
-    drop(double);
 
     let sub = tempfile::tempdir().unwrap();
     let token = "url-tok-0b8e27d5";
-    let s = server(sub.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let url = format!("nats://{token}@127.0.0.1:{}", s.port());
-    let gw = gateway(sub.path(), &url, &[]);
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    let (gw, _double, _server) = serving(
+        sub.path(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        |s| format!("nats://{token}@127.0.0.1:{}", s.port()),
+        &[],
+    );
     assert_no_secrets(&gw, &[token]);
 }
 
-/// The `*_FILE` variants read the secret from a file: password, token, nkey seed.
+/// The `*_FILE` variants read the secret from a file (with a trailing newline, as editors
+/// and `echo` leave it: the secret is the line): password, token, nkey seed.
 #[test]
 fn file_variants_read_secrets_from_files() {
     let dir = tempfile::tempdir().unwrap();
     let password = "file-pass-2c5d8a";
-    // A trailing newline, as editors and `echo` leave it: the secret is the line.
     let password_file = write_secret(dir.path(), "password", &format!("{password}\n"));
-    let s = server(dir.path(), &ServerConf::plain(users(password)));
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &s.url(),
+        &ServerConf::plain(users(password)),
+        &double_creds(),
+        NatsServer::url,
         &[
             ("CGW_IPC_NATS_USER", "gateway"),
             ("CGW_IPC_NATS_PASSWORD_FILE", path_str(&password_file)),
         ],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[password]);
-    drop((gw, double, s));
 
     let sub = tempfile::tempdir().unwrap();
     let token = "file-tok-7e04b1aa";
     let token_file = write_secret(sub.path(), "token", &format!("{token}\n"));
-    let s = server(sub.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let gw = gateway(
+    let (gw, _double, _server) = serving(
         sub.path(),
-        &s.url(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        NatsServer::url,
         &[("CGW_IPC_NATS_TOKEN_FILE", path_str(&token_file))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[token]);
-    drop((gw, double, s));
 
     let sub = tempfile::tempdir().unwrap();
     let nkey = Nkey::user();
     let seed_file = write_secret(sub.path(), "seed", &format!("{}\n", nkey.seed));
-    let s = server(
+    let (gw, _double, _server) = serving(
         sub.path(),
-        &ServerConf::plain(Auth::Users(vec![
-            User::Nkey(nkey.public.clone()),
-            double_user(),
-        ])),
-    );
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
-        sub.path(),
-        &s.url(),
+        &nkey_users(&nkey),
+        &double_creds(),
+        NatsServer::url,
         &[("CGW_IPC_NATS_NKEY_SEED_FILE", path_str(&seed_file))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[&nkey.seed]);
 }
 
@@ -682,7 +679,7 @@ fn tls_first_serves_requests() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let pair = tls_first_pair(dir.path(), &pki);
-    let double = RouterDouble::start_secured(&pair.url(1), &ClientCreds::default().ca(&pki.ca));
+    let double = RouterDouble::start_secured(&pair.url(1), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &pair.node(0).tls_url(),
@@ -704,7 +701,7 @@ fn tls_cluster_keeps_serving_when_the_node_in_use_dies() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let mut cluster = tls_cluster(dir.path(), &pki, 3);
-    let _double = RouterDouble::start_secured(&cluster.url(2), &ClientCreds::default().ca(&pki.ca));
+    let _double = RouterDouble::start_secured(&cluster.url(2), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &cluster.node(0).tls_url(),
@@ -747,7 +744,7 @@ fn tls_cluster_failover_refuses_a_learned_node_with_a_wrong_name() {
         pki.issue_server("node2", &["127.0.0.1", "localhost", "node2.nats.test"]),
     ];
     let mut cluster = tls_cluster_of(dir.path(), pairs, &Auth::None, "");
-    let double = RouterDouble::start_secured(&cluster.url(2), &ClientCreds::default().ca(&pki.ca));
+    let double = RouterDouble::start_secured(&cluster.url(2), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &cluster.node(0).tls_url(),
@@ -821,7 +818,7 @@ fn refused_then_fixed(case: impl FnOnce(&TestPki) -> RefusalCase) {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let case = case(&pki);
-    let s = server(dir.path(), &case.refusing);
+    let s = start_server(dir.path(), &case.refusing);
     let url = if case.tls_url { s.tls_url() } else { s.url() };
     let mut env: Vec<(&str, &str)> = vec![("CGW_HEALTH_GRACE_MS", "600000")];
     env.extend(case.env.iter().map(|(k, v)| (*k, v.as_str())));
@@ -848,7 +845,7 @@ fn tls_case(
     let ca = pki.ca.as_path();
     RefusalCase {
         refusing: ServerConf::tls(bad.clone(), verify_clients.then_some(ca)),
-        fixed: ServerConf::tls(pki.server.clone(), None),
+        fixed: pki.tls_conf(),
         tls_url: true,
         env: vec![("CGW_IPC_NATS_TLS_CA", path_str(ca).to_owned())],
         double: ClientCreds::default().ca(ca),
@@ -967,7 +964,7 @@ fn sighup_rereads_a_rotated_password_file() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = ("old-pass-18ad3e", "new-pass-e7c204");
     let password_file = write_secret(dir.path(), "password", old);
-    let s = server(dir.path(), &ServerConf::plain(users(old)));
+    let s = start_server(dir.path(), &ServerConf::plain(users(old)));
     let double = RouterDouble::start_secured(&s.url(), &double_creds());
     let gw = gateway(
         dir.path(),
@@ -1027,8 +1024,8 @@ fn sighup_rereads_a_rotated_password_file() {
 fn sighup_rereads_a_rotated_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(dir.path(), &ServerConf::tls(pki.server.clone(), None));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().ca(&pki.ca));
+    let s = start_server(dir.path(), &pki.tls_conf());
+    let double = RouterDouble::start_secured(&s.url(), &pki.trusting_client());
     let ca_file = write(
         dir.path(),
         "gw-ca.pem",
@@ -1076,9 +1073,7 @@ fn sighup_rereads_a_rotated_ca_file() {
         !gw.daemon.log_events("nats_credentials_reloaded").is_empty()
     });
     gw.wait_connected(1);
-    gw.wait_health("HEALTHY once the CA is fixed", |h| {
-        h["status"] == "HEALTHY"
-    });
+    gw.wait_health("HEALTHY once the CA is fixed", |h| h["status"] == "HEALTHY");
     gw.serve_one(&double);
 }
 
@@ -1088,16 +1083,10 @@ fn sighup_rereads_a_rotated_ca_file() {
 fn sighup_rereads_a_rotated_creds_file() {
     let dir = tempfile::tempdir().unwrap();
     let operator = Operator::new();
-    let s = server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
-    let (jwt, user) = operator.user("router-double");
-    let double_file = write_secret(dir.path(), "double.creds", &creds_text(&jwt, &user.seed));
+    let s = start_server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
+    let (double_file, _) = write_creds(dir.path(), "double.creds", operator.user("router-double"));
     let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().creds(&double_file));
-    let (jwt, foreign) = foreign_user("gateway");
-    let creds = write_secret(
-        dir.path(),
-        "gateway.creds",
-        &creds_text(&jwt, &foreign.seed),
-    );
+    let (creds, foreign) = write_creds(dir.path(), "gateway.creds", foreign_user("gateway"));
     let mut gw = gateway(
         dir.path(),
         &s.url(),
@@ -1112,8 +1101,7 @@ fn sighup_rereads_a_rotated_creds_file() {
             exact: None,
         },
     );
-    let (jwt, user) = operator.user("gateway");
-    write_secret(dir.path(), "gateway.creds", &creds_text(&jwt, &user.seed));
+    let (_, user) = write_creds(dir.path(), "gateway.creds", operator.user("gateway"));
     gw.daemon.signal(Signal::HUP);
     gw.wait_connected(1);
     gw.serve_one(&double);
@@ -1127,14 +1115,8 @@ fn sighup_rereads_a_rotated_creds_file() {
 fn sighup_rereads_a_rotated_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let double = RouterDouble::start_secured(
-        &s.url(),
-        &ClientCreds::default().ca(&pki.ca).client_cert(&pki.client),
-    );
+    let s = start_server(dir.path(), &pki.mutual_tls_conf());
+    let double = RouterDouble::start_secured(&s.url(), &pki.mutual_tls_client());
     let cert = write(
         dir.path(),
         "gw-cert.pem",

@@ -1,8 +1,8 @@
 //! The secured NATS link (gateway.md section 9) against fake servers, for what a real
 //! nats-server cannot show: the `.creds` JWT's signature over a nonce the test chose and a
-//! refusal that is later lifted, TLS before INFO (a fake, so it runs without a nats-server
-//! >= 2.10; tests/nats_secure.rs runs it against a real one too), and a TLS handshake the
-//! server never answers. Everything against real servers is in tests/nats_secure.rs.
+//! refusal that is later lifted; TLS before INFO (a fake, so it runs without nats-server 2.10
+//! or later; tests/nats_secure.rs runs it against a real one too); a TLS handshake the server
+//! never answers. Everything against real servers is in tests/nats_secure.rs.
 //!
 //! Certificates: the run-time test PKI of src/secure_nats.rs.
 
@@ -314,4 +314,3 @@ fn a_stalled_tls_handshake_never_stalls_ipc() {
     });
     ping(&mut stream);
 }
-
