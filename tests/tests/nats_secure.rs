@@ -31,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{check_error, ping, recv, run, send_json, wait_until, Daemon};
+use ipc_gateway_tests::daemon::{
+    check_error, ping, recv, run, send_json, wait_until, Daemon, Finished,
+};
 use ipc_gateway_tests::frame::{RESPONSE_OK, TASK_SUBMIT};
 use ipc_gateway_tests::http_client;
 use ipc_gateway_tests::nats_load::{
@@ -133,8 +135,8 @@ impl Gateway {
         self.daemon.log_events("nats_authenticated").remove(0)
     }
 
-    /// `--check-config` with the same settings: it succeeds; its output, parsed.
-    fn check_config(&self) -> (Value, String) {
+    /// `--check-config` with the same settings; it must succeed.
+    fn check_config(&self) -> Finished {
         let check = run(&refs(&self.env), &["--check-config"]);
         assert_eq!(
             check.status.code(),
@@ -142,9 +144,7 @@ impl Gateway {
             "--check-config: {}",
             check.stderr
         );
-        let parsed = serde_json::from_str(&check.stdout)
-            .unwrap_or_else(|e| panic!("--check-config is not JSON ({e}): {}", check.stdout));
-        (parsed, check.stdout)
+        check
     }
 
     /// `/metrics`, text.
@@ -357,13 +357,7 @@ fn expect_refused(gw: &mut Gateway, port: u16, refusal: &Refusal) {
 /// Asserts that none of `secrets` appears in anything the daemon shows: stderr, stdout,
 /// `--check-config` with the same settings, `/health`, `/metrics`, the audit log.
 fn assert_no_secrets(gw: &Gateway, secrets: &[&str]) {
-    let check = run(&refs(&gw.env), &["--check-config"]);
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "--check-config: {}",
-        check.stderr
-    );
+    let check = gw.check_config();
     let outputs = [
         ("stderr", gw.daemon.stderr()),
         ("stdout", gw.daemon.stdout()),
@@ -424,6 +418,22 @@ fn serving(
     (gw, double, s)
 }
 
+/// A TLS server with the test PKI's good certificate and the Router double on it, with the
+/// directory and the PKI they use; with `mutual`, the server requires client certificates
+/// from the test CA (and the double presents one).
+fn tls_setup(mutual: bool) -> (tempfile::TempDir, TestPki, NatsServer, RouterDouble) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let (conf, client) = if mutual {
+        (pki.mutual_tls_conf(), pki.mutual_tls_client())
+    } else {
+        (pki.tls_conf(), pki.trusting_client())
+    };
+    let server = start_server(dir.path(), &conf);
+    let double = RouterDouble::start_secured(&server.url(), &client);
+    (dir, pki, server, double)
+}
+
 /// Password users: the gateway's (`gateway_password`) and the double's.
 fn users(gateway_password: &str) -> Auth {
     Auth::users(&[DOUBLE_USER, ("gateway", gateway_password)])
@@ -441,6 +451,11 @@ fn double_creds() -> ClientCreds {
     ClientCreds::default().user_pass(DOUBLE_USER.0, DOUBLE_USER.1)
 }
 
+/// Copies `from` to `dir/name` (mode 0600, as keys are kept); returns the new path.
+fn copy_file(dir: &Path, name: &str, from: &Path) -> PathBuf {
+    write_secret(dir, name, &std::fs::read_to_string(from).unwrap())
+}
+
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temporary paths")
 }
@@ -454,10 +469,7 @@ fn path_str(p: &Path) -> &str {
 /// with `tls: true`, and `/health` is HEALTHY with NATS connected.
 #[test]
 fn tls_with_a_custom_ca_serves_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = start_server(dir.path(), &pki.tls_conf());
-    let double = RouterDouble::start_secured(&s.url(), &pki.trusting_client());
+    let (_dir, pki, s, double) = tls_setup(false);
     let by_name = format!("nats://localhost:{}", s.port());
     for url in [s.url(), by_name, s.tls_url()] {
         let sub = tempfile::tempdir().unwrap();
@@ -480,10 +492,7 @@ fn tls_with_a_custom_ca_serves_requests() {
 /// anywhere. Without them: `missing_client_certificate_refused_then_fixed_recovers`.
 #[test]
 fn mutual_tls_with_a_client_certificate_serves_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = start_server(dir.path(), &pki.mutual_tls_conf());
-    let double = RouterDouble::start_secured(&s.url(), &pki.mutual_tls_client());
+    let (dir, pki, s, double) = tls_setup(true);
     let gw = gateway(
         dir.path(),
         &s.tls_url(),
@@ -530,7 +539,9 @@ fn user_and_password_serve_and_stay_secret() {
     let record = audit_records(&gw, "nats_authenticated").remove(0);
     assert_eq!(record["server"], s.url().as_str(), "{record}");
     assert_eq!(record["auth_method"], "user_password", "{record}");
-    let (check, _) = gw.check_config();
+    let check = gw.check_config().stdout;
+    let check: Value = serde_json::from_str(&check)
+        .unwrap_or_else(|e| panic!("--check-config is not JSON ({e}): {check}"));
     assert_eq!(check["nats"]["security"]["auth"]["method"], "user_password");
     assert_no_secrets(&gw, &[password]);
 }
@@ -549,7 +560,7 @@ fn token_serves_and_stays_secret() {
         &[("CGW_IPC_NATS_TOKEN", token)],
     );
     assert_eq!(gw.authenticated()["auth_method"], "token");
-    let (_, check) = gw.check_config();
+    let check = gw.check_config().stdout;
     assert!(
         check.contains("***"),
         "the token is not shown masked: {check}"
@@ -1022,15 +1033,8 @@ fn sighup_rereads_a_rotated_password_file() {
 /// restart and serves.
 #[test]
 fn sighup_rereads_a_rotated_ca_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = start_server(dir.path(), &pki.tls_conf());
-    let double = RouterDouble::start_secured(&s.url(), &pki.trusting_client());
-    let ca_file = write(
-        dir.path(),
-        "gw-ca.pem",
-        &std::fs::read_to_string(&pki.untrusted_ca).unwrap(),
-    );
+    let (dir, pki, s, double) = tls_setup(false);
+    let ca_file = copy_file(dir.path(), "gw-ca.pem", &pki.untrusted_ca);
     let started = Instant::now();
     let gw = gateway(
         dir.path(),
@@ -1113,20 +1117,9 @@ fn sighup_rereads_a_rotated_creds_file() {
 /// connects with them.
 #[test]
 fn sighup_rereads_a_rotated_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = start_server(dir.path(), &pki.mutual_tls_conf());
-    let double = RouterDouble::start_secured(&s.url(), &pki.mutual_tls_client());
-    let cert = write(
-        dir.path(),
-        "gw-cert.pem",
-        &std::fs::read_to_string(&pki.untrusted_client.cert).unwrap(),
-    );
-    let key = write_secret(
-        dir.path(),
-        "gw-key.pem",
-        &std::fs::read_to_string(&pki.untrusted_client.key).unwrap(),
-    );
+    let (dir, pki, s, double) = tls_setup(true);
+    let cert = copy_file(dir.path(), "gw-cert.pem", &pki.untrusted_client.cert);
+    let key = copy_file(dir.path(), "gw-key.pem", &pki.untrusted_client.key);
     let mut gw = gateway(
         dir.path(),
         &s.tls_url(),
@@ -1146,16 +1139,8 @@ fn sighup_rereads_a_rotated_client_certificate() {
         },
     );
     let rotated = pki.issue_client("rotated-client");
-    write(
-        dir.path(),
-        "gw-cert.pem",
-        &std::fs::read_to_string(&rotated.cert).unwrap(),
-    );
-    write_secret(
-        dir.path(),
-        "gw-key.pem",
-        &std::fs::read_to_string(&rotated.key).unwrap(),
-    );
+    copy_file(dir.path(), "gw-cert.pem", &rotated.cert);
+    copy_file(dir.path(), "gw-key.pem", &rotated.key);
     gw.daemon.signal(Signal::HUP);
     gw.wait_connected(1);
     gw.serve_one(&double);

@@ -64,16 +64,16 @@ fn health(addr: SocketAddr) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("/health is not JSON ({e}): {text}"))
 }
 
+/// Polls `/health` until `cond` holds; returns it. Panics after [`WAIT`].
 fn wait_health(addr: SocketAddr, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + WAIT;
-    loop {
-        let h = health(addr);
-        if cond(&h) {
-            return h;
-        }
+    let mut h = health(addr);
+    while !cond(&h) {
         assert!(Instant::now() < deadline, "{what}: last /health {h}");
         thread::sleep(Duration::from_millis(20));
+        h = health(addr);
     }
+    h
 }
 
 /// A scratch directory for secret files, removed at the end.
