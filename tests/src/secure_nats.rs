@@ -32,7 +32,7 @@ use rcgen::{
 };
 use serde_json::{json, Value};
 
-use crate::nats_server::NatsCluster;
+use crate::nats_server::{NatsCluster, NatsServer};
 
 /// A certificate and its private key, as PEM files.
 #[derive(Clone, Debug)]
@@ -153,6 +153,26 @@ impl TestPki {
             wrong_name_server,
             authority,
         }
+    }
+
+    /// A TLS server's configuration with the good certificate, no client certificates asked.
+    pub fn tls_conf(&self) -> ServerConf {
+        ServerConf::tls(self.server.clone(), None)
+    }
+
+    /// Like [`TestPki::tls_conf`], and client certificates must chain to `ca` (mutual TLS).
+    pub fn mutual_tls_conf(&self) -> ServerConf {
+        ServerConf::tls(self.server.clone(), Some(&self.ca))
+    }
+
+    /// A client that trusts `ca`.
+    pub fn trusting_client(&self) -> ClientCreds {
+        ClientCreds::default().ca(&self.ca)
+    }
+
+    /// A client that trusts `ca` and presents `client` (mutual TLS).
+    pub fn mutual_tls_client(&self) -> ClientCreds {
+        self.trusting_client().client_cert(&self.client)
     }
 
     /// A new server certificate from the test CA for `names` (e.g. a cluster node's own name
@@ -392,6 +412,13 @@ pub fn creds_text(jwt: &str, seed: &str) -> String {
     )
 }
 
+/// Writes a user's `.creds` file (mode 0600) to `dir/file`, from `(jwt, user)` as
+/// [`Operator::user`] and [`foreign_user`] return them; returns its path and the user.
+pub fn write_creds(dir: &Path, file: &str, (jwt, user): (String, Nkey)) -> (PathBuf, Nkey) {
+    let path = write_secret(dir, file, &creds_text(&jwt, &user.seed));
+    (path, user)
+}
+
 // ---------------------------------------------------------------------------------------
 // nats-server configuration files.
 
@@ -592,6 +619,12 @@ pub struct ClientCreds {
     pub tls_key: Option<PathBuf>,
 }
 
+/// Starts nats-server with `conf`, written to `dir/server.conf` (where
+/// [`NatsServer::reload`] after a rewrite of the same file picks up the change).
+pub fn start_server(dir: &Path, conf: &ServerConf) -> NatsServer {
+    NatsServer::start_with_config(&conf.write(dir, "server.conf"))
+}
+
 impl ClientCreds {
     /// Trust `ca`.
     pub fn ca(mut self, ca: &Path) -> ClientCreds {
@@ -785,11 +818,13 @@ pub fn tls_cluster_of(dir: &Path, pairs: Vec<PemPair>, auth: &Auth, extra: &str)
 /// node 1 with TLS after INFO (for the Router double: the sync `nats` crate cannot start TLS
 /// first). `auth` on both.
 pub fn tls_first_pair_with(dir: &Path, pki: &TestPki, auth: &Auth) -> NatsCluster {
-    let first = ServerConf::tls(pki.server.clone(), None)
+    let first = pki
+        .tls_conf()
         .with_auth(auth.clone())
         .handshake_first()
         .write(dir, "tls-first.conf");
-    let usual = ServerConf::tls(pki.server.clone(), None)
+    let usual = pki
+        .tls_conf()
         .with_auth(auth.clone())
         .write(dir, "tls-usual.conf");
     let configs = [first, usual];

@@ -16,10 +16,14 @@
 //!   configuration is fixed and reloaded, and the gateway connects by itself and serves.
 //! - Secrets never appear on stderr, stdout, `--check-config`, `/health`, `/metrics` or the
 //!   audit log.
-//! - SIGHUP re-reads rotated password, creds and certificate files.
+//! - SIGHUP re-reads rotated password, creds, CA and client certificate files; a file that
+//!   cannot be read on SIGHUP keeps the old secret.
 //! - Bad input at start (missing or malformed CA, certificate, key, creds, seed; key not
 //!   matching the certificate) exits 2 naming the variable and the file, and `--check-config`
 //!   catches the same without connecting.
+//!
+//! What a real server cannot show (the `.creds` nonce signature, TLS-first without a
+//! nats-server >= 2.10, a stalled handshake) is in tests/nats_secure_fakes.rs.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
@@ -27,7 +31,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_gateway_tests::daemon::{check_error, ping, recv, run, send_json, wait_until, Daemon};
+use ipc_gateway_tests::daemon::{
+    check_error, ping, recv, run, send_json, wait_until, Daemon, Finished,
+};
 use ipc_gateway_tests::frame::{RESPONSE_OK, TASK_SUBMIT};
 use ipc_gateway_tests::http_client;
 use ipc_gateway_tests::nats_load::{
@@ -36,8 +42,9 @@ use ipc_gateway_tests::nats_load::{
 use ipc_gateway_tests::nats_server::NatsServer;
 use ipc_gateway_tests::router_double::RouterDouble;
 use ipc_gateway_tests::secure_nats::{
-    creds_text, foreign_user, metric, squash, tls_cluster, tls_cluster_of, tls_first_pair, write,
-    write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki, User,
+    foreign_user, metric, squash, start_server, tls_cluster, tls_cluster_of, tls_first_pair, write,
+    write_creds, write_secret, Auth, ClientCreds, Nkey, Operator, PemPair, ServerConf, TestPki,
+    User,
 };
 use rustix::process::Signal;
 use serde_json::{json, Value};
@@ -65,6 +72,8 @@ struct Gateway {
     http: SocketAddr,
     audit: PathBuf,
     env: Vec<(String, String)>,
+    /// The URL it was started with (what its log lines and audit records name).
+    url: String,
 }
 
 /// GET `path` from the daemon: status and body.
@@ -104,6 +113,7 @@ fn gateway(dir: &Path, url: &str, extra: &[(&str, &str)]) -> Gateway {
         http,
         audit,
         env,
+        url: url.to_owned(),
     }
 }
 
@@ -115,6 +125,26 @@ impl Gateway {
             WAIT,
             || nats_connected_count(&self.daemon) >= n,
         );
+    }
+
+    /// The first `nats_authenticated` log line, once there is one.
+    fn authenticated(&self) -> Value {
+        wait_until("a nats_authenticated log line", WAIT, || {
+            !self.daemon.log_events("nats_authenticated").is_empty()
+        });
+        self.daemon.log_events("nats_authenticated").remove(0)
+    }
+
+    /// `--check-config` with the same settings; it must succeed.
+    fn check_config(&self) -> Finished {
+        let check = run(&refs(&self.env), &["--check-config"]);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "--check-config: {}",
+            check.stderr
+        );
+        check
     }
 
     /// `/metrics`, text.
@@ -185,43 +215,92 @@ fn ask(stream: &mut UnixStream, payload: &Value) -> ipc_gateway_tests::frame::Fr
     recv(stream)
 }
 
+/// An authentication or a TLS failure: its counter, the start of its `/health` reason, its
+/// log event.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    Auth,
+    Tls,
+}
+
+impl Failure {
+    fn counter(self) -> &'static str {
+        match self {
+            Failure::Auth => "nats_auth_failures_total",
+            Failure::Tls => "nats_tls_failures_total",
+        }
+    }
+
+    fn health_prefix(self) -> &'static str {
+        match self {
+            Failure::Auth => "nats auth failed: ",
+            Failure::Tls => "nats tls failed: ",
+        }
+    }
+
+    fn event(self) -> &'static str {
+        match self {
+            Failure::Auth => "nats_auth_failed",
+            Failure::Tls => "nats_tls_failed",
+        }
+    }
+}
+
 /// What a refused link must show (gateway.md section 9, "Failures").
 struct Refusal<'a> {
-    /// `nats_auth_failures_total` or `nats_tls_failures_total`.
-    counter: &'a str,
+    failure: Failure,
     /// Any of these, squashed (see [`squash`]), names the reason: e.g. "authorizationviolation".
     reasons: &'a [&'a str],
+    /// The whole `/health` reason, where the server's words are fixed.
+    exact: Option<&'a str>,
 }
 
 /// Checks a refused link against the running daemon `gw` whose server listens on `port`:
-/// counted, `/health` UNHEALTHY naming the reason, then over [`WINDOW`]: a few attempts (no
-/// hot loop), one log line per attempt naming the server and the reason, the counter up by
-/// one per attempt; the daemon alive and answering (PING, and error 8 for a task).
+/// counted, `/health` UNHEALTHY naming the reason (`nats auth failed: ` or `nats tls failed: `
+/// and the reason), the failure's log event naming the gateway's URL, then over [`WINDOW`]: a
+/// few attempts (no hot loop), one log line per attempt naming the server and the reason, the
+/// counter up by one per attempt; the daemon alive and answering (PING, and error 8 for a
+/// task).
 fn expect_refused(gw: &mut Gateway, port: u16, refusal: &Refusal) {
     let server = format!("127.0.0.1:{port}");
+    let counter = refusal.failure.counter();
     let names_reason = |text: &str| {
         let s = squash(text);
         refusal.reasons.iter().any(|r| s.contains(r))
     };
-    wait_until(
-        &format!("{} counts 2 failures", refusal.counter),
-        WAIT,
-        || gw.counter(refusal.counter) >= 2.0,
-    );
+    wait_until(&format!("{counter} counts 2 failures"), WAIT, || {
+        gw.counter(counter) >= 2.0
+    });
     let health = gw.wait_health("UNHEALTHY with the reason", |h| {
         h["status"] == "UNHEALTHY" && h["reason"].as_str().is_some_and(names_reason)
     });
     eprintln!("/health while refused: {health}");
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(refusal.failure.health_prefix()),
+        "{:?}: {health}",
+        refusal.failure
+    );
+    if let Some(exact) = refusal.exact {
+        assert_eq!(reason, exact, "{health}");
+    }
+    let events = gw.daemon.log_events(refusal.failure.event());
+    assert!(
+        events.iter().any(|e| e["server"] == gw.url.as_str()),
+        "no {} line names {}: {events:?}",
+        refusal.failure.event(),
+        gw.url
+    );
 
     let lines_before = gw.daemon.stderr().lines().count();
-    let counted_before = gw.counter(refusal.counter);
+    let counted_before = gw.counter(counter);
     let start = Instant::now();
     // A measurement window, not a wait for an event: the daemon must stay up throughout.
     while start.elapsed() < WINDOW {
         assert!(gw.daemon.is_running(), "the daemon died while refused");
         thread::sleep(Duration::from_millis(100));
     }
-    let counted = gw.counter(refusal.counter) - counted_before;
+    let counted = gw.counter(counter) - counted_before;
     let stderr = gw.daemon.stderr();
     let window: Vec<&str> = stderr.lines().skip(lines_before).collect();
     let attempts = window
@@ -255,8 +334,7 @@ fn expect_refused(gw: &mut Gateway, port: u16, refusal: &Refusal) {
     );
     assert!(
         (counted.round() as usize).abs_diff(attempts) <= 1,
-        "{} went up by {counted} over {attempts} attempts",
-        refusal.counter
+        "{counter} went up by {counted} over {attempts} attempts"
     );
     let mut stream = gw.daemon.connect();
     ping(&mut stream);
@@ -279,13 +357,7 @@ fn expect_refused(gw: &mut Gateway, port: u16, refusal: &Refusal) {
 /// Asserts that none of `secrets` appears in anything the daemon shows: stderr, stdout,
 /// `--check-config` with the same settings, `/health`, `/metrics`, the audit log.
 fn assert_no_secrets(gw: &Gateway, secrets: &[&str]) {
-    let check = run(&refs(&gw.env), &["--check-config"]);
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "--check-config: {}",
-        check.stderr
-    );
+    let check = gw.check_config();
     let outputs = [
         ("stderr", gw.daemon.stderr()),
         ("stdout", gw.daemon.stdout()),
@@ -322,15 +394,44 @@ fn audit_records(gw: &Gateway, event: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Starts a server with `conf` (written to `dir/server.conf`).
-fn server(dir: &Path, conf: &ServerConf) -> NatsServer {
-    NatsServer::start_with_config(&conf.write(dir, "server.conf"))
-}
-
 /// Rewrites `dir/server.conf` with `conf` and reloads `server`.
 fn reconfigure(server: &NatsServer, dir: &Path, conf: &ServerConf) {
     conf.write(dir, "server.conf");
     server.reload().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Starts a server with `conf` in `dir`, the Router double with `double`, and a gateway on
+/// `url(server)` with `env`; returns them (dropped in that order) once the gateway has
+/// connected and served a request.
+fn serving(
+    dir: &Path,
+    conf: &ServerConf,
+    double: &ClientCreds,
+    url: impl FnOnce(&NatsServer) -> String,
+    env: &[(&str, &str)],
+) -> (Gateway, RouterDouble, NatsServer) {
+    let s = start_server(dir, conf);
+    let double = RouterDouble::start_secured(&s.url(), double);
+    let gw = gateway(dir, &url(&s), env);
+    gw.wait_connected(1);
+    gw.serve_one(&double);
+    (gw, double, s)
+}
+
+/// A TLS server with the test PKI's good certificate and the Router double on it, with the
+/// directory and the PKI they use; with `mutual`, the server requires client certificates
+/// from the test CA (and the double presents one).
+fn tls_setup(mutual: bool) -> (tempfile::TempDir, TestPki, NatsServer, RouterDouble) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path());
+    let (conf, client) = if mutual {
+        (pki.mutual_tls_conf(), pki.mutual_tls_client())
+    } else {
+        (pki.tls_conf(), pki.trusting_client())
+    };
+    let server = start_server(dir.path(), &conf);
+    let double = RouterDouble::start_secured(&server.url(), &client);
+    (dir, pki, server, double)
 }
 
 /// Password users: the gateway's (`gateway_password`) and the double's.
@@ -338,8 +439,21 @@ fn users(gateway_password: &str) -> Auth {
     Auth::users(&[DOUBLE_USER, ("gateway", gateway_password)])
 }
 
+/// The double's password user, for servers that list users one by one.
+fn double_user() -> User {
+    User::Password {
+        user: DOUBLE_USER.0.into(),
+        password: DOUBLE_USER.1.into(),
+    }
+}
+
 fn double_creds() -> ClientCreds {
     ClientCreds::default().user_pass(DOUBLE_USER.0, DOUBLE_USER.1)
+}
+
+/// Copies `from` to `dir/name` (mode 0600, as keys are kept); returns the new path.
+fn copy_file(dir: &Path, name: &str, from: &Path) -> PathBuf {
+    write_secret(dir, name, &std::fs::read_to_string(from).unwrap())
 }
 
 fn path_str(p: &Path) -> &str {
@@ -350,14 +464,14 @@ fn path_str(p: &Path) -> &str {
 // Success.
 
 /// TLS with the test CA (`CGW_IPC_NATS_TLS_CA`): a `nats://` URL is upgraded when INFO says
-/// `tls_required`, and a `tls://` URL asks for TLS itself; both serve requests.
+/// `tls_required` (by IP address and by host name, each checked against the certificate),
+/// and a `tls://` URL asks for TLS itself; each serves requests, logs `nats_authenticated`
+/// with `tls: true`, and `/health` is HEALTHY with NATS connected.
 #[test]
 fn tls_with_a_custom_ca_serves_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = server(dir.path(), &ServerConf::tls(pki.server.clone(), None));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().ca(&pki.ca));
-    for url in [s.url(), s.tls_url()] {
+    let (_dir, pki, s, double) = tls_setup(false);
+    let by_name = format!("nats://localhost:{}", s.port());
+    for url in [s.url(), by_name, s.tls_url()] {
         let sub = tempfile::tempdir().unwrap();
         let gw = gateway(
             sub.path(),
@@ -365,25 +479,20 @@ fn tls_with_a_custom_ca_serves_requests() {
             &[("CGW_IPC_NATS_TLS_CA", path_str(&pki.ca))],
         );
         gw.wait_connected(1);
+        let authenticated = gw.authenticated();
+        assert_eq!(authenticated["tls"], true, "{url}: {authenticated}");
         gw.serve_one(&double);
-        gw.wait_health("HEALTHY over TLS", |h| h["status"] == "HEALTHY");
+        let h = gw.wait_health("HEALTHY over TLS", |h| h["status"] == "HEALTHY");
+        assert_eq!(h["nats"]["state"], "connected", "{url}: {h}");
     }
 }
 
 /// Mutual TLS (`verify: true`): with `CGW_IPC_NATS_TLS_CERT` + `_KEY` the gateway is let in
-/// and serves; no line of the private key shows anywhere.
+/// (`nats_authenticated` with `tls: true`) and serves; no line of the private key shows
+/// anywhere. Without them: `missing_client_certificate_refused_then_fixed_recovers`.
 #[test]
 fn mutual_tls_with_a_client_certificate_serves_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let double = RouterDouble::start_secured(
-        &s.url(),
-        &ClientCreds::default().ca(&pki.ca).client_cert(&pki.client),
-    );
+    let (dir, pki, s, double) = tls_setup(true);
     let gw = gateway(
         dir.path(),
         &s.tls_url(),
@@ -394,6 +503,7 @@ fn mutual_tls_with_a_client_certificate_serves_requests() {
         ],
     );
     gw.wait_connected(1);
+    assert_eq!(gw.authenticated()["tls"], true);
     gw.serve_one(&double);
     let key = std::fs::read_to_string(&pki.client.key).unwrap();
     let key_lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
@@ -401,17 +511,15 @@ fn mutual_tls_with_a_client_certificate_serves_requests() {
 }
 
 /// User and password from `CGW_IPC_NATS_USER` + `CGW_IPC_NATS_PASSWORD`, over TLS: served,
-/// the audit log records `nats_authenticated` without the secret, and the password appears
-/// nowhere.
+/// logged as `auth_method: user_password` (so `--check-config` reports it), the audit log
+/// records `nats_authenticated` naming the server and the method without the secret, and the
+/// password appears nowhere.
 #[test]
 fn user_and_password_serve_and_stay_secret() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let password = "gw-pass-9d41b7";
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), None).with_auth(users(password)),
-    );
+    let s = start_server(dir.path(), &pki.tls_conf().with_auth(users(password)));
     let double = RouterDouble::start_secured(&s.url(), &double_creds().ca(&pki.ca));
     let gw = gateway(
         dir.path(),
@@ -423,55 +531,65 @@ fn user_and_password_serve_and_stay_secret() {
         ],
     );
     gw.wait_connected(1);
+    assert_eq!(gw.authenticated()["auth_method"], "user_password");
     gw.serve_one(&double);
     wait_until("an audit record nats_authenticated", WAIT, || {
         !audit_records(&gw, "nats_authenticated").is_empty()
     });
     let record = audit_records(&gw, "nats_authenticated").remove(0);
-    assert!(
-        record.to_string().contains(&s.port().to_string()),
-        "nats_authenticated does not name the server: {record}"
-    );
+    assert_eq!(record["server"], s.url().as_str(), "{record}");
+    assert_eq!(record["auth_method"], "user_password", "{record}");
+    let check = gw.check_config().stdout;
+    let check: Value = serde_json::from_str(&check)
+        .unwrap_or_else(|e| panic!("--check-config is not JSON ({e}): {check}"));
+    assert_eq!(check["nats"]["security"]["auth"]["method"], "user_password");
     assert_no_secrets(&gw, &[password]);
 }
 
-/// A token (`CGW_IPC_NATS_TOKEN`) is accepted and stays secret.
+/// A token (`CGW_IPC_NATS_TOKEN`) is accepted (`auth_method: token`) and stays secret
+/// (`--check-config` shows `***` in its place).
 #[test]
 fn token_serves_and_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let token = "tok-3a7f19c0e2";
-    let s = server(dir.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let gw = gateway(dir.path(), &s.url(), &[("CGW_IPC_NATS_TOKEN", token)]);
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    let (gw, _double, _server) = serving(
+        dir.path(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        NatsServer::url,
+        &[("CGW_IPC_NATS_TOKEN", token)],
+    );
+    assert_eq!(gw.authenticated()["auth_method"], "token");
+    let check = gw.check_config().stdout;
+    assert!(
+        check.contains("***"),
+        "the token is not shown masked: {check}"
+    );
     assert_no_secrets(&gw, &[token]);
 }
 
+/// The server's nkey users: `nkey` and the double's password user.
+fn nkey_users(nkey: &Nkey) -> ServerConf {
+    ServerConf::plain(Auth::Users(vec![
+        User::Nkey(nkey.public.clone()),
+        double_user(),
+    ]))
+}
+
 /// An nkey user (`CGW_IPC_NATS_NKEY_SEED`: the gateway signs the server's nonce) is
-/// accepted; the seed stays secret.
+/// accepted (`auth_method: nkey`); the seed stays secret.
 #[test]
 fn nkey_serves_and_the_seed_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let nkey = Nkey::user();
-    let s = server(
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &ServerConf::plain(Auth::Users(vec![
-            User::Nkey(nkey.public.clone()),
-            User::Password {
-                user: DOUBLE_USER.0.into(),
-                password: DOUBLE_USER.1.into(),
-            },
-        ])),
-    );
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
-        dir.path(),
-        &s.url(),
+        &nkey_users(&nkey),
+        &double_creds(),
+        NatsServer::url,
         &[("CGW_IPC_NATS_NKEY_SEED", &nkey.seed)],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    assert_eq!(gw.authenticated()["auth_method"], "nkey");
     assert_no_secrets(&gw, &[&nkey.seed]);
 }
 
@@ -481,19 +599,15 @@ fn nkey_serves_and_the_seed_stays_secret() {
 fn creds_in_operator_mode_serve_and_the_seed_stays_secret() {
     let dir = tempfile::tempdir().unwrap();
     let operator = Operator::new();
-    let s = server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
-    let (jwt, user) = operator.user("router-double");
-    let double_file = write_secret(dir.path(), "double.creds", &creds_text(&jwt, &user.seed));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().creds(&double_file));
-    let (jwt, user) = operator.user("gateway");
-    let creds = write_secret(dir.path(), "gateway.creds", &creds_text(&jwt, &user.seed));
-    let gw = gateway(
+    let (double_file, _) = write_creds(dir.path(), "double.creds", operator.user("router-double"));
+    let (creds, user) = write_creds(dir.path(), "gateway.creds", operator.user("gateway"));
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &s.url(),
+        &ServerConf::plain(Auth::operator(&operator)),
+        &ClientCreds::default().creds(&double_file),
+        NatsServer::url,
         &[("CGW_IPC_NATS_CREDS", path_str(&creds))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[&user.seed]);
 }
 
@@ -503,85 +617,68 @@ fn creds_in_operator_mode_serve_and_the_seed_stays_secret() {
 fn url_userinfo_is_used_and_masked() {
     let dir = tempfile::tempdir().unwrap();
     let password = "url-pass-61c9e4";
-    let s = server(dir.path(), &ServerConf::plain(users(password)));
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let url = format!("nats://gateway:{password}@127.0.0.1:{}", s.port());
-    let gw = gateway(dir.path(), &url, &[]);
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    let (gw, _double, _server) = serving(
+        dir.path(),
+        &ServerConf::plain(users(password)),
+        &double_creds(),
+        |s| format!("nats://gateway:{password}@127.0.0.1:{}", s.port()),
+        &[],
+    );
     assert_no_secrets(&gw, &[password]);
-    drop(gw);
-    drop(double);
 
     let sub = tempfile::tempdir().unwrap();
     let token = "url-tok-0b8e27d5";
-    let s = server(sub.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let url = format!("nats://{token}@127.0.0.1:{}", s.port());
-    let gw = gateway(sub.path(), &url, &[]);
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    let (gw, _double, _server) = serving(
+        sub.path(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        |s| format!("nats://{token}@127.0.0.1:{}", s.port()),
+        &[],
+    );
     assert_no_secrets(&gw, &[token]);
 }
 
-/// The `*_FILE` variants read the secret from a file: password, token, nkey seed.
+/// The `*_FILE` variants read the secret from a file (with a trailing newline, as editors
+/// and `echo` leave it: the secret is the line): password, token, nkey seed.
 #[test]
 fn file_variants_read_secrets_from_files() {
     let dir = tempfile::tempdir().unwrap();
     let password = "file-pass-2c5d8a";
-    // A trailing newline, as editors and `echo` leave it: the secret is the line.
     let password_file = write_secret(dir.path(), "password", &format!("{password}\n"));
-    let s = server(dir.path(), &ServerConf::plain(users(password)));
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
+    let (gw, _double, _server) = serving(
         dir.path(),
-        &s.url(),
+        &ServerConf::plain(users(password)),
+        &double_creds(),
+        NatsServer::url,
         &[
             ("CGW_IPC_NATS_USER", "gateway"),
             ("CGW_IPC_NATS_PASSWORD_FILE", path_str(&password_file)),
         ],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[password]);
-    drop((gw, double, s));
 
     let sub = tempfile::tempdir().unwrap();
     let token = "file-tok-7e04b1aa";
     let token_file = write_secret(sub.path(), "token", &format!("{token}\n"));
-    let s = server(sub.path(), &ServerConf::plain(Auth::Token(token.into())));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().token(token));
-    let gw = gateway(
+    let (gw, _double, _server) = serving(
         sub.path(),
-        &s.url(),
+        &ServerConf::plain(Auth::Token(token.into())),
+        &ClientCreds::default().token(token),
+        NatsServer::url,
         &[("CGW_IPC_NATS_TOKEN_FILE", path_str(&token_file))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[token]);
-    drop((gw, double, s));
 
     let sub = tempfile::tempdir().unwrap();
     let nkey = Nkey::user();
     let seed_file = write_secret(sub.path(), "seed", &format!("{}\n", nkey.seed));
-    let s = server(
+    let (gw, _double, _server) = serving(
         sub.path(),
-        &ServerConf::plain(Auth::Users(vec![
-            User::Nkey(nkey.public.clone()),
-            User::Password {
-                user: DOUBLE_USER.0.into(),
-                password: DOUBLE_USER.1.into(),
-            },
-        ])),
-    );
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let gw = gateway(
-        sub.path(),
-        &s.url(),
+        &nkey_users(&nkey),
+        &double_creds(),
+        NatsServer::url,
         &[("CGW_IPC_NATS_NKEY_SEED_FILE", path_str(&seed_file))],
     );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
     assert_no_secrets(&gw, &[&nkey.seed]);
 }
 
@@ -593,7 +690,7 @@ fn tls_first_serves_requests() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let pair = tls_first_pair(dir.path(), &pki);
-    let double = RouterDouble::start_secured(&pair.url(1), &ClientCreds::default().ca(&pki.ca));
+    let double = RouterDouble::start_secured(&pair.url(1), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &pair.node(0).tls_url(),
@@ -615,7 +712,7 @@ fn tls_cluster_keeps_serving_when_the_node_in_use_dies() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let mut cluster = tls_cluster(dir.path(), &pki, 3);
-    let _double = RouterDouble::start_secured(&cluster.url(2), &ClientCreds::default().ca(&pki.ca));
+    let _double = RouterDouble::start_secured(&cluster.url(2), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &cluster.node(0).tls_url(),
@@ -658,7 +755,7 @@ fn tls_cluster_failover_refuses_a_learned_node_with_a_wrong_name() {
         pki.issue_server("node2", &["127.0.0.1", "localhost", "node2.nats.test"]),
     ];
     let mut cluster = tls_cluster_of(dir.path(), pairs, &Auth::None, "");
-    let double = RouterDouble::start_secured(&cluster.url(2), &ClientCreds::default().ca(&pki.ca));
+    let double = RouterDouble::start_secured(&cluster.url(2), &pki.trusting_client());
     let gw = gateway(
         dir.path(),
         &cluster.node(0).tls_url(),
@@ -707,170 +804,178 @@ const AUTH: &str = "nats_auth_failures_total";
 const TLS: &str = "nats_tls_failures_total";
 const AUTHORIZATION: &[&str] = &["authorizationviolation"];
 
-/// A wrong password: refused, counted, UNHEALTHY, no hot loop, no crash, neither password
-/// shown; the server is reconfigured with the gateway's password and reloaded: the gateway
-/// connects by itself and serves.
-#[test]
-fn wrong_password_then_fixed_server_recovers() {
+/// One refusal case: a server that refuses the gateway, then is fixed.
+struct RefusalCase {
+    /// The server's configuration while it refuses the gateway.
+    refusing: ServerConf,
+    /// The configuration reloaded to fix it.
+    fixed: ServerConf,
+    /// The gateway asks for TLS itself (`tls://`) rather than `nats://`.
+    tls_url: bool,
+    /// The gateway's variables.
+    env: Vec<(&'static str, String)>,
+    /// The Router double's credentials (it connects once the server is fixed).
+    double: ClientCreds,
+    refusal: Refusal<'static>,
+    /// What must appear in none of the daemon's outputs.
+    secrets: Vec<String>,
+}
+
+/// Runs a refusal case made from a fresh test PKI: the gateway (with a grace period far
+/// longer than the test, so UNHEALTHY comes from the refusal itself, at once) is refused as
+/// [`expect_refused`] checks; the server's configuration is fixed and reloaded; the gateway
+/// connects by itself, serves and is HEALTHY; no secret of the case shows anywhere.
+fn refused_then_fixed(case: impl FnOnce(&TestPki) -> RefusalCase) {
     let dir = tempfile::tempdir().unwrap();
-    let (right, used) = ("right-pass-4f0e2a", "used-pass-c3b91d");
-    let s = server(dir.path(), &ServerConf::plain(users(right)));
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let mut gw = gateway(
-        dir.path(),
-        &s.url(),
-        &[
-            ("CGW_IPC_NATS_USER", "gateway"),
-            ("CGW_IPC_NATS_PASSWORD", used),
-        ],
-    );
-    expect_refused(
-        &mut gw,
-        s.port(),
-        &Refusal {
-            counter: AUTH,
-            reasons: AUTHORIZATION,
-        },
-    );
-    assert_no_secrets(&gw, &[right, used]);
-    reconfigure(&s, dir.path(), &ServerConf::plain(users(used)));
+    let pki = TestPki::create(dir.path());
+    let case = case(&pki);
+    let s = start_server(dir.path(), &case.refusing);
+    let url = if case.tls_url { s.tls_url() } else { s.url() };
+    let mut env: Vec<(&str, &str)> = vec![("CGW_HEALTH_GRACE_MS", "600000")];
+    env.extend(case.env.iter().map(|(k, v)| (*k, v.as_str())));
+    let mut gw = gateway(dir.path(), &url, &env);
+    expect_refused(&mut gw, s.port(), &case.refusal);
+    reconfigure(&s, dir.path(), &case.fixed);
+    let double = RouterDouble::start_secured(&s.url(), &case.double);
     gw.wait_connected(1);
     gw.serve_one(&double);
     gw.wait_health("HEALTHY after the fix", |h| h["status"] == "HEALTHY");
+    let secrets: Vec<&str> = case.secrets.iter().map(String::as_str).collect();
+    assert_no_secrets(&gw, &secrets);
 }
 
-/// An nkey the server does not know: refused like a wrong password; once the server lists
-/// it (reload), the gateway connects and serves.
+/// A TLS case: the server presents `bad` (and checks client certificates against the CA if
+/// `verify_clients`), refused for one of `reasons`; fixed: the good certificate, no client
+/// certificates required.
+fn tls_case(
+    pki: &TestPki,
+    bad: &PemPair,
+    verify_clients: bool,
+    reasons: &'static [&'static str],
+) -> RefusalCase {
+    let ca = pki.ca.as_path();
+    RefusalCase {
+        refusing: ServerConf::tls(bad.clone(), verify_clients.then_some(ca)),
+        fixed: pki.tls_conf(),
+        tls_url: true,
+        env: vec![("CGW_IPC_NATS_TLS_CA", path_str(ca).to_owned())],
+        double: ClientCreds::default().ca(ca),
+        refusal: Refusal {
+            failure: Failure::Tls,
+            reasons,
+            exact: None,
+        },
+        secrets: Vec::new(),
+    }
+}
+
+/// A wrong password (`Authorization Violation`, the server's words in `/health`), neither
+/// password shown; fixed: the server takes the gateway's password.
+#[test]
+fn wrong_password_then_fixed_server_recovers() {
+    let (right, used) = ("right-pass-4f0e2a", "used-pass-c3b91d");
+    refused_then_fixed(|_| RefusalCase {
+        refusing: ServerConf::plain(users(right)),
+        fixed: ServerConf::plain(users(used)),
+        tls_url: false,
+        env: vec![
+            ("CGW_IPC_NATS_USER", "gateway".into()),
+            ("CGW_IPC_NATS_PASSWORD", used.into()),
+        ],
+        double: double_creds(),
+        refusal: Refusal {
+            failure: Failure::Auth,
+            reasons: AUTHORIZATION,
+            exact: Some("nats auth failed: Authorization Violation"),
+        },
+        secrets: vec![right.into(), used.into()],
+    });
+}
+
+/// An nkey the server does not know: refused like a wrong password; fixed: the server lists
+/// it. The seed stays secret.
 #[test]
 fn unknown_nkey_then_added_recovers() {
-    let dir = tempfile::tempdir().unwrap();
     let nkey = Nkey::user();
-    let double_user = User::Password {
-        user: DOUBLE_USER.0.into(),
-        password: DOUBLE_USER.1.into(),
-    };
-    let s = server(
-        dir.path(),
-        &ServerConf::plain(Auth::Users(vec![double_user.clone()])),
-    );
-    let double = RouterDouble::start_secured(&s.url(), &double_creds());
-    let mut gw = gateway(
-        dir.path(),
-        &s.url(),
-        &[("CGW_IPC_NATS_NKEY_SEED", &nkey.seed)],
-    );
-    expect_refused(
-        &mut gw,
-        s.port(),
-        &Refusal {
-            counter: AUTH,
-            reasons: AUTHORIZATION,
-        },
-    );
-    reconfigure(
-        &s,
-        dir.path(),
-        &ServerConf::plain(Auth::Users(vec![
-            double_user,
+    refused_then_fixed(|_| RefusalCase {
+        refusing: ServerConf::plain(Auth::Users(vec![double_user()])),
+        fixed: ServerConf::plain(Auth::Users(vec![
+            double_user(),
             User::Nkey(nkey.public.clone()),
         ])),
-    );
-    gw.wait_connected(1);
-    gw.serve_one(&double);
-    assert_no_secrets(&gw, &[&nkey.seed]);
-}
-
-/// A TLS failure and its recovery: the server presents `bad` (for `reasons`), then is
-/// reloaded with the good certificate; the gateway connects by itself and serves.
-fn tls_refused_then_fixed(bad: fn(&TestPki) -> PemPair, reasons: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = server(dir.path(), &ServerConf::tls(bad(&pki), None));
-    let mut gw = gateway(
-        dir.path(),
-        &s.tls_url(),
-        &[("CGW_IPC_NATS_TLS_CA", path_str(&pki.ca))],
-    );
-    expect_refused(
-        &mut gw,
-        s.port(),
-        &Refusal {
-            counter: TLS,
-            reasons,
+        tls_url: false,
+        env: vec![("CGW_IPC_NATS_NKEY_SEED", nkey.seed.clone())],
+        double: double_creds(),
+        refusal: Refusal {
+            failure: Failure::Auth,
+            reasons: AUTHORIZATION,
+            exact: None,
         },
-    );
-    reconfigure(&s, dir.path(), &ServerConf::tls(pki.server.clone(), None));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().ca(&pki.ca));
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+        secrets: vec![nkey.seed.clone()],
+    });
 }
 
 /// The server's certificate has expired.
 #[test]
 fn expired_certificate_refused_then_fixed_recovers() {
-    tls_refused_then_fixed(|pki| pki.expired_server.clone(), &["expired"]);
+    refused_then_fixed(|pki| tls_case(pki, &pki.expired_server, false, &["expired"]));
 }
 
 /// The server's certificate comes from a CA the gateway does not trust.
 #[test]
 fn untrusted_ca_refused_then_fixed_recovers() {
-    tls_refused_then_fixed(
-        |pki| pki.untrusted_server.clone(),
-        &["unknownissuer", "untrusted", "unknownca"],
-    );
+    refused_then_fixed(|pki| {
+        tls_case(
+            pki,
+            &pki.untrusted_server,
+            false,
+            &["unknownissuer", "untrusted", "unknownca"],
+        )
+    });
 }
 
 /// The server's certificate is for another host name.
 #[test]
 fn hostname_mismatch_refused_then_fixed_recovers() {
-    tls_refused_then_fixed(
-        |pki| pki.wrong_name_server.clone(),
-        &["notvalidforname", "hostname", "namemismatch"],
-    );
+    refused_then_fixed(|pki| {
+        tls_case(
+            pki,
+            &pki.wrong_name_server,
+            false,
+            &["notvalidforname", "hostname", "namemismatch"],
+        )
+    });
 }
 
-/// Mutual TLS without a client certificate: the server's alert is a clear TLS failure; once
-/// the server stops requiring client certificates (reload), the gateway connects.
+/// Mutual TLS without a client certificate: the server's alert is a clear TLS failure (Go's
+/// server sends certificate_required under TLS 1.3, or bad_certificate); fixed: the server
+/// stops requiring client certificates.
 #[test]
 fn missing_client_certificate_refused_then_fixed_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let mut gw = gateway(
-        dir.path(),
-        &s.tls_url(),
-        &[("CGW_IPC_NATS_TLS_CA", path_str(&pki.ca))],
-    );
-    // Go's server sends certificate_required (TLS 1.3) or bad_certificate.
-    expect_refused(
-        &mut gw,
-        s.port(),
-        &Refusal {
-            counter: TLS,
-            reasons: &["certificaterequired", "badcertificate"],
-        },
-    );
-    reconfigure(&s, dir.path(), &ServerConf::tls(pki.server.clone(), None));
-    let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().ca(&pki.ca));
-    gw.wait_connected(1);
-    gw.serve_one(&double);
+    refused_then_fixed(|pki| {
+        tls_case(
+            pki,
+            &pki.server,
+            true,
+            &["certificaterequired", "badcertificate"],
+        )
+    });
 }
 
 // ---------------------------------------------------------------------------------------
 // Rotation: SIGHUP re-reads credential and certificate files.
 
 /// The password file is rotated: the server changes the gateway's password (reload: the
-/// server drops the old session), the gateway is refused with the old one; the new password
-/// is written to the file and SIGHUP sent: the next reconnect uses it and serves.
+/// server drops the old session), the gateway is refused with the old one. A file that
+/// cannot be read on SIGHUP keeps the old secret and is logged naming the variable and the
+/// file; the new password is written to the file and SIGHUP sent: the auth part is re-read,
+/// the next reconnect uses it and serves.
 #[test]
 fn sighup_rereads_a_rotated_password_file() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = ("old-pass-18ad3e", "new-pass-e7c204");
     let password_file = write_secret(dir.path(), "password", old);
-    let s = server(dir.path(), &ServerConf::plain(users(old)));
+    let s = start_server(dir.path(), &ServerConf::plain(users(old)));
     let double = RouterDouble::start_secured(&s.url(), &double_creds());
     let gw = gateway(
         dir.path(),
@@ -886,11 +991,94 @@ fn sighup_rereads_a_rotated_password_file() {
     wait_until("the old password is refused", WAIT, || {
         gw.counter(AUTH) >= 1.0
     });
+    gw.wait_health("UNHEALTHY with the old password", |h| {
+        h["status"] == "UNHEALTHY"
+    });
+
+    std::fs::remove_file(&password_file).unwrap();
+    gw.daemon.signal(Signal::HUP);
+    wait_until("nats_credentials_reload_failed", WAIT, || {
+        !gw.daemon
+            .log_events("nats_credentials_reload_failed")
+            .is_empty()
+    });
+    let failed = gw
+        .daemon
+        .log_events("nats_credentials_reload_failed")
+        .remove(0);
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("CGW_IPC_NATS_PASSWORD_FILE") && error.contains(path_str(&password_file)),
+        "{failed}"
+    );
+    assert_eq!(gw.health()["status"], "UNHEALTHY", "still the old password");
+
     write_secret(dir.path(), "password", new);
     gw.daemon.signal(Signal::HUP);
+    wait_until("the auth part re-read", WAIT, || {
+        gw.daemon
+            .log_events("nats_credentials_reloaded")
+            .iter()
+            .any(|e| e["part"] == "auth")
+    });
     gw.wait_connected(2);
     gw.serve_one(&double);
     assert_no_secrets(&gw, &[old, new]);
+}
+
+/// A server certificate no configured root vouches for (`CGW_IPC_NATS_TLS_CA` is the
+/// untrusted CA): UNHEALTHY at once (the grace period is far longer) with the reason and the
+/// name checked; attempts follow the backoff (five take at least the first four delays);
+/// the CA file is rotated to the test CA and SIGHUP sent: the gateway connects without a
+/// restart and serves.
+#[test]
+fn sighup_rereads_a_rotated_ca_file() {
+    let (dir, pki, s, double) = tls_setup(false);
+    let ca_file = copy_file(dir.path(), "gw-ca.pem", &pki.untrusted_ca);
+    let started = Instant::now();
+    let gw = gateway(
+        dir.path(),
+        &s.url(),
+        &[
+            ("CGW_IPC_NATS_TLS_CA", path_str(&ca_file)),
+            ("CGW_HEALTH_GRACE_MS", "600000"),
+        ],
+    );
+    let h = gw.wait_health("UNHEALTHY for the unknown CA", |h| {
+        h["status"] == "UNHEALTHY"
+    });
+    assert_eq!(
+        h["reason"],
+        "nats tls failed: invalid peer certificate: UnknownIssuer (server name 127.0.0.1)"
+    );
+    // Five failed attempts take at least the first four backoff delays (each at least half
+    // of 100, 200, 400, 800 ms): a loop without backoff would make hundreds meanwhile.
+    wait_until("five TLS failures", WAIT, || {
+        gw.daemon.log_events("nats_tls_failed").len() >= 5
+    });
+    assert!(
+        started.elapsed() >= Duration::from_millis(750),
+        "five attempts in {:?}",
+        started.elapsed()
+    );
+    let failures = gw.daemon.log_events("nats_tls_failed");
+    assert!(failures.len() < 20, "{} attempts", failures.len());
+    assert!(
+        failures[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("UnknownIssuer")),
+        "{}",
+        failures[0]
+    );
+
+    std::fs::copy(&pki.ca, &ca_file).unwrap();
+    gw.daemon.signal(Signal::HUP);
+    wait_until("nats_credentials_reloaded", WAIT, || {
+        !gw.daemon.log_events("nats_credentials_reloaded").is_empty()
+    });
+    gw.wait_connected(1);
+    gw.wait_health("HEALTHY once the CA is fixed", |h| h["status"] == "HEALTHY");
+    gw.serve_one(&double);
 }
 
 /// A `.creds` file of an account the server does not know is replaced by a good one and
@@ -899,16 +1087,10 @@ fn sighup_rereads_a_rotated_password_file() {
 fn sighup_rereads_a_rotated_creds_file() {
     let dir = tempfile::tempdir().unwrap();
     let operator = Operator::new();
-    let s = server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
-    let (jwt, user) = operator.user("router-double");
-    let double_file = write_secret(dir.path(), "double.creds", &creds_text(&jwt, &user.seed));
+    let s = start_server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
+    let (double_file, _) = write_creds(dir.path(), "double.creds", operator.user("router-double"));
     let double = RouterDouble::start_secured(&s.url(), &ClientCreds::default().creds(&double_file));
-    let (jwt, foreign) = foreign_user("gateway");
-    let creds = write_secret(
-        dir.path(),
-        "gateway.creds",
-        &creds_text(&jwt, &foreign.seed),
-    );
+    let (creds, foreign) = write_creds(dir.path(), "gateway.creds", foreign_user("gateway"));
     let mut gw = gateway(
         dir.path(),
         &s.url(),
@@ -918,12 +1100,12 @@ fn sighup_rereads_a_rotated_creds_file() {
         &mut gw,
         s.port(),
         &Refusal {
-            counter: AUTH,
+            failure: Failure::Auth,
             reasons: AUTHORIZATION,
+            exact: None,
         },
     );
-    let (jwt, user) = operator.user("gateway");
-    write_secret(dir.path(), "gateway.creds", &creds_text(&jwt, &user.seed));
+    let (_, user) = write_creds(dir.path(), "gateway.creds", operator.user("gateway"));
     gw.daemon.signal(Signal::HUP);
     gw.wait_connected(1);
     gw.serve_one(&double);
@@ -935,26 +1117,9 @@ fn sighup_rereads_a_rotated_creds_file() {
 /// connects with them.
 #[test]
 fn sighup_rereads_a_rotated_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let double = RouterDouble::start_secured(
-        &s.url(),
-        &ClientCreds::default().ca(&pki.ca).client_cert(&pki.client),
-    );
-    let cert = write(
-        dir.path(),
-        "gw-cert.pem",
-        &std::fs::read_to_string(&pki.untrusted_client.cert).unwrap(),
-    );
-    let key = write_secret(
-        dir.path(),
-        "gw-key.pem",
-        &std::fs::read_to_string(&pki.untrusted_client.key).unwrap(),
-    );
+    let (dir, pki, s, double) = tls_setup(true);
+    let cert = copy_file(dir.path(), "gw-cert.pem", &pki.untrusted_client.cert);
+    let key = copy_file(dir.path(), "gw-key.pem", &pki.untrusted_client.key);
     let mut gw = gateway(
         dir.path(),
         &s.tls_url(),
@@ -968,21 +1133,14 @@ fn sighup_rereads_a_rotated_client_certificate() {
         &mut gw,
         s.port(),
         &Refusal {
-            counter: TLS,
+            failure: Failure::Tls,
             reasons: &["badcertificate", "unknownca", "certificate"],
+            exact: None,
         },
     );
     let rotated = pki.issue_client("rotated-client");
-    write(
-        dir.path(),
-        "gw-cert.pem",
-        &std::fs::read_to_string(&rotated.cert).unwrap(),
-    );
-    write_secret(
-        dir.path(),
-        "gw-key.pem",
-        &std::fs::read_to_string(&rotated.key).unwrap(),
-    );
+    copy_file(dir.path(), "gw-cert.pem", &rotated.cert);
+    copy_file(dir.path(), "gw-key.pem", &rotated.key);
     gw.daemon.signal(Signal::HUP);
     gw.wait_connected(1);
     gw.serve_one(&double);
@@ -996,8 +1154,8 @@ type BadCase<'a> = (Vec<(&'a str, &'a str)>, &'a str, Option<&'a str>);
 
 /// Each bad setting stops the start with exit code 2 and a message naming the variable and
 /// the file, and `--check-config` reports the same without connecting anywhere (the URL's
-/// port is a listener of the test that must see no connection). A malformed seed is not
-/// echoed.
+/// port is a listener of the test that must see no connection). A malformed seed, in a
+/// variable or in a file, is not echoed.
 #[test]
 fn bad_files_and_seeds_exit_2_naming_variable_and_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -1019,6 +1177,8 @@ fn bad_files_and_seeds_exit_2_naming_variable_and_file() {
     let other_key = path_str(&pki.untrusted_client.key).to_owned();
     let creds = path_str(&garbage_creds).to_owned();
     let bad_seed = "SUAMALFORMEDSEED0123456789";
+    let bad_seed_file = write_secret(dir.path(), "bad.nk", &format!("{bad_seed}\n"));
+    let bad_seed_file = path_str(&bad_seed_file).to_owned();
     // (variables, the variable the message must name, the file it must name, if any)
     let cases: Vec<BadCase> = vec![
         (
@@ -1079,6 +1239,12 @@ fn bad_files_and_seeds_exit_2_naming_variable_and_file() {
             vec![("CGW_IPC_NATS_NKEY_SEED", bad_seed)],
             "CGW_IPC_NATS_NKEY_SEED",
             None,
+        ),
+        // A seed file whose seed is malformed (not echoed either).
+        (
+            vec![("CGW_IPC_NATS_NKEY_SEED_FILE", &bad_seed_file)],
+            "CGW_IPC_NATS_NKEY_SEED_FILE",
+            Some(&bad_seed_file),
         ),
         (
             vec![("CGW_IPC_NATS_NKEY_SEED_FILE", &missing_s)],

@@ -10,14 +10,9 @@ use std::time::Duration;
 use ipc_gateway_tests::nats_server::{NatsCluster, NatsServer};
 use ipc_gateway_tests::router_double::{RouterDouble, DEFAULT_SUBJECT};
 use ipc_gateway_tests::secure_nats::{
-    creds_text, current_nats_server, foreign_user, squash, tls_cluster, tls_first_pair,
-    write_secret, Auth, ClientCreds, Nkey, Operator, ServerConf, TestPki, User,
+    current_nats_server, foreign_user, squash, start_server, tls_cluster, tls_first_pair,
+    write_creds, Auth, ClientCreds, Nkey, Operator, ServerConf, TestPki, User,
 };
-
-/// Starts a server with `conf` written into `dir`.
-fn server(dir: &Path, conf: &ServerConf) -> NatsServer {
-    NatsServer::start_with_config(&conf.write(dir, "server.conf"))
-}
 
 /// Asserts that `creds` connect to `url`.
 fn accepted(creds: &ClientCreds, url: &str, what: &str) {
@@ -45,8 +40,8 @@ fn refused(creds: &ClientCreds, url: &str, what: &str) -> String {
 fn tls_certificates_are_accepted_or_refused_as_intended() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let trusting = ClientCreds::default().ca(&pki.ca);
-    let good = server(dir.path(), &ServerConf::tls(pki.server.clone(), None));
+    let trusting = pki.trusting_client();
+    let good = start_server(dir.path(), &pki.tls_conf());
     accepted(
         &trusting,
         &good.url(),
@@ -74,7 +69,7 @@ fn tls_certificates_are_accepted_or_refused_as_intended() {
         ),
     ] {
         let sub = tempfile::tempdir_in(dir.path()).unwrap();
-        let bad = server(sub.path(), &ServerConf::tls(pair.clone(), None));
+        let bad = start_server(sub.path(), &ServerConf::tls(pair.clone(), None));
         let e = refused(&trusting, &bad.url(), name);
         assert!(squash(&e).contains(reason), "{name}: {e}");
     }
@@ -86,11 +81,8 @@ fn tls_certificates_are_accepted_or_refused_as_intended() {
 fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(
-        dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)),
-    );
-    let trusting = ClientCreds::default().ca(&pki.ca);
+    let s = start_server(dir.path(), &pki.mutual_tls_conf());
+    let trusting = pki.trusting_client();
     accepted(
         &trusting.clone().client_cert(&pki.client),
         &s.url(),
@@ -109,7 +101,7 @@ fn mutual_tls_requires_a_client_certificate_from_the_ca() {
 #[test]
 fn passwords_tokens_and_nkeys_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let users = server(
+    let users = start_server(
         dir.path(),
         &ServerConf::plain(Auth::users(&[("gateway", "right-pass")])),
     );
@@ -129,7 +121,7 @@ fn passwords_tokens_and_nkeys_are_checked() {
     drop(users);
 
     let sub = tempfile::tempdir_in(dir.path()).unwrap();
-    let token = server(
+    let token = start_server(
         sub.path(),
         &ServerConf::plain(Auth::Token("right-token".into())),
     );
@@ -148,7 +140,7 @@ fn passwords_tokens_and_nkeys_are_checked() {
     let sub = tempfile::tempdir_in(dir.path()).unwrap();
     let known = Nkey::user();
     let unknown = Nkey::user();
-    let nkeys = server(
+    let nkeys = start_server(
         sub.path(),
         &ServerConf::plain(Auth::Users(vec![User::Nkey(known.public.clone())])),
     );
@@ -170,11 +162,9 @@ fn passwords_tokens_and_nkeys_are_checked() {
 fn operator_mode_accepts_creds_of_its_account_only() {
     let dir = tempfile::tempdir().unwrap();
     let operator = Operator::new();
-    let s = server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
-    let (jwt, user) = operator.user("gateway");
-    let good = write_secret(dir.path(), "gateway.creds", &creds_text(&jwt, &user.seed));
-    let (jwt, user) = foreign_user("intruder");
-    let bad = write_secret(dir.path(), "foreign.creds", &creds_text(&jwt, &user.seed));
+    let s = start_server(dir.path(), &ServerConf::plain(Auth::operator(&operator)));
+    let (good, _) = write_creds(dir.path(), "gateway.creds", operator.user("gateway"));
+    let (bad, _) = write_creds(dir.path(), "foreign.creds", foreign_user("intruder"));
     accepted(&ClientCreds::default().creds(&good), &s.url(), "good creds");
     refused(
         &ClientCreds::default().creds(&bad),
@@ -210,9 +200,9 @@ fn reload_applies_a_rewritten_configuration() {
 fn router_double_connects_to_a_secured_server() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let s = server(
+    let s = start_server(
         dir.path(),
-        &ServerConf::tls(pki.server.clone(), Some(&pki.ca)).with_auth(Auth::users(&[
+        &pki.mutual_tls_conf().with_auth(Auth::users(&[
             ("router-double", "double-pass"),
             ("gateway", "gw-pass"),
         ])),
@@ -240,7 +230,7 @@ fn tls_cluster_nodes_each_present_their_own_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let cluster = start_tls_cluster(dir.path(), &pki);
-    let creds = ClientCreds::default().ca(&pki.ca);
+    let creds = pki.trusting_client();
     for i in 0..cluster.len() {
         accepted(&creds, &cluster.url(i), &format!("node {i}"));
     }
@@ -268,6 +258,31 @@ fn tls_cluster_nodes_each_present_their_own_certificate() {
     double.wait_requests(1, Duration::from_secs(10));
 }
 
+type BoxError = Box<dyn std::error::Error>;
+
+/// Connects an async-nats client that starts TLS before INFO (trusting `ca`) to `url` and
+/// runs `then` with it, on a runtime of its own.
+fn with_tls_first_client<F, Fut>(url: &str, ca: &Path, then: F) -> Result<(), BoxError>
+where
+    F: FnOnce(async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BoxError>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true)
+            .tls_first()
+            .connection_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        then(client).await
+    })
+}
+
 /// The cluster of the test above, through the helper the gateway tests use.
 fn start_tls_cluster(dir: &Path, pki: &TestPki) -> NatsCluster {
     tls_cluster(dir, pki, 3)
@@ -281,31 +296,18 @@ fn handshake_first_server_wants_tls_before_info() {
     let bin = current_nats_server();
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
-    let conf = ServerConf::tls(pki.server.clone(), None)
+    let conf = pki
+        .tls_conf()
         .handshake_first()
         .write(dir.path(), "server.conf");
     let s = NatsServer::start_binary(bin, &["-c", conf.to_str().unwrap()], true);
-    let url = s.tls_url();
-    let ca = pki.ca.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime
-        .block_on(async {
-            let client = async_nats::ConnectOptions::new()
-                .add_root_certificates(ca)
-                .require_tls(true)
-                .tls_first()
-                .connection_timeout(Duration::from_secs(10))
-                .connect(url.as_str())
-                .await?;
-            client.flush().await?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })
-        .unwrap_or_else(|e| panic!("TLS-first client refused: {e}\n{}", s.log()));
+    with_tls_first_client(&s.tls_url(), &pki.ca, |client| async move {
+        client.flush().await?;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("TLS-first client refused: {e}\n{}", s.log()));
     refused(
-        &ClientCreds::default().ca(&pki.ca),
+        &pki.trusting_client(),
         &s.url(),
         "INFO-first client on a handshake_first server",
     );
@@ -319,39 +321,25 @@ fn tls_first_pair_routes_to_the_double() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(dir.path());
     let pair = tls_first_pair(dir.path(), &pki);
-    let double = RouterDouble::start_secured(&pair.url(1), &ClientCreds::default().ca(&pki.ca));
-    let url = pair.node(0).tls_url();
-    let ca = pki.ca.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime
-        .block_on(async {
-            let client = async_nats::ConnectOptions::new()
-                .add_root_certificates(ca)
-                .require_tls(true)
-                .tls_first()
-                .connection_timeout(Duration::from_secs(10))
-                .connect(url.as_str())
-                .await?;
-            // Interest crosses the route asynchronously: retry until the double answers.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let asked = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    client.request(DEFAULT_SUBJECT, r#"{"message_id":"m1"}"#.into()),
-                )
-                .await;
-                match asked {
-                    Ok(Ok(_)) => return Ok::<_, Box<dyn std::error::Error>>(()),
-                    other if tokio::time::Instant::now() >= deadline => {
-                        return Err(format!("no reply through the pair: {other:?}").into())
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+    let double = RouterDouble::start_secured(&pair.url(1), &pki.trusting_client());
+    with_tls_first_client(&pair.node(0).tls_url(), &pki.ca, |client| async move {
+        // Interest crosses the route asynchronously: retry until the double answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request(DEFAULT_SUBJECT, r#"{"message_id":"m1"}"#.into()),
+            )
+            .await;
+            match asked {
+                Ok(Ok(_)) => return Ok(()),
+                other if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("no reply through the pair: {other:?}").into())
                 }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     double.wait_requests(1, Duration::from_secs(10));
 }
