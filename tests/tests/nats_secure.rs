@@ -487,6 +487,38 @@ fn tls_with_a_custom_ca_serves_requests() {
     }
 }
 
+/// Without `CGW_IPC_NATS_TLS_CA` the system's trust store decides, and it honours
+/// `SSL_CERT_FILE` as OpenSSL does: naming the test CA there, the gateway connects over TLS and
+/// serves; naming another CA, the server's certificate is refused as untrusted (UNHEALTHY with
+/// the reason). This is how an operator's own CA bundle on the host reaches the gateway.
+#[test]
+fn system_roots_decide_without_a_configured_ca() {
+    let (_dir, pki, s, double) = tls_setup(false);
+    let trusted = tempfile::tempdir().unwrap();
+    let gw = gateway(
+        trusted.path(),
+        &s.tls_url(),
+        &[("SSL_CERT_FILE", path_str(&pki.ca))],
+    );
+    gw.wait_connected(1);
+    assert_eq!(gw.authenticated()["tls"], true);
+    gw.serve_one(&double);
+
+    let untrusted = tempfile::tempdir().unwrap();
+    let gw = gateway(
+        untrusted.path(),
+        &s.tls_url(),
+        &[("SSL_CERT_FILE", path_str(&pki.untrusted_ca))],
+    );
+    let h = gw.wait_health("UNHEALTHY with an untrusted server", |h| {
+        h["status"] == "UNHEALTHY"
+            && h["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("nats tls failed: ") && r.contains("UnknownIssuer"))
+    });
+    assert_ne!(h["nats"]["state"], "connected", "{h}");
+}
+
 /// Mutual TLS (`verify: true`): with `CGW_IPC_NATS_TLS_CERT` + `_KEY` the gateway is let in
 /// (`nats_authenticated` with `tls: true`) and serves; no line of the private key shows
 /// anywhere. Without them: `missing_client_certificate_refused_then_fixed_recovers`.
