@@ -126,14 +126,7 @@ fn run(args: Args) -> Result<bool> {
 
     if let (Some(rounds), Some(rate), Some(addr)) = (args.scrape_rounds, scrape_rate, http_addr) {
         let ok = scrape_rounds(rounds, rate, addr, socket, &load)?;
-        if let Some(pid) = pid {
-            println!();
-            print_memory(pid, "after");
-        }
-        if let Some(d) = daemon {
-            let pid = d.pid();
-            println!("daemon pid {pid} stopped: {}", d.stop());
-        }
+        finish(pid, daemon);
         return Ok(ok);
     }
     let mut runs: Vec<RunResult> = Vec::with_capacity(3);
@@ -169,14 +162,7 @@ fn run(args: Args) -> Result<bool> {
         let all: Vec<&RunResult> = runs.iter().collect();
         print_comparison(&all);
     }
-    if let Some(pid) = pid {
-        println!();
-        print_memory(pid, "after");
-    }
-    if let Some(d) = daemon {
-        let pid = d.pid();
-        println!("daemon pid {pid} stopped: {}", d.stop());
-    }
+    finish(pid, daemon);
     let failed = runs.iter().any(|r| !r.failures.is_empty());
     if failed {
         eprintln!("ipc-gateway-bench: some connections failed during the run (see FAILED above)");
@@ -268,5 +254,17 @@ fn main() -> ExitCode {
             eprintln!("ipc-gateway-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// After the runs: the daemon's memory, and our own daemon stopped.
+fn finish(pid: Option<u32>, daemon: Option<GatewayDaemon>) {
+    if let Some(pid) = pid {
+        println!();
+        print_memory(pid, "after");
+    }
+    if let Some(d) = daemon {
+        let pid = d.pid();
+        println!("daemon pid {pid} stopped: {}", d.stop());
     }
 }
